@@ -1,0 +1,138 @@
+"""Adapter contract: all the architecture knowledge the engine needs, and the registry of adapters.
+
+An adapter says where the blocks are, which linears of a block are q/k/v (possibly row blocks of one fused
+Linear), and how to compute a block's attention probabilities from given q/k weights (for the KL term of the
+attention-aware choice). Adding an architecture is one new file in this package with a `@register_adapter`
+class; the package imports every module in it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODEL_TYPE_TO_ADAPTER: dict[str, type["ArchitectureAdapter"]] = {}
+
+PROJECTIONS = ("q", "k", "v")
+
+
+def register_adapter(*model_types: str) -> Callable[[type["ArchitectureAdapter"]], type["ArchitectureAdapter"]]:
+    """Class decorator: map `model_type`s (transformers `config.model_type`, or a timm family key) to an adapter."""
+
+    def wrap(cls: type["ArchitectureAdapter"]) -> type["ArchitectureAdapter"]:
+        for model_type in model_types:
+            MODEL_TYPE_TO_ADAPTER[model_type] = cls
+        cls.model_types = tuple(model_types)
+        return cls
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class ProjectionRef:
+    """One attention projection: a Linear (by name, relative to the block) and, for fused layers, its row block."""
+
+    module: str
+    rows: Optional[slice] = None
+
+
+@dataclass
+class AttentionInputs:
+    """The positional and keyword arguments one attention module received for one calibration batch."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    token_mask: Optional[torch.Tensor] = None  # [B, T] bool, False on padding
+
+    @property
+    def hidden_states(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+class ArchitectureAdapter(ABC):
+    """Architecture knowledge for the engine. Subclasses set the class attributes or override the methods."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: dotted path of the block list from the model root, tried in order
+    block_paths: ClassVar[tuple[str, ...]] = ()
+    #: dotted path of the attention module inside a block
+    attention_path: ClassVar[str] = "self_attn"
+    #: q/k/v Linear names relative to the block
+    qkv_names: ClassVar[dict[str, str]] = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"}
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise `ValueError` for a configuration of this family the adapter cannot handle."""
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        for path in self.block_paths:
+            try:
+                found = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(found, nn.ModuleList):
+                return found
+        raise ValueError(
+            f"{type(self).__name__} found no block list at {list(self.block_paths)} in {type(model).__name__}."
+        )
+
+    def projections(self, block: nn.Module) -> dict[str, ProjectionRef]:
+        """`{"q": ref, "k": ref, "v": ref}` for one block."""
+        return {p: ProjectionRef(name) for p, name in self.qkv_names.items()}
+
+    def attention_module(self, block: nn.Module) -> nn.Module:
+        return get_submodule(block, self.attention_path)
+
+    @abstractmethod
+    def attention_probs(
+        self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Attention probabilities `[B, heads, T, T]` in fp32, with the q/k weights in `weights` (`"q"`, `"k"`,
+        fp32, rows of the projection only) instead of the module's own. Masked entries are exactly 0."""
+
+
+def projection_output(module: nn.Linear, weight: torch.Tensor, x: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
+    """`x @ weightᵀ + bias[rows]` in fp32."""
+    bias = module.bias
+    if bias is not None:
+        bias = (bias if rows is None else bias[rows]).float()
+    return F.linear(x.float(), weight.float(), bias)
+
+
+def masked_softmax(
+    scores: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    causal: bool = True,
+    sliding_window: Optional[int] = None,
+) -> torch.Tensor:
+    """Softmax over keys of `[B, H, Tq, Tk]` scores with the causal mask and the model's own mask applied.
+
+    `attention_mask` may be None, a `[B, Tk]` padding mask, or the 4D mask transformers passes to attention
+    layers (boolean: True = attend; or additive float).
+    """
+    tq, tk = scores.shape[-2:]
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=scores.device)
+    if causal:
+        allowed = torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq)
+        if sliding_window is not None:
+            allowed &= ~torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq - sliding_window)
+    allowed = allowed.expand_as(scores)
+    if attention_mask is not None:
+        mask = attention_mask.to(scores.device)
+        if mask.dim() == 2:
+            mask = mask[:, None, None, :].bool()
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask[..., -tq:, -tk:]
+        else:
+            scores = scores + mask[..., -tq:, -tk:].float()
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no allowed key (padding) become 0
+    return probs.masked_fill(~allowed, 0.0)

@@ -1,0 +1,199 @@
+"""`D2PruneConfig`: every knob of a pruning run, validated before any work starts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Union
+
+from .masks import SparsityPattern
+
+METHODS = ("d2prune", "sparsegpt", "wanda", "magnitude")
+ATTENTION_UPDATES = ("dynamic", "all", "none", "q", "k", "v")
+DYNAMIC_STRATEGIES = ("layer", "global")
+
+CONFIG_NAME = "d2prune_config.json"
+DEFAULT_REFINE_STEPS = 16
+
+
+@dataclass
+class D2PruneConfig:
+    """Configuration of a D²Prune (or baseline) pruning run.
+
+    Follows the shape of Optimum's quantization configs: a validated dataclass with `to_dict`/`from_dict` and JSON
+    round-trips. Every field is checked in `__post_init__`, so a bad value fails before the model is touched.
+
+    Example:
+    ```python
+    >>> from optimum_d2prune import D2PruneConfig
+    >>> config = D2PruneConfig(sparsity=0.5)                       # unstructured 50 %
+    >>> config = D2PruneConfig(mask_structure="2:4")                # semi-structured 2:4
+    >>> config = D2PruneConfig(sparsity=0.5, method="sparsegpt")    # the SparseGPT baseline, same engine
+    ```
+    """
+
+    sparsity: float = field(
+        default=0.5,
+        metadata={"help": "Fraction of zeros in every targeted matrix (unstructured). Ignored for N:M, where it is N/M."},
+    )
+    mask_structure: str = field(
+        default="unstructured", metadata={"help": '"unstructured" or "N:M" (e.g. "2:4", "4:8", "3:4"): N zeros in M.'}
+    )
+    method: str = field(default="d2prune", metadata={"help": f"One of {METHODS}."})
+    lambda1: float = field(default=1.0, metadata={"help": "Weight of the first-order dual-Taylor term."})
+    lambda2: float = field(default=0.0, metadata={"help": "Weight of the second-order activation term."})
+    activation_scale: Union[float, str] = field(
+        default=1500.0,
+        metadata={"help": 'Scale s dividing activation norms in the dual-Taylor terms; "auto" = calibration seq_len.'},
+    )
+    block_size: int = field(default=128, metadata={"help": "Columns per lazy-update block of the OBS solver."})
+    damp_percent: float = field(default=0.01, metadata={"help": "Hessian dampening, fraction of mean(diag H)."})
+    refine_steps: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Conjugate-gradient steps of the least-squares refit of surviving weights after the OBS sweep "
+            f"(weight-update layers only). None: {DEFAULT_REFINE_STEPS} for d2prune, 0 (plain SparseGPT) otherwise."
+        },
+    )
+    attention_update: str = field(
+        default="dynamic",
+        metadata={
+            "help": '"q"/"k"/"v": that projection is pruned without weight update; "dynamic": chosen by the '
+            'attention-aware objective; "all": every projection updated; "none": q, k and v all left un-updated.'
+        },
+    )
+    dynamic_strategy: str = field(
+        default="layer",
+        metadata={"help": '"layer": choose per block by error + kl_weight * KL; "global": three full prunes, best PPL.'},
+    )
+    kl_weight: float = field(default=1.0, metadata={"help": "rho: weight of the attention KL term in the objective."})
+    kl_num_samples: int = field(
+        default=4, metadata={"help": "Calibration sequences used to compute attention probabilities for the KL term."}
+    )
+    sequential: bool = field(
+        default=False,
+        metadata={
+            "help": "Calibrate each group of linears (q/k/v, o, gate/up, down) on the outputs of the already pruned "
+            "groups before it in the block (more forward passes, lower error)."
+        },
+    )
+    targets: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Regexes of module names (relative to a block) to prune; default every Linear in the blocks."},
+    )
+    ignore: list[str] = field(default_factory=list, metadata={"help": "Regexes of module names to leave dense."})
+    device: Optional[str] = field(
+        default=None, metadata={"help": "Where blocks are processed (e.g. 'cuda:0'); default: where the block lives."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for every random choice of the run."})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+        # parse (and so validate) the mask structure; N:M fixes the sparsity to N/M
+        pattern = SparsityPattern.parse(self.mask_structure, self.sparsity)
+        self.mask_structure = pattern.structure
+        if pattern.is_nm:
+            self.sparsity = pattern.sparsity
+        for name in ("lambda1", "lambda2", "kl_weight", "damp_percent"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+                raise ValueError(f"`{name}` must be a number, got {value!r}.")
+            setattr(self, name, float(value))
+        if self.kl_weight < 0:
+            raise ValueError(f"`kl_weight` must be >= 0, got {self.kl_weight}.")
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"`damp_percent` must be in (0, 1), got {self.damp_percent}.")
+        if isinstance(self.activation_scale, str):
+            if self.activation_scale != "auto":
+                raise ValueError(f'`activation_scale` must be a positive number or "auto", got {self.activation_scale!r}.')
+        elif not isinstance(self.activation_scale, (int, float)) or not self.activation_scale > 0:
+            raise ValueError(f'`activation_scale` must be a positive number or "auto", got {self.activation_scale!r}.')
+        else:
+            self.activation_scale = float(self.activation_scale)
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"`block_size` must be a positive integer, got {self.block_size!r}.")
+        if self.refine_steps is not None and (
+            not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0
+        ):
+            raise ValueError(f"`refine_steps` must be None or an integer >= 0, got {self.refine_steps!r}.")
+        if not isinstance(self.kl_num_samples, int) or self.kl_num_samples < 1:
+            raise ValueError(f"`kl_num_samples` must be a positive integer, got {self.kl_num_samples!r}.")
+        if self.attention_update not in ATTENTION_UPDATES:
+            raise ValueError(f"`attention_update` must be one of {ATTENTION_UPDATES}, got {self.attention_update!r}.")
+        if self.dynamic_strategy not in DYNAMIC_STRATEGIES:
+            raise ValueError(f"`dynamic_strategy` must be one of {DYNAMIC_STRATEGIES}, got {self.dynamic_strategy!r}.")
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"`sequential` must be a bool, got {self.sequential!r}.")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
+        for name in ("targets", "ignore"):
+            patterns = getattr(self, name)
+            if patterns is None:
+                continue
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                raise ValueError(f"`{name}` must be a list of regex strings, got {patterns!r}.")
+            for p in patterns:
+                try:
+                    re.compile(p)
+                except re.error as err:
+                    raise ValueError(f"`{name}` holds an invalid regex {p!r}: {err}.") from None
+            setattr(self, name, list(patterns))
+        if self.targets is not None and not self.targets:
+            raise ValueError("`targets` is empty: pass None to prune every Linear of the blocks.")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def pattern(self) -> SparsityPattern:
+        """The parsed sparsity pattern (unstructured fraction or N:M)."""
+        return SparsityPattern.parse(self.mask_structure, self.sparsity)
+
+    @property
+    def uses_attention_awareness(self) -> bool:
+        """Whether one of q/k/v is treated differently (only meaningful for `method="d2prune"`)."""
+        return self.method == "d2prune" and self.attention_update != "all"
+
+    def resolve_refine_steps(self) -> int:
+        """Refit steps in effect: the explicit value, else the method's default."""
+        if self.refine_steps is not None:
+            return self.refine_steps
+        return DEFAULT_REFINE_STEPS if self.method == "d2prune" else 0
+
+    def resolve_activation_scale(self, seq_len: int) -> float:
+        """The numeric scale s; `"auto"` resolves to the calibration sequence length."""
+        return float(seq_len) if self.activation_scale == "auto" else float(self.activation_scale)
+
+    def replace(self, **changes: Any) -> "D2PruneConfig":
+        """A validated copy with some fields changed."""
+        data = self.to_dict()
+        data.update(changes)
+        return D2PruneConfig.from_dict(data)
+
+    # ------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> "D2PruneConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config_dict) - known - {"meta"})
+        if unknown:
+            raise ValueError(f"Unknown D2PruneConfig field(s) {unknown}; allowed: {sorted(known)}.")
+        return cls(**{k: v for k, v in config_dict.items() if k in known})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: Union[str, os.PathLike]) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: Union[str, os.PathLike]) -> "D2PruneConfig":
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        # a saved checkpoint wraps the config together with the achieved sparsity and metadata
+        return cls.from_dict(data["config"] if "config" in data and isinstance(data["config"], dict) else data)

@@ -1,0 +1,376 @@
+"""The pruning engine: block-0 input capture, then per block statistics -> solve -> propagate.
+
+Architecture-agnostic: it only talks to an `ArchitectureAdapter` (where the blocks and q/k/v are) and to
+`Solver`s (maths on one matrix). Each block is run twice over the calibration data: once with statistics
+hooks, once after pruning to produce the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures import PROJECTIONS, ArchitectureAdapter, AttentionInputs
+from .attention import choose_unupdated_projection
+from .configuration import D2PruneConfig
+from .hooks import (
+    AttentionInputCapture,
+    CapturedBatch,
+    HookManager,
+    StatisticsCollector,
+    _StopForward,
+    calibration_context,
+    capture_block_inputs,
+)
+from .masks import SparsityPattern
+from .memory import PeakMemory
+from .report import AttentionRecord, LayerRecord, PruneReport
+from .solvers import Solver, SolverOutput, solvers_for
+
+logger = logging.getLogger(__name__)
+
+_LEVEL_RANK = {"none": 0, "diag": 1, "hessian": 2}
+
+
+@dataclass
+class PruneTarget:
+    """One matrix to prune: a Linear, or one row block (q, k or v) of a fused Linear."""
+
+    name: str  # full module name, plus "[q]"/"[k]"/"[v]" for a row block
+    module_name: str
+    module: nn.Linear
+    rows: Optional[slice] = None
+    projection: Optional[str] = None  # "q"/"k"/"v" when it is an attention projection
+
+    def weight(self) -> torch.Tensor:
+        w = self.module.weight
+        return w if self.rows is None else w[self.rows]
+
+    def write(self, new_weight: torch.Tensor) -> None:
+        w = self.module.weight
+        target = w.data if self.rows is None else w.data[self.rows]
+        target.copy_(new_weight.to(device=w.device, dtype=w.dtype))
+
+
+def find_targets(
+    config: D2PruneConfig, adapter: ArchitectureAdapter, block: nn.Module, prefix: str
+) -> list[PruneTarget]:
+    """The Linears of a block selected by `targets`/`ignore` (regexes searched in full module names)."""
+    projections = adapter.projections(block)
+    by_module: dict[str, list[tuple[str, Optional[slice]]]] = {}
+    for p, ref in projections.items():
+        by_module.setdefault(ref.module, []).append((p, ref.rows))
+    found = []
+    for local_name, module in block.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        full = f"{prefix}.{local_name}"
+        if config.targets is not None and not any(re.search(p, full) for p in config.targets):
+            continue
+        if any(re.search(p, full) for p in config.ignore):
+            continue
+        refs = by_module.get(local_name, [])
+        if any(rows is not None for _, rows in refs):  # fused projection: one target per row block
+            found += [PruneTarget(f"{full}[{p}]", full, module, rows, p) for p, rows in refs]
+        else:
+            found.append(PruneTarget(full, full, module, None, refs[0][0] if refs else None))
+    return found
+
+
+class PruningEngine:
+    """Runs one pruning pass of `config` over `model` with the given adapter.
+
+    `attention_update` overrides the config's choice (used by the global q/k/v search).
+    """
+
+    def __init__(self, config: D2PruneConfig, adapter: ArchitectureAdapter, attention_update: Optional[str] = None):
+        self.config = config
+        self.adapter = adapter
+        self.pattern: SparsityPattern = config.pattern
+        self.attention_update = attention_update or config.attention_update
+
+    # ---------------------------------------------------------------- planning
+    def plan(self, model: nn.Module) -> tuple[nn.ModuleList, str, list[list[PruneTarget]]]:
+        """Blocks, their name prefix and targets; raises before any work if a target cannot take the pattern."""
+        blocks = self.adapter.blocks(model)
+        prefix = next(name for name, module in model.named_modules() if module is blocks)
+        targets = [find_targets(self.config, self.adapter, block, f"{prefix}.{i}") for i, block in enumerate(blocks)]
+        if not any(targets):
+            raise ValueError("No Linear layer matches `targets`/`ignore`: nothing to prune.")
+        for block_targets in targets:
+            for t in block_targets:
+                self.pattern.check_shape(t.name, t.module.in_features)
+        return blocks, prefix, targets
+
+    # ------------------------------------------------------------------ running
+    def run(
+        self,
+        model: nn.Module,
+        batches: list[dict[str, torch.Tensor]],
+        plan: Optional[tuple[nn.ModuleList, str, list[list[PruneTarget]]]] = None,
+    ) -> PruneReport:
+        blocks, prefix, targets = plan or self.plan(model)
+        report = PruneReport(method=self.config.method, pattern=str(self.pattern))
+        start = time.perf_counter()
+        device = torch.device(self.config.device) if self.config.device else _module_device(blocks[0])
+        with PeakMemory(device) as memory, calibration_context(model):
+            restore = _move_outside(model, blocks, device) if self.config.device else (lambda: None)
+            try:
+                captured = capture_block_inputs(model, blocks[0], batches, _input_device(model), device)
+            finally:
+                restore()
+            seq_len = captured[0].hidden_states.shape[1]
+            update_solver, non_update_solver = solvers_for(self.config, seq_len)
+            progress = tqdm(list(enumerate(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block")
+            for index, block in progress:
+                home = _module_device(block)
+                if home != device:
+                    block.to(device)
+                try:
+                    self._prune_block(index, block, targets[index], captured, seq_len, update_solver,
+                                      non_update_solver, report)
+                    _propagate(block, captured)
+                finally:
+                    if home != device:
+                        block.to(home)
+                block_layers = [r for r in report.layers if r.block == index]
+                if block_layers:
+                    progress.set_postfix(err=f"{max(r.error for r in block_layers):.3g}")
+        report.seconds = time.perf_counter() - start
+        report.peak_memory_bytes, report.peak_memory_kind = memory.peak_bytes, memory.kind
+        report.memory_increase_bytes = memory.increase_bytes
+        return report
+
+    def _awareness(self, targets: list[PruneTarget]) -> bool:
+        if not self.config.uses_attention_awareness:
+            return False
+        present = {t.projection for t in targets if t.projection}
+        if present != set(PROJECTIONS):
+            logger.warning("q/k/v are not all targeted in this block; attention awareness is skipped for it.")
+            return False
+        return True
+
+    def _prune_block(
+        self,
+        index: int,
+        block: nn.Module,
+        targets: list[PruneTarget],
+        captured: list[CapturedBatch],
+        seq_len: int,
+        update_solver: Solver,
+        non_update_solver: Solver,
+        report: PruneReport,
+    ) -> None:
+        if not targets:
+            return
+        aware = self._awareness(targets)
+        groups = _sequential_groups(block, targets, captured[0]) if self.config.sequential else [targets]
+        for number, group in enumerate(groups):
+            last = number == len(groups) - 1
+            stop_after = None if last else group[-1].module
+            group_aware = aware and {t.projection for t in group if t.projection} == set(PROJECTIONS)
+            self._prune_group(index, block, group, captured, seq_len, update_solver, non_update_solver, report,
+                              group_aware, stop_after)
+
+    def _prune_group(
+        self,
+        index: int,
+        block: nn.Module,
+        targets: list[PruneTarget],
+        captured: list[CapturedBatch],
+        seq_len: int,
+        update_solver: Solver,
+        non_update_solver: Solver,
+        report: PruneReport,
+        aware: bool,
+        stop_after: Optional[nn.Module],
+    ) -> None:
+        """Collect statistics for `targets` (stopping the block's forward after `stop_after`), then prune them."""
+        dynamic = aware and self.attention_update == "dynamic"
+        level = max((update_solver.statistics, non_update_solver.statistics), key=_LEVEL_RANK.__getitem__)
+        modules = {t.module_name: t.module for t in targets}
+        stats = {}
+        attention_inputs: list[AttentionInputs] = []
+        if level != "none":
+            collector = StatisticsCollector(modules, level, _module_device(block), seq_len)
+            capture = (
+                AttentionInputCapture(self.adapter.attention_module(block), self.config.kl_num_samples)
+                if dynamic and self.config.kl_weight > 0
+                else None
+            )
+            hooks = HookManager()
+            if stop_after is not None:
+                hooks.add(stop_after.register_forward_hook(_raise_stop))
+            try:
+                for batch in captured:
+                    collector.token_mask = batch.token_mask
+                    if capture is not None:
+                        capture.token_mask = batch.token_mask
+                    try:
+                        block(batch.hidden_states, *batch.args, **batch.kwargs)
+                    except _StopForward:
+                        pass
+                    collector.end_batch()
+            finally:
+                hooks.remove()
+                collector.remove()
+                if capture is not None:
+                    capture.remove()
+            stats = collector.stats
+            if capture is not None:
+                attention_inputs = [AttentionInputs(a, k, m) for a, k, m in capture.inputs]
+        try:
+            unupdated, outputs, record = self._choose(index, block, targets, stats, update_solver,
+                                                      non_update_solver, attention_inputs, aware, dynamic)
+            if record is not None:
+                report.attention.append(record)
+            for t in targets:
+                solver = non_update_solver if t.projection in unupdated else update_solver
+                tic = time.perf_counter()
+                out = outputs.get((t.name, solver.updates_weights))
+                if out is None:
+                    out = solver.prune(t.weight(), _target_stats(stats, t), self.pattern)
+                t.write(out.weight)
+                zeros = float((t.weight() == 0).float().mean())
+                report.layers.append(LayerRecord(index, t.name, solver.name, solver.updates_weights,
+                                                 tuple(t.weight().shape), zeros, out.error, out.flipped,
+                                                 time.perf_counter() - tic))
+                logger.debug("block %d %s: %s sparsity %.4f error %.4g", index, t.name, solver.name, zeros, out.error)
+        finally:
+            for s in stats.values():
+                s.inputs.free()
+
+    def _choose(
+        self,
+        index: int,
+        block: nn.Module,
+        targets: list[PruneTarget],
+        stats: dict,
+        update_solver: Solver,
+        non_update_solver: Solver,
+        attention_inputs: list[AttentionInputs],
+        aware: bool,
+        dynamic: bool,
+    ) -> tuple[set[str], dict[tuple[str, bool], SolverOutput], Optional[AttentionRecord]]:
+        """Projections left without update in this block, precomputed solver outputs, and the record."""
+        if not aware:
+            return set(), {}, None
+        if self.attention_update == "none":
+            return set(PROJECTIONS), {}, None
+        if not dynamic:
+            fixed = self.attention_update if self.attention_update in PROJECTIONS else None
+            record = AttentionRecord(index, fixed, "fixed") if fixed else None
+            return ({fixed} if fixed else set()), {}, record
+        qkv = {t.projection: t for t in targets if t.projection}
+        updated = {p: update_solver.prune(t.weight(), _target_stats(stats, t), self.pattern) for p, t in qkv.items()}
+        non_updated = {
+            p: non_update_solver.prune(t.weight(), _target_stats(stats, t), self.pattern) for p, t in qkv.items()
+        }
+        dense = {p: qkv[p].weight().detach().float() for p in ("q", "k")}
+        attention = self.adapter.attention_module(block)
+        record = choose_unupdated_projection(self.adapter, attention, attention_inputs, dense, updated, non_updated,
+                                             self.config.kl_weight, index)
+        outputs = {(qkv[p].name, True): updated[p] for p in PROJECTIONS}
+        outputs.update({(qkv[p].name, False): non_updated[p] for p in PROJECTIONS})
+        return {record.chosen}, outputs, record
+
+
+def _raise_stop(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    raise _StopForward
+
+
+def _sequential_groups(block: nn.Module, targets: list[PruneTarget], batch: CapturedBatch) -> list[list[PruneTarget]]:
+    """Targets grouped in execution order, one group per input stream (q/k/v together, gate/up together).
+
+    Found by one forward of the first calibration batch; each group is later calibrated on the outputs of the
+    already-pruned groups before it ("true sequential").
+    """
+    order: list[tuple[str, int]] = []
+    alive: list[torch.Tensor] = []  # keep inputs alive so that their ids stay unique during the pass
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            alive.append(inputs[0])
+            order.append((name, id(inputs[0])))
+
+        return hook
+
+    with HookManager() as hooks:
+        for t in {t.module_name: t for t in targets}.values():
+            hooks.add(t.module.register_forward_hook(make_hook(t.module_name)))
+        block(batch.hidden_states, *batch.args, **batch.kwargs)
+    by_module: dict[str, list[PruneTarget]] = {}
+    for t in targets:
+        by_module.setdefault(t.module_name, []).append(t)
+    groups: list[list[PruneTarget]] = []
+    last_input = None
+    seen: set[str] = set()
+    for name, input_id in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if input_id != last_input:
+            groups.append([])
+            last_input = input_id
+        groups[-1].extend(by_module[name])
+    unseen = [t for t in targets if t.module_name not in seen]
+    if unseen:
+        groups.append(unseen)
+    return groups
+
+
+def _target_stats(stats: dict, target: PruneTarget):
+    s = stats.get(target.module_name)
+    return None if s is None else s.rows(target.rows)
+
+
+def _propagate(block: nn.Module, captured: list[CapturedBatch]) -> None:
+    """Replace each batch's hidden states with the (pruned) block's output."""
+    for batch in captured:
+        out = block(batch.hidden_states, *batch.args, **batch.kwargs)
+        batch.hidden_states = out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the model's first layer (its input embeddings, if it has any) expects its inputs."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if get is not None else None
+    return _module_device(embeddings if embeddings is not None else model)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Callable[[], None]:
+    """Move every parameter and buffer outside the blocks to `device`; return a function that moves them back."""
+    inside = {id(t) for t in list(blocks.parameters()) + list(blocks.buffers())}
+    moved: list[tuple[nn.Module, str, bool, torch.device]] = []
+    for module in model.modules():
+        for store, is_param in ((module._parameters, True), (module._buffers, False)):
+            for name, tensor in store.items():
+                if tensor is None or id(tensor) in inside or tensor.device == device:
+                    continue
+                moved.append((module, name, is_param, tensor.device))
+                if is_param:
+                    tensor.data = tensor.data.to(device)
+                else:
+                    store[name] = tensor.to(device)
+
+    def restore() -> None:
+        for module, name, is_param, home in moved:
+            if is_param:
+                module._parameters[name].data = module._parameters[name].data.to(home)
+            else:
+                module._buffers[name] = module._buffers[name].to(home)
+
+    return restore

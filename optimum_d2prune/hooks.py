@@ -1,0 +1,188 @@
+"""Hooks: tracked handles, the calibration context, block-0 input capture and statistics collection."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .statistics import InputStatistics, LinearStatistics
+
+
+class _StopForward(Exception):
+    """Raised by the block-0 pre-hook once its inputs are captured (private: never escapes `capture_block_inputs`)."""
+
+
+class HookManager:
+    """Registers hooks and removes every one of them on `remove()` (also used as a context manager)."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def add(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._handles.append(handle)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> "HookManager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+@contextlib.contextmanager
+def calibration_context(model: nn.Module) -> Iterator[None]:
+    """No grad, eval mode, KV cache off; the model's `training` flag and `config.use_cache` are restored on exit."""
+    config = getattr(model, "config", None)
+    had_use_cache = config is not None and hasattr(config, "use_cache")
+    use_cache = config.use_cache if had_use_cache else None
+    was_training = model.training
+    try:
+        if had_use_cache:
+            config.use_cache = False
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        if had_use_cache:
+            config.use_cache = use_cache
+        model.train(was_training)
+
+
+@dataclass
+class CapturedBatch:
+    """Inputs of a block for one calibration batch: the hidden states plus every other argument it received."""
+
+    hidden_states: torch.Tensor
+    args: tuple  # positional arguments after hidden_states
+    kwargs: dict[str, Any]
+    token_mask: Optional[torch.Tensor]  # [B, T] bool (False on padding) or None
+
+
+def split_hidden_states(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
+    """Separate a block's hidden-state input from its other arguments (positional or `hidden_states=`)."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    for key in ("hidden_states", "x", "hidden_state"):
+        if key in kwargs:
+            return kwargs.pop(key), (), kwargs
+    raise RuntimeError("Could not find the hidden states among the block-0 inputs.")
+
+
+def capture_block_inputs(
+    model: nn.Module,
+    first_block: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    input_device: torch.device,
+    store_device: torch.device,
+) -> list[CapturedBatch]:
+    """Run the model up to its first block for every batch and keep what the block would have received."""
+    captured: list[CapturedBatch] = []
+    current_mask: list[Optional[torch.Tensor]] = [None]
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden, rest_args, rest_kwargs = split_hidden_states(args, kwargs)
+        captured.append(CapturedBatch(hidden.to(store_device), rest_args, rest_kwargs, current_mask[0]))
+        raise _StopForward
+
+    with HookManager() as hooks:
+        hooks.add(first_block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            current_mask[0] = mask.to(store_device).bool() if mask is not None else None
+            try:
+                model(**{key: value.to(input_device) for key, value in batch.items()})
+            except _StopForward:
+                pass
+            else:
+                raise RuntimeError("The model's forward never reached its first block; check the adapter's blocks.")
+    return captured
+
+
+class StatisticsCollector:
+    """Forward hooks that accumulate `LinearStatistics` for the targeted Linears of one block.
+
+    Linears that read the very same input tensor (q/k/v, gate/up) share one `InputStatistics`, so X Xᵀ is
+    accumulated once per input stream. Inputs seen during one forward are kept alive until `end_batch()`, so a
+    freed tensor's memory cannot be reused by another input and be mistaken for it.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], level: str, device: torch.device, seq_len: int) -> None:
+        self.level = level
+        self.device = device
+        self.seq_len = seq_len
+        self.stats: dict[str, LinearStatistics] = {}
+        self.token_mask: Optional[torch.Tensor] = None
+        self._seen: dict[int, tuple[torch.Tensor, InputStatistics]] = {}
+        self._hooks = HookManager()
+        for name, module in modules.items():
+            self._hooks.add(module.register_forward_hook(self._make_hook(name)))
+
+    def _tokens(self, t: torch.Tensor) -> torch.Tensor:
+        flat = t.reshape(-1, t.shape[-1])
+        mask = self.token_mask
+        if mask is not None and mask.numel() == flat.shape[0] and not bool(mask.all()):
+            flat = flat[mask.reshape(-1).to(flat.device)]
+        return flat
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            x = inputs[0]
+            entry = self._seen.get(id(x))
+            if entry is None:
+                existing = self.stats.get(name)
+                shared = existing.inputs if existing is not None else None
+                if shared is None:
+                    shared = InputStatistics(x.shape[-1], self.level, self.device)
+                shared.add(self._tokens(x.detach()))
+                self._seen[id(x)] = (x, shared)
+            else:
+                shared = entry[1]
+            if name not in self.stats:
+                self.stats[name] = LinearStatistics(shared, self.seq_len)
+            elif self.stats[name].inputs is not shared:
+                raise RuntimeError(f"Input sharing of {name} changed between calibration batches.")
+            self.stats[name].add_output(self._tokens(output.detach()))
+
+        return hook
+
+    def end_batch(self) -> None:
+        self._seen.clear()
+
+    def remove(self) -> None:
+        self._hooks.remove()
+        self._seen.clear()
+
+    def free(self) -> None:
+        for stat in self.stats.values():
+            stat.inputs.free()
+            stat.y_sq = None
+        self.stats.clear()
+
+
+class AttentionInputCapture:
+    """Keeps the inputs of an attention module for the first `max_sequences` calibration sequences (KL term)."""
+
+    def __init__(self, attention: nn.Module, max_sequences: int) -> None:
+        self.max_sequences = max_sequences
+        self.inputs: list[tuple[tuple, dict[str, Any], Optional[torch.Tensor]]] = []
+        self.token_mask: Optional[torch.Tensor] = None
+        self._count = 0
+        self._hooks = HookManager()
+        self._hooks.add(attention.register_forward_pre_hook(self._hook, with_kwargs=True))
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._count < self.max_sequences:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._count += hidden.shape[0]
+            self.inputs.append((args, dict(kwargs), self.token_mask))
+
+    def remove(self) -> None:
+        self._hooks.remove()

@@ -1,0 +1,189 @@
+"""`D2Pruner`: the user-facing entry point (orchestration only: checks, engine runs, the global q/k/v search)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .architectures import PROJECTIONS, get_adapter
+from .configuration import D2PruneConfig
+from .engine import PruneTarget, PruningEngine
+from .hooks import calibration_context
+from .report import PruneReport
+
+logger = logging.getLogger(__name__)
+
+Batch = Union[torch.Tensor, dict[str, Any]]
+
+
+class D2Pruner:
+    """Prunes a transformers (or timm) model in place with D²Prune or a baseline, block by block.
+
+    After `prune`, `pruner.report` holds a `PruneReport` (per-layer sparsity, reconstruction error and solver,
+    the per-block attention choice with its error and KL, time and peak memory); `print(pruner.report)` shows it.
+
+    Example:
+    ```python
+    >>> from optimum_d2prune import D2PruneConfig, D2Pruner
+    >>> from optimum_d2prune.data import get_calibration_dataset
+    >>> calib = get_calibration_dataset("c4", tokenizer, num_samples=128, seq_len=2048)
+    >>> pruner = D2Pruner(D2PruneConfig(sparsity=0.5))
+    >>> model = pruner.prune(model, calib)
+    >>> print(pruner.report)
+    ```
+    """
+
+    def __init__(self, config: Optional[D2PruneConfig] = None, **kwargs: Any) -> None:
+        if config is not None and kwargs:
+            raise ValueError("Pass either a D2PruneConfig or keyword arguments, not both.")
+        self.config = config if config is not None else D2PruneConfig(**kwargs)
+        if not isinstance(self.config, D2PruneConfig):
+            raise TypeError(f"`config` must be a D2PruneConfig, got {type(self.config).__name__}.")
+        self.report: Optional[PruneReport] = None
+
+    def prune(self, model: nn.Module, calib_loader: Iterable[Batch]) -> nn.Module:
+        """Prune `model` in place on the calibration batches and return it.
+
+        Args:
+            model: a supported transformers causal LM (LLaMA/Mistral, OPT, Qwen3) or vision transformer.
+            calib_loader: an iterable of batches: a LongTensor `[B, T]` (or `[T]`) of input ids, a dict with
+                `input_ids` and optional `attention_mask`, a float tensor `[B, 3, H, W]` or a dict with
+                `pixel_values`. A `torch.utils.data.DataLoader` works as is.
+        """
+        torch.manual_seed(self.config.seed)
+        adapter = get_adapter(model)
+        batches = prepare_batches(calib_loader)
+        engine = PruningEngine(self.config, adapter)
+        plan = engine.plan(model)  # every check happens before the model is touched
+        if self.config.uses_attention_awareness and self.config.attention_update == "dynamic" and (
+            self.config.dynamic_strategy == "global"
+        ):
+            self.report = self._global_search(model, batches, adapter, plan[2])
+        else:
+            self.report = engine.run(model, batches, plan)
+        logger.info("%s", self.report.summary())
+        return model
+
+    def _global_search(self, model: nn.Module, batches: list[dict], adapter, targets: list[list[PruneTarget]]):
+        """The paper's Algorithm 1: prune three times (q, k or v left un-updated everywhere) and keep the model
+        with the lowest perplexity on held-out calibration batches. Costs three full prunes plus three short
+        evaluations; holds one copy of the original targeted weights and one of the best pruned ones."""
+        if len(batches) < 2:
+            raise ValueError("`dynamic_strategy='global'` needs at least 2 calibration batches (some are held out).")
+        held = max(1, len(batches) // 8)
+        calib, held_out = batches[:-held], batches[-held:]
+        if any("input_ids" not in b for b in held_out):
+            raise ValueError("`dynamic_strategy='global'` ranks candidates by perplexity: it needs token batches.")
+        flat = [t for block in targets for t in block]
+        original = _snapshot(flat)
+        start = time.perf_counter()
+        best: Optional[tuple[float, str, dict, PruneReport]] = None
+        ppls: dict[str, float] = {}
+        for candidate in PROJECTIONS:
+            _restore(flat, original)
+            report = PruningEngine(self.config, adapter, attention_update=candidate).run(model, calib)
+            ppls[candidate] = _heldout_perplexity(model, held_out)
+            logger.info("global search: %s left un-updated -> held-out PPL %.4f", candidate, ppls[candidate])
+            if best is None or ppls[candidate] < best[0]:
+                best = (ppls[candidate], candidate, _snapshot(flat), report)
+        _restore(flat, best[2])
+        report = best[3]
+        report.global_search = ppls
+        report.seconds = time.perf_counter() - start  # the whole search: three prunes and three evaluations
+        for record in report.attention:
+            record.strategy = "global"
+        return report
+
+
+def prepare_batches(calib_loader: Iterable[Batch]) -> list[dict[str, torch.Tensor]]:
+    """Materialise and check the calibration batches (raises `ValueError` before any work on bad input)."""
+    if isinstance(calib_loader, (torch.Tensor, dict)):
+        raise ValueError(
+            "`calib_loader` must be an iterable of batches (e.g. a list or a DataLoader), not a single "
+            f"{type(calib_loader).__name__}; wrap it in a list."
+        )
+    try:
+        iterator = iter(calib_loader)
+    except TypeError:
+        raise ValueError(f"`calib_loader` must be an iterable of batches, got {type(calib_loader).__name__}.") from None
+    batches = [_as_model_inputs(batch, i) for i, batch in enumerate(iterator)]
+    if not batches:
+        raise ValueError("`calib_loader` yielded no batches: give at least one calibration sequence.")
+    kinds = {"input_ids" in b for b in batches}
+    if len(kinds) > 1:
+        raise ValueError("`calib_loader` mixes token batches and image batches.")
+    return batches
+
+
+def _as_model_inputs(batch: Batch, index: int) -> dict[str, torch.Tensor]:
+    if isinstance(batch, (list, tuple)) and len(batch) >= 1 and isinstance(batch[0], torch.Tensor):
+        batch = batch[0]  # e.g. a TensorDataset/DataLoader yields (tensor,) or (images, labels)
+    if isinstance(batch, torch.Tensor):
+        if batch.is_floating_point():
+            batch = {"pixel_values": batch}
+        else:
+            batch = {"input_ids": batch}
+    if not isinstance(batch, dict):
+        raise ValueError(
+            f"Calibration batch {index} is a {type(batch).__name__}; expected a LongTensor [B, T], a dict with "
+            "`input_ids` (and optional `attention_mask`), or image `pixel_values`."
+        )
+    if "input_ids" in batch:
+        ids = torch.as_tensor(batch["input_ids"])
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.is_floating_point():
+            raise ValueError(f"Calibration batch {index}: `input_ids` must be an integer tensor [B, T], got {tuple(ids.shape)}.")
+        if ids.shape[0] == 0 or ids.shape[1] < 2:
+            raise ValueError(
+                f"Calibration batch {index} has shape {tuple(ids.shape)}: every sequence needs at least 2 tokens."
+            )
+        out = {"input_ids": ids.long()}
+        if batch.get("attention_mask") is not None:
+            mask = torch.as_tensor(batch["attention_mask"])
+            mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
+            if mask.shape != ids.shape:
+                raise ValueError(f"Calibration batch {index}: `attention_mask` {tuple(mask.shape)} does not match "
+                                 f"`input_ids` {tuple(ids.shape)}.")
+            if (mask.sum(1) < 2).any():
+                raise ValueError(f"Calibration batch {index} has a sequence with fewer than 2 attended tokens.")
+            out["attention_mask"] = mask.long()
+        return out
+    if "pixel_values" in batch:
+        pixels = torch.as_tensor(batch["pixel_values"])
+        if pixels.dim() != 4 or not pixels.is_floating_point() or pixels.shape[0] == 0:
+            raise ValueError(f"Calibration batch {index}: `pixel_values` must be a float tensor [B, C, H, W], got "
+                             f"{tuple(pixels.shape)}.")
+        return {"pixel_values": pixels}
+    raise ValueError(f"Calibration batch {index} has neither `input_ids` nor `pixel_values` (keys: {sorted(batch)}).")
+
+
+def _snapshot(targets: list[PruneTarget]) -> dict[str, torch.Tensor]:
+    return {t.name: t.weight().detach().to("cpu", copy=True) for t in targets}
+
+
+def _restore(targets: list[PruneTarget], snapshot: dict[str, torch.Tensor]) -> None:
+    for t in targets:
+        t.write(snapshot[t.name])
+
+
+def _heldout_perplexity(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    device = model.get_input_embeddings().weight.device
+    nll, count = 0.0, 0
+    with calibration_context(model):
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            labels = ids.clone()
+            if "attention_mask" in batch:
+                labels[batch["attention_mask"].to(device) == 0] = -100
+            n = int((labels[:, 1:] != -100).sum())
+            loss = model(input_ids=ids, attention_mask=batch.get("attention_mask"), labels=labels).loss
+            nll += float(loss) * n
+            count += n
+    return math.exp(nll / max(count, 1))

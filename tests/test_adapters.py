@@ -1,0 +1,143 @@
+"""Each adapter on a tiny random transformers config (random weights: structure tests, not quality claims)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import calib_batches, make_tiny
+from optimum_d2prune import D2PruneConfig, D2Pruner
+from optimum_d2prune.architectures import AttentionInputs, get_adapter
+from optimum_d2prune.engine import PruningEngine
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def target_weights(model):
+    engine = PruningEngine(D2PruneConfig(), get_adapter(model))
+    return {t.name: t.weight() for block in engine.plan(model)[2] for t in block}
+
+
+def test_sparsity_zero_reproduces_dense_logits(tiny_name):
+    model = make_tiny(tiny_name)
+    ids = torch.randint(0, 96, (2, 20))
+    before = logits(model, ids)
+    D2Pruner(D2PruneConfig(sparsity=0.0)).prune(model, calib_batches())
+    torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["d2prune", "sparsegpt", "wanda", "magnitude"])
+def test_unstructured_half_is_exact_on_every_target(tiny_name, method):
+    model = make_tiny(tiny_name)
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method=method))
+    pruner.prune(model, calib_batches())
+    weights = target_weights(model)
+    assert len(weights) == 2 * (7 if tiny_name != "opt" else 6)
+    for name, w in weights.items():
+        assert int((w == 0).sum()) == w.numel() // 2, name
+    assert {r.name for r in pruner.report.layers} == set(weights)
+    assert torch.isfinite(logits(model, torch.randint(0, 96, (1, 8)))).all()
+
+
+def test_two_four_pattern_on_every_target(tiny_name):
+    model = make_tiny(tiny_name)
+    D2Pruner(D2PruneConfig(mask_structure="2:4")).prune(model, calib_batches())
+    for name, w in target_weights(model).items():
+        zeros = (w == 0).reshape(w.shape[0], -1, 4).sum(-1)
+        assert bool((zeros == 2).all()), name
+
+
+def test_dynamic_attention_runs_and_reports(tiny_name):
+    model = make_tiny(tiny_name)
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="dynamic"))
+    pruner.prune(model, calib_batches())
+    report = pruner.report
+    assert [a.block for a in report.attention] == [0, 1]
+    for record in report.attention:
+        assert record.chosen in "qkv" and record.strategy == "layer"
+        assert set(record.kls) == set(record.errors) == {"q", "k", "v"}
+        assert all(v >= 0 for v in record.kls.values())
+        assert record.objectives[record.chosen] == min(record.objectives.values())
+        unupdated = [r for r in report.layers if r.block == record.block and not r.updated]
+        assert len(unupdated) == 1 and unupdated[0].solver == "d2-wanda"
+    assert "left un-updated" in str(report)
+
+
+@pytest.mark.parametrize("choice", ["q", "k", "v"])
+def test_fixed_projection_is_left_without_update(choice):
+    model = make_tiny("llama")
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update=choice))
+    pruner.prune(model, calib_batches())
+    names = {r.name.rsplit(".", 1)[1] for r in pruner.report.layers if not r.updated}
+    assert names == {f"{choice}_proj"}
+
+
+def test_global_strategy_keeps_the_best_candidate():
+    model = make_tiny("llama")
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="dynamic", dynamic_strategy="global"))
+    pruner.prune(model, calib_batches(num=8))
+    search = pruner.report.global_search
+    assert set(search) == {"q", "k", "v"}
+    best = min(search, key=search.get)
+    assert {a.chosen for a in pruner.report.attention} == {best}
+    # the model holds the kept candidate's weights: pruning again with that fixed choice gives the same weights
+    again = make_tiny("llama")
+    D2Pruner(D2PruneConfig(sparsity=0.5, attention_update=best)).prune(again, calib_batches(num=8)[:-1])
+    for (n1, w1), (n2, w2) in zip(target_weights(model).items(), target_weights(again).items()):
+        torch.testing.assert_close(w1, w2, msg=n1)
+
+
+def test_attention_probs_match_the_models_own(tiny_name):
+    """The adapter's attention probabilities equal what the eager attention of transformers computes."""
+    model = make_tiny(tiny_name, attn_implementation="eager")
+    adapter = get_adapter(model)
+    block = adapter.blocks(model)[1]
+    attention = adapter.attention_module(block)
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["inputs"] = AttentionInputs(args, dict(kwargs))
+
+    handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
+    ids = torch.randint(0, 96, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second sequence
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_attentions=True)
+    handle.remove()
+    refs = adapter.projections(block)
+    dense = {p: block.get_submodule(refs[p].module).weight.float() for p in ("q", "k")}
+    probs = adapter.attention_probs(attention, captured["inputs"], dense)
+    expected = out.attentions[1].float()
+    valid = mask.bool()
+    torch.testing.assert_close(probs[0], expected[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(probs[1][:, valid[1]][..., valid[1]], expected[1][:, valid[1]][..., valid[1]],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_padding_tokens_are_excluded_from_statistics():
+    model = make_tiny("llama")
+    ids = torch.randint(0, 96, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[0, 10:] = 0
+    padded = [{"input_ids": ids, "attention_mask": mask}]
+    other = ids.clone()
+    other[0, 10:] = 5  # change only padded positions
+    batch2 = [{"input_ids": other, "attention_mask": mask}]
+    m1, m2 = make_tiny("llama"), make_tiny("llama")
+    D2Pruner(D2PruneConfig(sparsity=0.5, method="wanda")).prune(m1, padded)
+    D2Pruner(D2PruneConfig(sparsity=0.5, method="wanda")).prune(m2, batch2)
+    for (n, w1), (_, w2) in zip(target_weights(m1).items(), target_weights(m2).items()):
+        assert torch.equal(w1, w2), n
+
+
+def test_targets_and_ignore_select_modules():
+    model = make_tiny("llama")
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", targets=[r"mlp\."], ignore=["down_proj"]))
+    pruner.prune(model, calib_batches())
+    names = {r.name.rsplit(".", 1)[1] for r in pruner.report.layers}
+    assert names == {"gate_proj", "up_proj"}
+    assert int((model.model.layers[0].self_attn.q_proj.weight == 0).sum()) == 0

@@ -1,0 +1,128 @@
+"""Calibration sampling and perplexity on local files; Hub sources fail fast offline."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from transformers import BatchEncoding
+
+from conftest import make_tiny
+from optimum_d2prune.data import get_calibration_dataset
+from optimum_d2prune.evaluation import perplexity
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: one token per character (ids modulo the tiny vocab)."""
+
+    def __call__(self, text, return_tensors=None):
+        ids = torch.tensor([[ord(c) % 96 for c in text]])
+        return BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    rng = random.Random(1)
+    path = tmp_path / "docs.jsonl"
+    docs = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(5, 120))) for _ in range(40)]
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+    return path, docs
+
+
+def reference_c4_sampling(docs, tokenizer, n, seq_len, seed):
+    """SparseGPT's get_c4 loop with a seeded RNG."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        while True:
+            i = rng.randint(0, len(docs) - 1)
+            enc = tokenizer(docs[i]).input_ids
+            if enc.shape[1] > seq_len:
+                break
+        i = rng.randint(0, enc.shape[1] - seq_len - 1)
+        out.append(enc[:, i : i + seq_len])
+    return out
+
+
+def test_calibration_from_jsonl_is_sparsegpt_sampling(jsonl):
+    path, docs = jsonl
+    tok = CharTokenizer()
+    state_py, state_torch = random.getstate(), torch.get_rng_state()
+    batches = get_calibration_dataset(path, tok, num_samples=6, seq_len=50, seed=3)
+    assert random.getstate() == state_py and torch.equal(torch.get_rng_state(), state_torch)
+    expected = reference_c4_sampling(docs, tok, 6, 50, 3)
+    assert len(batches) == 6
+    for b, e in zip(batches, expected):
+        assert b["input_ids"].shape == (1, 50) and torch.equal(b["input_ids"], e)
+        assert bool(b["attention_mask"].all())
+    again = get_calibration_dataset(path, tok, num_samples=6, seq_len=50, seed=3)
+    other = get_calibration_dataset(path, tok, num_samples=6, seq_len=50, seed=4)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
+    assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, other))
+
+
+def test_calibration_from_txt_cuts_windows(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("hello world, " * 50)
+    batches = get_calibration_dataset(path, CharTokenizer(), num_samples=3, seq_len=40)
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(1, 40)] * 3
+
+
+def test_calibration_errors(jsonl, tmp_path):
+    path, _ = jsonl
+    with pytest.raises(ValueError, match="No document .* more than `seq_len`=500"):
+        get_calibration_dataset(path, CharTokenizer(), num_samples=2, seq_len=500)
+    with pytest.raises(FileNotFoundError, match="neither one of"):
+        get_calibration_dataset(tmp_path / "missing.jsonl", CharTokenizer())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"content": "x"}\n')
+    with pytest.raises(ValueError, match="no string field `text`"):
+        get_calibration_dataset(bad, CharTokenizer())
+    with pytest.raises(ValueError, match="`num_samples` must be a positive integer"):
+        get_calibration_dataset(path, CharTokenizer(), num_samples=0)
+
+
+@pytest.mark.parametrize("source", ["c4", "wikitext2"])
+def test_hub_source_offline_names_the_local_alternative(source, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConnectionError, match=r"Pass a local file instead: a \.jsonl"):
+        get_calibration_dataset(source, CharTokenizer(), num_samples=1, seq_len=8)
+
+
+def test_hub_source_uses_datasets_with_the_c4_shard(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append((args, kwargs))
+        return {"text": ["x" * 100] * 3}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    get_calibration_dataset("c4", CharTokenizer(), num_samples=2, seq_len=10)
+    assert calls[0][0] == ("allenai/c4",)
+    assert calls[0][1]["data_files"] == {"train": "en/c4-train.00000-of-01024.json.gz"}
+
+
+def test_perplexity_is_exp_of_mean_window_nll(tmp_path):
+    model = make_tiny("llama")
+    path = tmp_path / "test.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 10)
+    tok = CharTokenizer()
+    ids = tok(path.read_text()).input_ids
+    losses = []
+    with torch.no_grad():
+        for w in range(3):
+            x = ids[:, w * 32 : (w + 1) * 32]
+            losses.append(float(model(x, labels=x).loss))
+    assert perplexity(model, tok, path, seq_len=32, max_windows=3) == pytest.approx(math.exp(sum(losses) / 3), rel=1e-5)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        perplexity(model, tok, path, seq_len=10_000)

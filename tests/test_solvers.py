@@ -1,0 +1,256 @@
+"""Solver maths on bare random layers, against straightforward reference implementations of SparseGPT and Wanda."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from optimum_d2prune import D2PruneConfig
+from optimum_d2prune.masks import SparsityPattern, round_half_up
+from optimum_d2prune.solvers import DualTaylor, MagnitudeSolver, OBSSolver, WandaSolver, solvers_for
+from optimum_d2prune.statistics import InputStatistics, LinearStatistics
+
+ROWS, COLS = 64, 256
+
+
+def correlated_inputs(seed: int, batches: int = 4, tokens: int = 300, cols: int = COLS) -> list[torch.Tensor]:
+    """Inputs with correlated features and uneven scales, as real activations have."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / math.sqrt(cols) + torch.eye(cols)
+    scale = torch.rand(cols, generator=g) * 3 + 0.1
+    return [(torch.randn(tokens, cols, generator=g) @ mix) * scale for _ in range(batches)]
+
+
+def make_stats(weight: torch.Tensor, xs: list[torch.Tensor], level: str = "hessian", seq_len: int = 300):
+    inputs = InputStatistics(weight.shape[1], level, torch.device("cpu"))
+    stats = LinearStatistics(inputs, seq_len)
+    for x in xs:
+        inputs.add(x)
+        stats.add_output(x @ weight.t())
+    return stats
+
+
+# ------------------------------------------------------------------ references
+def reference_sparsegpt(W, xs, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
+    """SparseGPT's algorithm as published (running-mean Hessian, column loop), selecting exactly k per block."""
+    W = W.clone().float()
+    rows, cols = W.shape
+    H = torch.zeros(cols, cols)
+    n = 0
+    for x in xs:
+        t = x.shape[0]
+        H *= n / (n + t)
+        n += t
+        inp = math.sqrt(2 / n) * x.t().float()
+        H += inp @ inp.t()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    masks = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if prunen == 0:
+            tmp = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+            k = int(round(tmp.numel() * sparsity))
+            mask1.view(-1)[torch.argsort(tmp.flatten(), stable=True)[:k]] = True
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if prunen != 0 and i % prunem == 0:
+                tmp = W1[:, i : i + prunem] ** 2 / torch.diag(Hinv1)[i : i + prunem].reshape(1, -1) ** 2
+                mask1.scatter_(1, i + torch.argsort(tmp, dim=1, stable=True)[:, :prunen], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        masks[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W, masks
+
+
+def reference_wanda(W, xs, sparsity, prunen=0, prunem=0):
+    """Wanda as published: |W| * sqrt(mean x²), lowest per row (or per N:M group)."""
+    n = sum(x.shape[0] for x in xs)
+    scaler = sum(x.float().square().sum(0) for x in xs) / n
+    metric = W.abs() * scaler.sqrt()
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    if prunen:
+        for c in range(0, W.shape[1], prunem):
+            tmp = metric[:, c : c + prunem]
+            mask.scatter_(1, c + torch.argsort(tmp, dim=1, stable=True)[:, :prunen], True)
+    else:
+        idx = torch.argsort(metric, dim=1, stable=True)[:, : int(W.shape[1] * sparsity)]
+        mask.scatter_(1, idx, True)
+    out = W.clone()
+    out[mask] = 0
+    return out, mask
+
+
+CASES = [("unstructured", 0.5, 0, 0), ("2:4", 0.5, 2, 4), ("4:8", 0.5, 4, 8), ("unstructured", 0.75, 0, 0)]
+
+
+@pytest.mark.parametrize("structure,sparsity,n,m", CASES)
+def test_sparsegpt_matches_reference(structure, sparsity, n, m):
+    torch.manual_seed(0)
+    W = torch.randn(ROWS, COLS)
+    xs = correlated_inputs(1)
+    pattern = SparsityPattern.parse(structure, sparsity)
+    out = OBSSolver().prune(W, make_stats(W, xs), pattern)
+    ref_w, ref_mask = reference_sparsegpt(W, xs, sparsity, n, m)
+    assert torch.equal(out.mask, ref_mask)
+    torch.testing.assert_close(out.weight, ref_w, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("structure,sparsity,n,m", CASES)
+def test_d2prune_with_zero_lambdas_is_exactly_sparsegpt_and_wanda(structure, sparsity, n, m):
+    torch.manual_seed(0)
+    W = torch.randn(ROWS, COLS)
+    xs = correlated_inputs(2)
+    config = D2PruneConfig(method="d2prune", lambda1=0.0, lambda2=0.0, mask_structure=structure, sparsity=sparsity,
+                           refine_steps=0)
+    update, non_update = solvers_for(config, seq_len=300)
+    stats = make_stats(W, xs)
+    out = update.prune(W, stats, config.pattern)
+    base = OBSSolver().prune(W, stats, config.pattern)
+    assert torch.equal(out.mask, base.mask) and torch.equal(out.weight, base.weight)
+    ref_w, ref_mask = reference_wanda(W, xs, sparsity, n, m)
+    out = non_update.prune(W, stats, config.pattern)
+    assert torch.equal(out.mask, ref_mask)
+    assert torch.equal(out.weight, ref_w)
+
+
+@pytest.mark.parametrize("structure,sparsity,n,m", CASES)
+def test_wanda_matches_reference_with_diagonal_statistics(structure, sparsity, n, m):
+    torch.manual_seed(0)
+    W = torch.randn(ROWS, COLS)
+    xs = correlated_inputs(3)
+    out = WandaSolver().prune(W, make_stats(W, xs, level="diag"), SparsityPattern.parse(structure, sparsity))
+    ref_w, ref_mask = reference_wanda(W, xs, sparsity, n, m)
+    assert torch.equal(out.mask, ref_mask)
+    assert torch.equal(out.weight, ref_w)
+
+
+def test_obs_error_below_wanda_and_magnitude():
+    torch.manual_seed(0)
+    W = torch.randn(ROWS, COLS)
+    xs = correlated_inputs(4)
+    stats = make_stats(W, xs)
+    pattern = SparsityPattern.parse("unstructured", 0.6)
+    errors = {s.name: s.prune(W, stats, pattern).error for s in (OBSSolver(), WandaSolver(), MagnitudeSolver())}
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"]
+    # the reported error is the real output error
+    out = OBSSolver().prune(W, stats, pattern)
+    x = torch.cat(xs)
+    direct = ((x @ (W - out.weight).t()).square().sum() / (x @ W.t()).square().sum()).item()
+    assert out.error == pytest.approx(direct, rel=1e-3)
+
+
+@pytest.mark.parametrize("solver", [OBSSolver(), OBSSolver(DualTaylor(1.0, -0.5, 20.0)), WandaSolver(), MagnitudeSolver()],
+                         ids=["sparsegpt", "d2-sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("rows,cols,sparsity", [(37, 129, 0.3), (16, 200, 0.55), (5, 7, 0.5), (64, 256, 0.0)])
+def test_exact_unstructured_sparsity(solver, rows, cols, sparsity):
+    torch.manual_seed(rows)
+    W = torch.randn(rows, cols)
+    out = solver.prune(W, make_stats(W, correlated_inputs(5, cols=cols)), SparsityPattern.parse("unstructured", sparsity))
+    expected = round_half_up(sparsity * rows * cols)
+    assert int(out.mask.sum()) == expected
+    assert int((out.weight == 0).sum()) == expected
+    assert torch.equal(out.weight == 0, out.mask)
+
+
+@pytest.mark.parametrize("solver", [OBSSolver(), OBSSolver(DualTaylor(1.0, 0.0, 20.0)), WandaSolver(), MagnitudeSolver()],
+                         ids=["sparsegpt", "d2-sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("nm", ["2:4", "4:8", "3:4", "1:2"])
+def test_nm_pattern_exact(solver, nm):
+    torch.manual_seed(0)
+    W = torch.randn(24, 64)
+    pattern = SparsityPattern.parse(nm, 0.0)
+    out = solver.prune(W, make_stats(W, correlated_inputs(6, cols=64)), pattern)
+    zeros = (out.weight == 0).reshape(24, 64 // pattern.m, pattern.m).sum(-1)
+    assert bool((zeros == pattern.n).all())
+
+
+@pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5)])
+def test_refit_keeps_the_mask_and_lowers_the_error(structure, sparsity):
+    torch.manual_seed(0)
+    W = torch.randn(ROWS, COLS)
+    stats = make_stats(W, correlated_inputs(9))
+    pattern = SparsityPattern.parse(structure, sparsity)
+    plain = OBSSolver().prune(W, stats, pattern)
+    refit = OBSSolver(refine_steps=16).prune(W, stats, pattern)
+    assert torch.equal(plain.mask, refit.mask)
+    assert torch.equal(refit.weight == 0, refit.mask)
+    assert refit.error < 0.95 * plain.error
+    # converged: the gradient of the output error on the surviving weights vanishes
+    x = torch.cat(correlated_inputs(9))
+    grad = ((refit.weight - W) @ (x.t() @ x)) * ~refit.mask
+    assert grad.abs().max() < 2e-2 * ((W @ (x.t() @ x)).abs().max())
+
+
+def test_deterministic_masks():
+    W = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(7))
+    xs = correlated_inputs(7)
+    solver = OBSSolver(DualTaylor(1.0, 0.0, 50.0))
+    a = solver.prune(W, make_stats(W, xs), SparsityPattern.parse("unstructured", 0.5))
+    b = solver.prune(W, make_stats(W, xs), SparsityPattern.parse("unstructured", 0.5))
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
+
+
+def test_dual_taylor_terms_change_the_mask_and_are_counted():
+    torch.manual_seed(0)
+    W = torch.randn(ROWS, COLS)
+    xs = correlated_inputs(8)
+    stats = make_stats(W, xs)
+    pattern = SparsityPattern.parse("unstructured", 0.5)
+    base = OBSSolver().prune(W, stats, pattern)
+    weak = OBSSolver(DualTaylor(1.0, 0.0, 1e6)).prune(W, stats, pattern)
+    strong = OBSSolver(DualTaylor(1.0, 0.0, 5.0)).prune(W, stats, pattern)
+    assert torch.equal(weak.mask, base.mask) and weak.flipped == 0
+    assert strong.flipped > 0 and not torch.equal(strong.mask, base.mask)
+    assert int(strong.mask.sum()) == int(base.mask.sum())
+
+
+def test_statistics_do_not_depend_on_batching():
+    torch.manual_seed(0)
+    W = torch.randn(8, 32)
+    x = torch.randn(400, 32)
+    one = make_stats(W, [x])
+    many = make_stats(W, list(x.split(37)))
+    torch.testing.assert_close(one.inputs.hessian(), many.inputs.hessian())
+    torch.testing.assert_close(one.x_norm(), many.x_norm())
+    torch.testing.assert_close(one.y_norm(), many.y_norm())
+
+
+def test_cholesky_failure_retries_with_more_damping(caplog):
+    W = torch.randn(4, 3)
+    inputs = InputStatistics(3, "hessian", torch.device("cpu"))
+    inputs.num_tokens = 2
+    inputs.xtx = torch.diag(torch.tensor([1.0, 1.0, -0.5]))  # indefinite: a damping of 1% cannot fix it
+    stats = LinearStatistics(inputs, 1, y_sq=torch.ones(4))
+    with caplog.at_level(logging.WARNING):
+        out = OBSSolver().prune(W, stats, SparsityPattern.parse("unstructured", 0.5))
+    assert "Cholesky failed" in caplog.text
+    assert int(out.mask.sum()) == 6
+
+
+def test_cholesky_failure_that_damping_cannot_fix_raises():
+    W = torch.randn(4, 3)
+    inputs = InputStatistics(3, "hessian", torch.device("cpu"))
+    inputs.num_tokens = 2
+    inputs.xtx = torch.diag(torch.tensor([1.0, 1.0, float("nan")]))
+    stats = LinearStatistics(inputs, 1, y_sq=torch.ones(4))
+    with pytest.raises(RuntimeError, match="not positive definite"):
+        OBSSolver().prune(W, stats, SparsityPattern.parse("unstructured", 0.5))
