@@ -13,7 +13,7 @@ OBS solve of one projection, three mask-only solves and four attention-probabili
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -52,8 +52,12 @@ def choose_unupdated_projection(
     non_updated: dict[str, SolverOutput],
     kl_weight: float,
     block: int,
+    reduce: Optional[Callable[[list[float]], list[float]]] = None,
 ) -> AttentionRecord:
-    """Evaluate the objective for the three candidates and return the record of the best one."""
+    """Evaluate the objective for the three candidates and return the record of the best one.
+
+    `reduce` sums the KL sums and row counts over data-parallel ranks (identity when not distributed).
+    """
     errors = {
         c: sum((non_updated if p == c else updated)[p].error for p in PROJECTIONS) for c in PROJECTIONS
     }
@@ -66,6 +70,9 @@ def choose_unupdated_projection(
             total, n = attention_kl(probs, reference, batch_inputs.token_mask)
             kl_sums[c] += total
         rows += n
+    if reduce is not None:
+        *sums, rows = reduce([kl_sums[c] for c in PROJECTIONS] + [float(rows)])
+        kl_sums = dict(zip(PROJECTIONS, sums))
     kls = {c: kl_sums[c] / max(rows, 1) for c in PROJECTIONS}
     objectives = {c: errors[c] + kl_weight * kls[c] for c in PROJECTIONS}
     chosen = min(PROJECTIONS, key=lambda c: objectives[c])

@@ -89,6 +89,10 @@ class D2PruneConfig:
         default=None, metadata={"help": "Where blocks are processed (e.g. 'cuda:0'); default: where the block lives."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for every random choice of the run."})
+    checkpoint_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Save each pruned block and the propagated activations here; a restarted run resumes."},
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -130,6 +134,10 @@ class D2PruneConfig:
             raise ValueError(f"`sequential` must be a bool, got {self.sequential!r}.")
         if not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
+        if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, (str, os.PathLike)):
+                raise ValueError(f"`checkpoint_dir` must be a path, got {self.checkpoint_dir!r}.")
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         for name in ("targets", "ignore"):
             patterns = getattr(self, name)
             if patterns is None:

@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 
 from .architectures import PROJECTIONS, ArchitectureAdapter, AttentionInputs
 from .attention import choose_unupdated_projection
+from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint
 from .configuration import D2PruneConfig
+from .distributed import DistributedContext
 from .hooks import (
     AttentionInputCapture,
     CapturedBatch,
@@ -31,6 +33,8 @@ from .hooks import (
 )
 from .masks import SparsityPattern
 from .memory import PeakMemory
+from .offload import execution_device as _execution_device
+from .offload import onloaded
 from .report import AttentionRecord, LayerRecord, PruneReport
 from .solvers import Solver, SolverOutput, solvers_for
 
@@ -120,26 +124,30 @@ class PruningEngine:
         report = PruneReport(method=self.config.method, pattern=str(self.pattern))
         start = time.perf_counter()
         device = torch.device(self.config.device) if self.config.device else _module_device(blocks[0])
+        if device.type == "meta":  # accelerate-offloaded weights: run where accelerate executes them
+            device = _execution_device(blocks[0])
+        self.dist = DistributedContext.detect()
+        checkpoint = self._checkpoint(model, batches)
+        local_batches = self.dist.shard(batches)
         with PeakMemory(device) as memory, calibration_context(model):
             restore = _move_outside(model, blocks, device) if self.config.device else (lambda: None)
             try:
-                captured = capture_block_inputs(model, blocks[0], batches, _input_device(model), device)
+                captured = capture_block_inputs(model, blocks[0], local_batches, _input_device(model), device)
             finally:
                 restore()
             seq_len = captured[0].hidden_states.shape[1]
             update_solver, non_update_solver = solvers_for(self.config, seq_len)
-            progress = tqdm(list(enumerate(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block")
-            for index, block in progress:
-                home = _module_device(block)
-                if home != device:
-                    block.to(device)
-                try:
-                    self._prune_block(index, block, targets[index], captured, seq_len, update_solver,
+            first = self._resume(checkpoint, blocks, targets, captured, report, device)
+            progress = tqdm(range(first, len(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block",
+                            initial=first, total=len(blocks), disable=self.dist.rank > 0)
+            for index in progress:
+                with onloaded(blocks[index], device):
+                    self._prune_block(index, blocks[index], targets[index], captured, seq_len, update_solver,
                                       non_update_solver, report)
-                    _propagate(block, captured)
-                finally:
-                    if home != device:
-                        block.to(home)
+                    _propagate(blocks[index], captured)
+                if checkpoint is not None:
+                    checkpoint.save(index, targets[index], [b.hidden_states for b in captured], report,
+                                    write_weights=self.dist.rank == 0)
                 block_layers = [r for r in report.layers if r.block == index]
                 if block_layers:
                     progress.set_postfix(err=f"{max(r.error for r in block_layers):.3g}")
@@ -147,6 +155,28 @@ class PruningEngine:
         report.peak_memory_bytes, report.peak_memory_kind = memory.peak_bytes, memory.kind
         report.memory_increase_bytes = memory.increase_bytes
         return report
+
+    def _checkpoint(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Optional[BlockCheckpoint]:
+        if not self.config.checkpoint_dir:
+            return None
+        fingerprint = run_fingerprint({**self.config.to_dict(), "attention_update": self.attention_update}, model,
+                                      batches)
+        return BlockCheckpoint(self.config.checkpoint_dir, fingerprint, self.dist.rank, self.dist.world_size)
+
+    def _resume(self, checkpoint, blocks, targets, captured, report, device) -> int:
+        """Load the finished blocks of an interrupted run; return the first block still to prune."""
+        state = checkpoint.load() if checkpoint is not None else None
+        if state is None:
+            return 0
+        last = state["last_block"]
+        for index in range(last + 1):
+            with onloaded(blocks[index], device):
+                checkpoint.restore_weights(index, targets[index])
+        for batch, hidden in zip(captured, state["hidden_states"]):
+            batch.hidden_states = hidden.to(device=batch.hidden_states.device, dtype=batch.hidden_states.dtype)
+        restore_report(state, report)
+        logger.info("Resuming from %s: blocks 0-%d are done.", checkpoint.directory, last)
+        return last + 1
 
     def _awareness(self, targets: list[PruneTarget]) -> bool:
         if not self.config.uses_attention_awareness:
@@ -224,6 +254,7 @@ class PruningEngine:
                 if capture is not None:
                     capture.remove()
             stats = collector.stats
+            self.dist.all_reduce_statistics(stats)
             if capture is not None:
                 attention_inputs = [AttentionInputs(a, k, m) for a, k, m in capture.inputs]
         try:
@@ -231,13 +262,14 @@ class PruningEngine:
                                                       non_update_solver, attention_inputs, aware, dynamic)
             if record is not None:
                 report.attention.append(record)
-            for t in targets:
+            for position, t in enumerate(targets):
                 solver = non_update_solver if t.projection in unupdated else update_solver
                 tic = time.perf_counter()
                 out = outputs.get((t.name, solver.updates_weights))
                 if out is None:
-                    out = solver.prune(t.weight(), _target_stats(stats, t), self.pattern)
-                t.write(out.weight)
+                    out = self._solve_once(position, t, solver, stats)
+                else:
+                    t.write(out.weight)
                 zeros = float((t.weight() == 0).float().mean())
                 report.layers.append(LayerRecord(index, t.name, solver.name, solver.updates_weights,
                                                  tuple(t.weight().shape), zeros, out.error, out.flipped,
@@ -246,6 +278,24 @@ class PruningEngine:
         finally:
             for s in stats.values():
                 s.inputs.free()
+
+    def _solve_once(self, position: int, target: PruneTarget, solver: Solver, stats: dict) -> SolverOutput:
+        """Solve on the owning rank (every rank when not distributed) and give the result to all ranks."""
+        owner = self.dist.owner(position)
+        out = None
+        if self.dist.rank == owner:
+            out = solver.prune(target.weight(), _target_stats(stats, target), self.pattern)
+            target.write(out.weight)
+        if not self.dist.active:
+            return out
+        weight = self.dist.broadcast(target.weight(), owner)
+        meta = torch.tensor([out.error, -1 if out.flipped is None else out.flipped] if out else [0.0, 0.0],
+                            dtype=torch.float64, device=weight.device)
+        meta = self.dist.broadcast(meta, owner).tolist()
+        if out is None:
+            target.write(weight)
+            out = SolverOutput(weight, weight == 0, meta[0], None if meta[1] < 0 else int(meta[1]))
+        return out
 
     def _choose(
         self,
@@ -276,10 +326,15 @@ class PruningEngine:
         dense = {p: qkv[p].weight().detach().float() for p in ("q", "k")}
         attention = self.adapter.attention_module(block)
         record = choose_unupdated_projection(self.adapter, attention, attention_inputs, dense, updated, non_updated,
-                                             self.config.kl_weight, index)
+                                             self.config.kl_weight, index, reduce=self._reduce_floats(stats))
         outputs = {(qkv[p].name, True): updated[p] for p in PROJECTIONS}
         outputs.update({(qkv[p].name, False): non_updated[p] for p in PROJECTIONS})
         return {record.chosen}, outputs, record
+
+
+    def _reduce_floats(self, stats: dict) -> Callable[[list[float]], list[float]]:
+        device = next(iter(stats.values())).inputs.device if stats else torch.device("cpu")
+        return lambda values: self.dist.all_reduce_floats(values, device)
 
 
 def _raise_stop(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -340,9 +395,15 @@ def _propagate(block: nn.Module, captured: list[CapturedBatch]) -> None:
 
 def _input_device(model: nn.Module) -> torch.device:
     """Where the model's first layer (its input embeddings, if it has any) expects its inputs."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:  # dispatched by accelerate: inputs go where the first module executes
+        first = next(iter(device_map.values()))
+        if first not in ("disk", "meta"):
+            return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
     get = getattr(model, "get_input_embeddings", None)
     embeddings = get() if get is not None else None
-    return _module_device(embeddings if embeddings is not None else model)
+    device = _module_device(embeddings if embeddings is not None else model)
+    return _execution_device(embeddings) if device.type == "meta" else device
 
 
 def _module_device(module: nn.Module) -> torch.device:

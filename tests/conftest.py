@@ -13,10 +13,10 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VOCAB = 96
 
 
-def tiny_llama():
+def tiny_llama(layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     return LlamaForCausalLM(config)
 
@@ -42,7 +42,7 @@ TINY_MODELS = {"llama": tiny_llama, "opt": tiny_opt, "qwen3": tiny_qwen3}
 
 def make_tiny(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
     torch.manual_seed(seed)
-    model = TINY_MODELS[name]()
+    model = tiny_llama(layers=4) if name == "llama4" else TINY_MODELS[name]()
     model.config._attn_implementation = attn_implementation
     return model.eval()
 
