@@ -30,10 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import level_kwargs, parse_value  # noqa: E402
 
 
+#: benchmark-only variants: (method, config overrides)
+VARIANTS = {"d2prune-all": ("d2prune", {"attention_update": "all"})}  # dual-Taylor + refit, q/k/v all updated
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fixtures", nargs="+", default=["deit", "timm"], choices=["deit", "timm"])
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "d2prune"])
+    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "d2prune", "d2prune-all"],
+                        help=f"Methods, plus variants {sorted(VARIANTS)}.")
     parser.add_argument("--levels", nargs="+", default=["0.5", "0.6", "0.7", "0.8", "2:4"])
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -61,8 +66,9 @@ def main(argv=None) -> int:
         for level in args.levels:
             for method in args.methods:
                 fixture.model.load_state_dict(dense_state)
-                extra = overrides if method == "d2prune" else {}
-                pruner = D2Pruner(D2PruneConfig(method=method, seed=args.seed, **level_kwargs(level), **extra))
+                base, extra = VARIANTS.get(method, (method, {}))
+                extra = {**extra, **overrides} if base == "d2prune" else extra
+                pruner = D2Pruner(D2PruneConfig(method=base, seed=args.seed, **level_kwargs(level), **extra))
                 start = time.perf_counter()
                 pruner.prune(fixture.model, calib)
                 seconds = time.perf_counter() - start
@@ -83,6 +89,9 @@ def main(argv=None) -> int:
               f"trained in {fixture.train_seconds:.0f} s")
     if overrides:
         print(f"d2prune overrides: {overrides}")
+    if "d2prune-all" in args.methods:
+        print("- d2prune-all: d2prune with `attention_update='all'` (dual-Taylor + refit, no projection left "
+              "un-updated), to separate the attention-aware choice from the rest of the method.")
     methods = [m for m in args.methods]
     for kind in fixtures:
         dense = next(r for r in rows if r["fixture"] == kind and r["method"] == "dense")
@@ -94,7 +103,7 @@ def main(argv=None) -> int:
             for method in methods:
                 r = next(r for r in rows if r["fixture"] == kind and r["method"] == method and r["level"] == level)
                 cells.append(f"{100 * r['top1']:.2f} / {r['seconds']:.2f}")
-                chosen = r.get("unupdated", chosen)
+                chosen = r.get("unupdated", chosen) if method == "d2prune" else chosen
             print(f"| {level} | " + " | ".join(cells) + f" | {chosen} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
