@@ -44,7 +44,8 @@ def main(argv=None) -> int:
 
     kwargs = {"depth": args.depth} if args.depth else {}
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, **kwargs).to(args.device, getattr(torch, args.dtype)).eval()
+    model = timm.create_model(args.model, pretrained=False, **kwargs)
+    model = model.to(args.device, getattr(torch, args.dtype)).eval()
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.images, *size, generator=g).to(getattr(torch, args.dtype))

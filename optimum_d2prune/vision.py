@@ -10,7 +10,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn

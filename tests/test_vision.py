@@ -364,7 +364,8 @@ def test_image_accuracy_top1_top5():
     x[:, 0, 0, 0] = torch.arange(4).float()
     labels = torch.tensor([0, 0, 4, 2])  # top-1 hit, miss (rank 6), top-5 hit (rank 5), top-5 hit (rank 4)
     for wrap in (True, False):
-        result = image_accuracy(Fixed(scores, wrap), [(x[:2], labels[:2]), {"pixel_values": x[2:], "labels": labels[2:]}])
+        loader = [(x[:2], labels[:2]), {"pixel_values": x[2:], "labels": labels[2:]}]
+        result = image_accuracy(Fixed(scores, wrap), loader)
         assert (result.top1, result.top5, result.num_images) == (0.25, 0.75, 4)
     assert image_accuracy(Fixed(scores[:, :3], False), [(x, torch.zeros(4))]).top5 is None
     with pytest.raises(ValueError, match="labels"):

@@ -12,7 +12,14 @@ import sys
 import torch
 from torch import nn
 
-from .base import ArchitectureAdapter, AttentionInputs, ProjectionRef, masked_softmax, projection_output, register_adapter
+from .base import (
+    ArchitectureAdapter,
+    AttentionInputs,
+    ProjectionRef,
+    masked_softmax,
+    projection_output,
+    register_adapter,
+)
 
 
 def _timm_vit_classes() -> tuple[type, ...]:

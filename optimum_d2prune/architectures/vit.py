@@ -36,8 +36,8 @@ class ViTAdapter(ArchitectureAdapter):
     def attention_probs(self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]):
         x = inputs.hidden_states
         batch, length = x.shape[:2]
-        head_dim = attention.head_dim
-        q = projection_output(attention.q_proj, weights["q"], x, None).view(batch, length, -1, head_dim).transpose(1, 2)
-        k = projection_output(attention.k_proj, weights["k"], x, None).view(batch, length, -1, head_dim).transpose(1, 2)
+        shape = (batch, length, -1, attention.head_dim)
+        q = projection_output(attention.q_proj, weights["q"], x, None).view(shape).transpose(1, 2)
+        k = projection_output(attention.k_proj, weights["k"], x, None).view(shape).transpose(1, 2)
         mask = inputs.args[1] if len(inputs.args) > 1 else inputs.kwargs.get("attention_mask")
         return masked_softmax(q @ k.transpose(-1, -2) * attention.scaling, mask, causal=False)

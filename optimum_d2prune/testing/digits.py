@@ -91,7 +91,7 @@ def torch_threads(num: int) -> Iterator[None]:
 
 
 def cache_dir(path: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """Where fixtures are cached: `path`, else `$OPTIMUM_D2PRUNE_CACHE/fixtures`, else `~/.cache/optimum_d2prune/fixtures`."""
+    """Fixture cache: `path`, else `$OPTIMUM_D2PRUNE_CACHE/fixtures`, else `~/.cache/optimum_d2prune/fixtures`."""
     if path is not None:
         return Path(path)
     root = os.environ.get("OPTIMUM_D2PRUNE_CACHE")
@@ -173,9 +173,12 @@ def train_digits_model(model: nn.Module, splits: DigitsSplits, recipe: DigitsRec
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     total = recipe.epochs * steps_per_epoch
     warmup = steps_per_epoch * 2
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
-    )
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     start = time.perf_counter()
     model.train()
     for epoch in range(recipe.epochs):
@@ -236,7 +239,8 @@ def digits_model(
             if abs(accuracy - meta["test_accuracy"]) < 1e-9:
                 model.eval()
                 return DigitsFixture(kind, model, accuracy, meta["train_seconds"], recipe, weights, True)
-            logger.warning("Cached %s gives %.4f instead of %.4f: retraining.", weights, accuracy, meta["test_accuracy"])
+            logger.warning("Cached %s gives %.4f instead of %.4f: retraining.", weights, accuracy,
+                           meta["test_accuracy"])
             model = build_digits_model(kind, recipe)
         seconds = train_digits_model(model, splits, recipe)
         accuracy = top1_accuracy(model, splits)
@@ -250,7 +254,9 @@ def digits_model(
     return DigitsFixture(kind, model, accuracy, seconds, recipe, weights, False)
 
 
-def calibration_batches(splits: DigitsSplits, num_samples: int = 128, batch_size: int = 32, seed: int = 0) -> list[torch.Tensor]:
+def calibration_batches(
+    splits: DigitsSplits, num_samples: int = 128, batch_size: int = 32, seed: int = 0
+) -> list[torch.Tensor]:
     """`num_samples` random training images as `[B, 3, 32, 32]` batches (a local generator; global RNG untouched)."""
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randperm(splits.train_images.shape[0], generator=generator)[:num_samples]
@@ -261,4 +267,5 @@ def calibration_batches(splits: DigitsSplits, num_samples: int = 128, batch_size
 def eval_batches(splits: DigitsSplits, batch_size: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The test split as `(images, labels)` batches (what `evaluation.image_accuracy` takes)."""
     n = splits.test_images.shape[0]
-    return [(splits.test_images[i:i + batch_size], splits.test_labels[i:i + batch_size]) for i in range(0, n, batch_size)]
+    return [(splits.test_images[i:i + batch_size], splits.test_labels[i:i + batch_size])
+            for i in range(0, n, batch_size)]
