@@ -45,20 +45,22 @@ def tiny_transformers(kind: str, attn_implementation: str = "sdpa"):
     return model_cls(config)
 
 
-def tiny_timm(qk_norm: bool = False):
+def tiny_timm(qk_norm: bool = False, distilled: bool = False):
+    from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(img_size=IMAGE, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2,
-                             num_classes=CLASSES, qkv_bias=True, qk_norm=qk_norm)
+    model_cls = VisionTransformerDistilled if distilled else VisionTransformer
+    return model_cls(img_size=IMAGE, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2,
+                     num_classes=CLASSES, qkv_bias=True, qk_norm=qk_norm)
 
 
-TINY = ["vit", "deit", "deit_teacher", "timm", "timm_qk_norm"]
+TINY = ["vit", "deit", "deit_teacher", "timm", "timm_qk_norm", "timm_distilled"]
 
 
 def make(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
     torch.manual_seed(seed)
     if name.startswith("timm"):
-        model = tiny_timm(qk_norm=name == "timm_qk_norm")
+        model = tiny_timm(qk_norm=name == "timm_qk_norm", distilled=name == "timm_distilled")
     else:
         model = tiny_transformers(name, attn_implementation)
     if name == "timm_qk_norm":  # non-trivial norm parameters, so that forgetting them would show
@@ -335,6 +337,33 @@ def test_calibration_from_folder_and_dataset_with_transformers_processor(digit_f
     # batches go straight into the pruner
     D2Pruner(D2PruneConfig(sparsity=0.5, method="wanda")).prune(
         digits.build_digits_model("deit", digits.DigitsRecipe(depth=1)), batches)
+
+
+def test_transformers_model_preprocessing_from_its_saved_processor(tmp_path, digit_folder):
+    from PIL import Image
+    from transformers import DeiTForImageClassification, ViTImageProcessor
+
+    digits.build_digits_model("deit", digits.DigitsRecipe(depth=1)).save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                      resample=Image.BILINEAR).save_pretrained(tmp_path)
+    model = DeiTForImageClassification.from_pretrained(tmp_path).eval()
+    batches = get_image_calibration_dataset(digit_folder, model, num_samples=4, batch_size=4)
+    assert batches[0]["pixel_values"].shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="image processor"):
+        image_preprocessor(digits.build_digits_model("deit", digits.DigitsRecipe(depth=1)))
+
+
+def test_gpu_benchmark_script_runs_tiny_on_cpu(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vision_gpu.py"
+    spec = importlib.util.spec_from_file_location("vision_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--model", "vit_tiny_patch16_224", "--depth", "1", "--images", "2", "--methods", "wanda",
+                        "--levels", "2:4", "--device", "cpu"]) == 0
+    assert "| 2:4 | wanda |" in capsys.readouterr().out
 
 
 def test_hub_id_offline_error_says_what_to_do(monkeypatch):
