@@ -132,7 +132,8 @@ class PruningEngine:
         with PeakMemory(device) as memory, calibration_context(model):
             restore = _move_outside(model, blocks, device) if self.config.device else (lambda: None)
             try:
-                captured = capture_block_inputs(model, blocks[0], local_batches, _input_device(model), device)
+                captured = capture_block_inputs(model, blocks[0], local_batches, _input_device(model), device,
+                                                self.adapter.forward_model)
             finally:
                 restore()
             seq_len = captured[0].hidden_states.shape[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -82,8 +82,12 @@ def capture_block_inputs(
     batches: list[dict[str, torch.Tensor]],
     input_device: torch.device,
     store_device: torch.device,
+    forward: Optional[Callable[[nn.Module, dict[str, torch.Tensor]], Any]] = None,
 ) -> list[CapturedBatch]:
-    """Run the model up to its first block for every batch and keep what the block would have received."""
+    """Run the model up to its first block for every batch and keep what the block would have received.
+
+    `forward(model, inputs)` calls the model (default `model(**inputs)`; timm models take the pixels positionally).
+    """
     captured: list[CapturedBatch] = []
     current_mask: list[Optional[torch.Tensor]] = [None]
 
@@ -98,7 +102,8 @@ def capture_block_inputs(
             mask = batch.get("attention_mask")
             current_mask[0] = mask.to(store_device).bool() if mask is not None else None
             try:
-                model(**{key: value.to(input_device) for key, value in batch.items()})
+                inputs = {key: value.to(input_device) for key, value in batch.items()}
+                model(**inputs) if forward is None else forward(model, inputs)
             except _StopForward:
                 pass
             else:

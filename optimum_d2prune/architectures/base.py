@@ -91,6 +91,10 @@ class ArchitectureAdapter(ABC):
     def attention_module(self, block: nn.Module) -> nn.Module:
         return get_submodule(block, self.attention_path)
 
+    def forward_model(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        """Call the model on one prepared batch (`input_ids`/`attention_mask` or `pixel_values`)."""
+        return model(**inputs)
+
     @abstractmethod
     def attention_probs(
         self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]

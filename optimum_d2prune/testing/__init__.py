@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks (trained fixtures on small real datasets)."""
