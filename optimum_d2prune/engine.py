@@ -99,6 +99,7 @@ class PruningEngine:
         self.adapter = adapter
         self.pattern: SparsityPattern = config.pattern
         self.attention_update = attention_update or config.attention_update
+        self.dist = DistributedContext()  # set from the process group in `run`
 
     # ---------------------------------------------------------------- planning
     def plan(self, model: nn.Module) -> tuple[nn.ModuleList, str, list[list[PruneTarget]]]:
