@@ -321,7 +321,8 @@ class PruningEngine:
             record = AttentionRecord(index, fixed, "fixed") if fixed else None
             return ({fixed} if fixed else set()), {}, record
         qkv = {t.projection: t for t in targets if t.projection}
-        updated = {p: update_solver.prune(t.weight(), _target_stats(stats, t), self.pattern) for p, t in qkv.items()}
+        candidate_solver = update_solver.without_refinement()  # refine only the two projections kept updated
+        updated = {p: candidate_solver.prune(t.weight(), _target_stats(stats, t), self.pattern) for p, t in qkv.items()}
         non_updated = {
             p: non_update_solver.prune(t.weight(), _target_stats(stats, t), self.pattern) for p, t in qkv.items()
         }
@@ -329,6 +330,9 @@ class PruningEngine:
         attention = self.adapter.attention_module(block)
         record = choose_unupdated_projection(self.adapter, attention, attention_inputs, dense, updated, non_updated,
                                              self.config.kl_weight, index, reduce=self._reduce_floats(stats))
+        for p in PROJECTIONS:
+            if p != record.chosen:
+                updated[p] = update_solver.refine(qkv[p].weight(), updated[p], _target_stats(stats, qkv[p]))
         outputs = {(qkv[p].name, True): updated[p] for p in PROJECTIONS}
         outputs.update({(qkv[p].name, False): non_updated[p] for p in PROJECTIONS})
         return {record.chosen}, outputs, record

@@ -71,6 +71,14 @@ class Solver(ABC):
     def prune(self, weight: torch.Tensor, stats: Optional[LinearStatistics], pattern: SparsityPattern) -> SolverOutput:
         """Return the pruned weight; `weight` itself is not modified."""
 
+    def without_refinement(self) -> "Solver":
+        """The same solver minus any final refinement (used to score candidates cheaply)."""
+        return self
+
+    def refine(self, weight: torch.Tensor, out: SolverOutput, stats: Optional[LinearStatistics]) -> SolverOutput:
+        """Apply the refinement `without_refinement` skipped (identity for solvers without one)."""
+        return out
+
 
 def relative_error(weight: torch.Tensor, new_weight: torch.Tensor, stats: Optional[LinearStatistics]) -> float:
     """`‖(W - W')X‖² / ‖Y‖²` on the calibration data (Y: the dense outputs).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -114,9 +114,19 @@ class OBSSolver(Solver):
             new_block[mask[:, i1:i2]] = 0
             w[:, i1:i2] = new_block
             w[:, i2:] -= err @ upper[i1:i2, i2:]
-        if self.refine_steps:
-            w = refit_surviving_weights(weight, w, mask | dead, damped, self.refine_steps)
-        return SolverOutput(w, mask, relative_error(weight, w, stats), flipped if dual else None)
+        out = SolverOutput(w, mask, relative_error(weight, w, stats), flipped if dual else None)
+        return self.refine(weight, out, stats) if self.refine_steps else out
+
+    def without_refinement(self) -> "OBSSolver":
+        return replace(self, refine_steps=0)
+
+    def refine(self, weight: torch.Tensor, out: SolverOutput, stats: Optional[LinearStatistics]) -> SolverOutput:
+        """Least-squares refit of `out`'s surviving weights (see `refit_surviving_weights`)."""
+        if not self.refine_steps:
+            return out
+        _, dead, damped = inverse_hessian_cholesky(stats, self.damp_percent)
+        w = refit_surviving_weights(weight, out.weight, out.mask | dead, damped, self.refine_steps)
+        return SolverOutput(w, out.mask, relative_error(weight, w, stats), out.flipped)
 
 
 def _obs_segment_errors(cur: torch.Tensor, mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
