@@ -43,6 +43,17 @@ def level_kwargs(level: str) -> dict:
     return {"mask_structure": level} if ":" in level else {"sparsity": float(level)}
 
 
+def print_table(rows: list[dict]) -> None:
+    """Markdown table; the time column also gives each method's ratio to SparseGPT at the same level."""
+    sparsegpt = {r["level"]: r["seconds"] for r in rows if r["method"] == "sparsegpt"}
+    print("\n| level | method | PPL | PPL/dense | prune s | x SparseGPT time | +memory MiB | q/k/v left un-updated |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        ratio = f"{r['seconds'] / sparsegpt[r['level']]:.2f}" if r["level"] in sparsegpt else ""
+        print(f"| {r['level']} | {r['method']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {r['seconds']:.1f} | {ratio} "
+              f"| {r['memory_mib']:.0f} | {r.get('unupdated', '')} |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="Hub id, local folder, .gguf file, or 'smollm2'.")
@@ -59,10 +70,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
+    parser.add_argument("--table-from", nargs="+", default=None, metavar="JSON",
+                        help="Print one table from the JSON rows of earlier runs (e.g. one per level) and exit.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.table_from:
+        rows = [r for path in args.table_from for r in json.loads(Path(path).read_text())]
+        dense = [r for r in rows if r["method"] == "dense"]
+        print_table([dense[0]] + [r for r in rows if r["method"] != "dense"])
+        return 0
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: parse_value(v) for k, v in overrides.items()}
 
@@ -101,11 +119,7 @@ def main(argv=None) -> int:
           f"(seed {args.seed}); WikiText-2 PPL on {args.eval_windows} x {args.seq_len} tokens.")
     if overrides:
         print(f"d2prune overrides: {overrides}")
-    print("\n| level | method | PPL | PPL/dense | prune s | +memory MiB | q/k/v left un-updated |")
-    print("|---|---|---:|---:|---:|---:|---|")
-    for r in rows:
-        print(f"| {r['level']} | {r['method']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {r['seconds']:.1f} "
-              f"| {r['memory_mib']:.0f} | {r.get('unupdated', '')} |")
+    print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -16,7 +16,7 @@ ATTENTION_UPDATES = ("dynamic", "all", "none", "q", "k", "v")
 DYNAMIC_STRATEGIES = ("layer", "global")
 
 CONFIG_NAME = "d2prune_config.json"
-DEFAULT_REFINE_STEPS = 16
+DEFAULT_REFINE_STEPS = 8
 
 
 @dataclass
@@ -46,7 +46,7 @@ class D2PruneConfig:
     lambda1: float = field(default=1.0, metadata={"help": "Weight of the first-order dual-Taylor term."})
     lambda2: float = field(default=0.0, metadata={"help": "Weight of the second-order activation term."})
     activation_scale: Union[float, str] = field(
-        default=1500.0,
+        default="auto",
         metadata={"help": 'Scale s dividing activation norms in the dual-Taylor terms; "auto" = calibration seq_len.'},
     )
     block_size: int = field(default=128, metadata={"help": "Columns per lazy-update block of the OBS solver."})
@@ -69,7 +69,7 @@ class D2PruneConfig:
         default="layer",
         metadata={"help": '"layer": choose per block by error + kl_weight * KL; "global": three full prunes, best PPL.'},
     )
-    kl_weight: float = field(default=1.0, metadata={"help": "rho: weight of the attention KL term in the objective."})
+    kl_weight: float = field(default=10.0, metadata={"help": "rho: weight of the attention KL term in the objective."})
     kl_num_samples: int = field(
         default=4, metadata={"help": "Calibration sequences used to compute attention probabilities for the KL term."}
     )

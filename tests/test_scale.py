@@ -132,3 +132,13 @@ def test_accelerate_offloaded_model_prunes_like_a_plain_one(kind, tmp_path):
     ids = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_semi_structured_conversion_needs_cuda():
+    from optimum_d2prune import to_semi_structured
+
+    model = make_tiny("llama")
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU error path")
+    with pytest.raises(RuntimeError, match="need a CUDA GPU"):
+        to_semi_structured(model)
