@@ -131,32 +131,56 @@ class PruningEngine:
         checkpoint = self._checkpoint(model, batches)
         local_batches = self.dist.shard(batches)
         with PeakMemory(device) as memory, calibration_context(model):
-            restore = _move_outside(model, blocks, device) if self.config.device else (lambda: None)
-            try:
-                captured = capture_block_inputs(model, blocks[0], local_batches, _input_device(model), device,
-                                                self.adapter.forward_model)
-            finally:
-                restore()
-            seq_len = captured[0].hidden_states.shape[1]
-            update_solver, non_update_solver = solvers_for(self.config, seq_len)
-            first = self._resume(checkpoint, blocks, targets, captured, report, device)
-            progress = tqdm(range(first, len(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block",
-                            initial=first, total=len(blocks), disable=self.dist.rank > 0)
-            for index in progress:
-                with onloaded(blocks[index], device):
-                    self._prune_block(index, blocks[index], targets[index], captured, seq_len, update_solver,
-                                      non_update_solver, report)
-                    _propagate(blocks[index], captured)
-                if checkpoint is not None:
-                    checkpoint.save(index, targets[index], [b.hidden_states for b in captured], report,
-                                    write_weights=self.dist.rank == 0)
-                block_layers = [r for r in report.layers if r.block == index]
-                if block_layers:
-                    progress.set_postfix(err=f"{max(r.error for r in block_layers):.3g}")
+            if self._data_free():
+                self._prune_without_data(blocks, targets, report, device)
+            else:
+                self._prune_with_data(model, blocks, targets, local_batches, checkpoint, report, device)
         report.seconds = time.perf_counter() - start
         report.peak_memory_bytes, report.peak_memory_kind = memory.peak_bytes, memory.kind
         report.memory_increase_bytes = memory.increase_bytes
         return report
+
+    def _prune_with_data(self, model, blocks, targets, batches, checkpoint, report, device) -> None:
+        """Capture block-0 inputs, then per block: statistics -> solve -> propagate (and checkpoint)."""
+        restore = _move_outside(model, blocks, device) if self.config.device else (lambda: None)
+        try:
+            captured = capture_block_inputs(model, blocks[0], batches, _input_device(model), device,
+                                            self.adapter.forward_model)
+        finally:
+            restore()
+        seq_len = captured[0].hidden_states.shape[1]
+        update_solver, non_update_solver = solvers_for(self.config, seq_len)
+        first = self._resume(checkpoint, blocks, targets, captured, report, device)
+        progress = tqdm(range(first, len(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block",
+                        initial=first, total=len(blocks), disable=self.dist.rank > 0)
+        for index in progress:
+            with onloaded(blocks[index], device):
+                self._prune_block(index, blocks[index], targets[index], captured, seq_len, update_solver,
+                                  non_update_solver, report)
+                _propagate(blocks[index], captured)
+            if checkpoint is not None:
+                checkpoint.save(index, targets[index], [b.hidden_states for b in captured], report,
+                                write_weights=self.dist.rank == 0)
+            block_layers = [r for r in report.layers if r.block == index]
+            if block_layers:
+                progress.set_postfix(err=f"{max(r.error for r in block_layers):.3g}")
+
+    def _data_free(self) -> bool:
+        """True when no solver needs calibration statistics (magnitude): no forward pass is needed at all."""
+        return all(s.statistics == "none" for s in solvers_for(self.config, seq_len=1))
+
+    def _prune_without_data(self, blocks: nn.ModuleList, targets: list[list[PruneTarget]], report: PruneReport,
+                            device: torch.device) -> None:
+        solver = solvers_for(self.config, seq_len=1)[0]
+        for index in tqdm(range(len(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block"):
+            with onloaded(blocks[index], device):
+                for t in targets[index]:
+                    tic = time.perf_counter()
+                    out = solver.prune(t.weight(), None, self.pattern)
+                    t.write(out.weight)
+                    report.layers.append(LayerRecord(index, t.name, solver.name, False, tuple(t.weight().shape),
+                                                     float((t.weight() == 0).float().mean()), out.error, None,
+                                                     time.perf_counter() - tic))
 
     def _checkpoint(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Optional[BlockCheckpoint]:
         if not self.config.checkpoint_dir:
