@@ -88,7 +88,9 @@ class D2PruneConfig:
     device: Optional[str] = field(
         default=None, metadata={"help": "Where blocks are processed (e.g. 'cuda:0'); default: where the block lives."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed for every random choice of the run."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the calibration sampling (CLI); the pruning itself is deterministic."}
+    )
     checkpoint_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Save each pruned block and the propagated activations here; a restarted run resumes."},

@@ -56,7 +56,6 @@ class D2Pruner:
                 `input_ids` and optional `attention_mask`, a float tensor `[B, 3, H, W]` or a dict with
                 `pixel_values`. A `torch.utils.data.DataLoader` works as is.
         """
-        torch.manual_seed(self.config.seed)
         adapter = get_adapter(model)
         batches = prepare_batches(calib_loader)
         engine = PruningEngine(self.config, adapter)
