@@ -1,5 +1,6 @@
-"""Evaluation: perplexity (and, for other model kinds, their metrics)."""
+"""Evaluation: perplexity, and zero-shot accuracy through lm-eval."""
 
 from .perplexity import perplexity
+from .zeroshot import PAPER_TASKS, ZeroShotResults, zero_shot
 
-__all__ = ["perplexity"]
+__all__ = ["PAPER_TASKS", "ZeroShotResults", "perplexity", "zero_shot"]
