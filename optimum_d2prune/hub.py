@@ -232,8 +232,8 @@ def build_record(
     """The content of `d2prune_config.json` for `model` as it is now (sparsity measured on its weights)."""
     if report is not None and report.layers:
         modules = list(report.sparsity_by_module())
-    else:  # no report: every Linear of the model that holds zeros
-        modules = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and measure_sparsity(m.weight) > 0]
+    else:  # no report: the matrices the config targets in this model
+        modules = _planned_modules(model, config)
     sparsity = {name: measure_sparsity(_module_weight(model, name)) for name in modules}
     if report is not None:
         for name, recorded in report.sparsity_by_module().items():
@@ -261,6 +261,14 @@ def build_record(
         record["report"] = {"seconds": report.seconds, "global_search": report.global_search,
                             "errors": {r.name: r.error for r in report.layers}}
     return record
+
+
+def _planned_modules(model: nn.Module, config: D2PruneConfig) -> list[str]:
+    from .architectures import get_adapter
+    from .engine import PruningEngine
+
+    _, _, targets = PruningEngine(config, get_adapter(model)).plan(model)
+    return list(dict.fromkeys(t.module_name for block in targets for t in block))
 
 
 def save_pruned(
