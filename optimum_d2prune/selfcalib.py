@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -52,6 +53,8 @@ def self_generated_calibration(
     if bos is not None and not 0 <= bos < vocab:
         bos = None
     generator = torch.Generator().manual_seed(seed)
+    # transformers >= 5.2x names the KV cache `cache` (input and output); earlier versions `past_key_values`
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     samples: list[torch.Tensor] = []
     with calibration_context(model), tqdm(total=num_samples * seq_len, desc="self-calibration", unit="tok") as bar:
         for start in range(0, num_samples, batch_size):
@@ -61,8 +64,8 @@ def self_generated_calibration(
             past = None
             step_input = ids
             for _ in range(seq_len - 1):
-                out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(input_ids=step_input, use_cache=True, **{cache_arg: past})
+                past = getattr(out, cache_arg)
                 logits = out.logits[:, -1].float().cpu() / temperature
                 k = min(top_k, logits.shape[-1])
                 values, indices = logits.topk(k, dim=-1)

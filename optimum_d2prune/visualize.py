@@ -144,6 +144,7 @@ def plot_attention_choices(reports: Reports):
         chosen = [(a.block, a.objectives[a.chosen]) for a in first.attention if a.chosen in a.objectives]
         ax2.plot([b for b, _ in chosen], [v for _, v in chosen], "k*", ms=8, label="chosen")
         ax2.set_xlim(-0.5, blocks - 0.5)
+        ax2.set_xticks(range(0, blocks, max(1, blocks // 15)))  # same ticks as the strip above
         ax2.set_xlabel("block")
         ax2.set_ylabel("objective (error + ρ·KL)")
         ax2.set_title(f"Candidates' objective ({next(iter(reports))})")
