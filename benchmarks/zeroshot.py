@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import sys
 import time
@@ -21,7 +22,7 @@ import torch
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.data import get_calibration_dataset
-from optimum_d2prune.evaluation import PAPER_TASKS, zero_shot
+from optimum_d2prune.evaluation import PAPER_TASKS, ZeroShotResults, zero_shot
 from optimum_d2prune.models import load_causal_lm
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,17 +45,25 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None, help="Also write the table (markdown) here.")
+    parser.add_argument("--rows", type=Path, default=None,
+                        help="JSON file of finished rows: methods already in it are not run again, new rows are added "
+                             "as soon as each method finishes (so a long run can be resumed or read part-way).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     level = {"mask_structure": args.sparsity} if ":" in args.sparsity else {"sparsity": float(args.sparsity)}
 
+    done = json.loads(args.rows.read_text()) if args.rows and args.rows.is_file() else {}
     model, tokenizer = load_causal_lm(args.model)
     dense = copy.deepcopy(model.state_dict())
     calib = get_calibration_dataset(args.calibration, tokenizer, args.num_samples, args.seq_len, seed=args.seed)
     rows = []
     for method in args.methods:
+        if method in done:
+            row = done[method]
+            rows.append((method, row["seconds"], ZeroShotResults(row["metrics"], row["samples"], row["limit"], True)))
+            continue
         model.load_state_dict(dense)
         seconds = 0.0
         if method != "dense":
@@ -66,7 +75,17 @@ def main(argv=None) -> int:
                             batch_size=args.batch_size)
         rows.append((method, seconds, results))
         logging.info("%s done: mean %.4f", method, results.mean)
+        if args.rows:
+            done[method] = {"seconds": seconds, **results.to_dict()}
+            args.rows.write_text(json.dumps(done, indent=1) + "\n")
+        if args.output:
+            write_table(args, rows)
+    write_table(args, rows)
+    return 0
 
+
+def write_table(args, rows) -> None:
+    """Print (and write to `--output`) the table of the finished rows."""
     first = rows[0][2]
     header = "| method | " + " | ".join(f"{SHORT.get(t, t)} ({first.metric_of(t)})" for t in args.tasks) + " | mean |"
     lines = [
@@ -86,12 +105,14 @@ def main(argv=None) -> int:
               "", "Full acc / acc_norm per task:", ""]
     for method, _, results in rows:
         lines += [f"**{method}**", "", results.table(), ""]
+    missing = [m for m in args.methods if m not in {r[0] for r in rows}]
+    if missing:
+        lines += [f"Not finished yet: {', '.join(missing)}.", ""]
     text = "\n".join(lines)
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text + "\n", encoding="utf-8")
-    return 0
 
 
 if __name__ == "__main__":
