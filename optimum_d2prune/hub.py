@@ -317,6 +317,12 @@ def save_pruned(
     for name in extra_files or {}:
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ValueError(f"`extra_files` names must be relative paths inside the folder, got {name!r}.")
+    quantization = getattr(model.config, "quantization_config", None)
+    if _is_gguf_quantization(quantization) and not (
+        quantization.get("dequantize") if isinstance(quantization, Mapping) else getattr(quantization, "dequantize", True)
+    ):
+        raise ValueError("The model still holds packed GGUF weights: load it with "
+                         "`quantization_config=GgufConfig(dequantize=True)` (as `load_causal_lm` does) before pruning.")
     save_dir = Path(save_dir).expanduser().absolute()
     _prepare_output_dir(save_dir, overwrite)  # fail before any work
     base = base_model_info(model, base_model)

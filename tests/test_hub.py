@@ -132,6 +132,13 @@ def test_gguf_quantization_config_is_not_saved(pruned_24, tmp_path):
         del model.config.quantization_config
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     load_pruned(out)
+    model.config.quantization_config = GgufConfig(gguf_file="model.gguf", dequantize=False)  # packed weights
+    try:
+        with pytest.raises(ValueError, match="dequantize=True"):
+            pruner.save(model, tmp_path / "packed")
+    finally:
+        del model.config.quantization_config
+    assert not (tmp_path / "packed").exists()
 
 
 def test_save_without_report_measures_the_model(tmp_path):
