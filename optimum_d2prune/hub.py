@@ -163,14 +163,13 @@ def atomic_directory(save_dir: PathLike, overwrite: bool = False) -> Iterator[Pa
 
 # ------------------------------------------------------------------------------------------ base model info
 def base_model_info(model: nn.Module, base_model: Optional[str] = None) -> dict[str, Optional[str]]:
-    """`{"base_model": hub id or None, "license": ...}` of the model that was pruned, when it can be known offline:
-    a Hub id in `config._name_or_path`, the card of a local folder, or the metadata of a GGUF file."""
-    name = base_model or getattr(model.config, "_name_or_path", None) or None
+    """`{"base_model": hub id or None, "license": ...}` of the model that was pruned: the local folder it came from
+    (its card, or the metadata of its GGUF file), else the Hub card of `base_model` / a Hub id in
+    `config._name_or_path` (skipped quietly when offline)."""
+    name = getattr(model.config, "_name_or_path", None) or ""
     info: dict[str, Optional[str]] = {"base_model": None, "license": None}
-    if not name:
-        return info
-    path = Path(name)
-    if path.is_dir():
+    path = Path(name) if name else None
+    if path is not None and path.is_dir():
         card = path / CARD_NAME
         if card.is_file():
             try:
@@ -178,20 +177,22 @@ def base_model_info(model: nn.Module, base_model: Optional[str] = None) -> dict[
 
                 data = ModelCard.load(card).data
                 info["license"] = data.license
-                bm = data.base_model
-                info["base_model"] = bm if isinstance(bm, str) else None
+                info["base_model"] = data.base_model if isinstance(data.base_model, str) else None
             except Exception as err:  # a malformed card only costs us the inherited metadata
                 logger.warning("Could not read the model card %s (%s); license not inherited.", card, err)
         for gguf in sorted(path.glob("*.gguf"))[:1]:
             info.update({k: v for k, v in _gguf_info(gguf).items() if v and not info.get(k)})
-    elif _REPO_ID_RE.match(name):
+    elif name and _REPO_ID_RE.match(name):
         info["base_model"] = name
+    if base_model:
+        info["base_model"] = base_model
+    if info["license"] is None and info["base_model"] and _REPO_ID_RE.match(info["base_model"]):
         try:
             from huggingface_hub import ModelCard
 
-            info["license"] = ModelCard.load(name).data.license
+            info["license"] = ModelCard.load(info["base_model"]).data.license
         except Exception as err:  # offline or private: the card is still written, without the license
-            logger.info("License of %s not inherited (%s: %s).", name, type(err).__name__, err)
+            logger.info("License of %s not inherited (%s: %s).", info["base_model"], type(err).__name__, err)
     return info
 
 
@@ -211,11 +212,12 @@ def _gguf_info(path: Path) -> dict[str, Optional[str]]:
         except Exception:
             return None
 
-    org, base, label, finetune = (get(f"general.{k}") for k in ("organization", "basename", "size_label", "finetune"))
-    repo = get("general.base_model.0.repo_url")
-    base_model = repo.rstrip("/").split("huggingface.co/")[-1] if repo and "huggingface.co/" in repo else None
-    if base_model is None and org and base and label:
-        base_model = f"{org}/{base.replace('smollm2', 'SmolLM2')}-{label}"
+    base_model = None
+    for key in ("general.source.repo_url", "general.base_model.0.repo_url"):
+        url = get(key)
+        if url and "huggingface.co/" in url:
+            base_model = url.rstrip("/").split("huggingface.co/")[-1]
+            break
     return {"base_model": base_model, "license": get("general.license")}
 
 

@@ -225,3 +225,18 @@ def test_push_model_and_bad_input(pruned_24, tmp_path, fake_hub):
     with pytest.raises(ValueError, match="config="):
         push_to_hub(model, "someone/tiny")
     assert fake_hub == []  # nothing reached the Hub
+
+
+def test_card_inherits_base_model_and_license(tmp_path):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "base"
+    make_tiny("llama").save_pretrained(source)
+    (source / "README.md").write_text("---\nlicense: mit\nbase_model: someorg/tiny-base\n---\n# tiny\n")
+    model = AutoModelForCausalLM.from_pretrained(source)
+    pruner = D2Pruner(method="magnitude", sparsity=0.6)
+    pruner.prune(model, calib_batches(num=1))
+    data = ModelCard.load(pruner.save(model, tmp_path / "out") / "README.md").data
+    assert (data.license, data.base_model) == ("mit", "someorg/tiny-base")
+    assert {"d2prune", "pruned", "sparse", "sparsity-60", "magnitude"} <= set(data.tags)

