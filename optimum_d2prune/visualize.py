@@ -192,12 +192,21 @@ def plot_perplexity(perplexities: Mapping[str, Mapping[float, float]]):
     sparsity 0 is the dense model."""
     fig, axes = _subplots(figsize=(6, 4))
     ax = axes[0, 0]
+    values = []
     for i, (method, points) in enumerate(perplexities.items()):
         xs = sorted(points)
         ax.plot([100 * x for x in xs], [points[x] for x in xs], "-o", color=f"C{i}", label=method)
+        if len(perplexities) == 1:  # with several curves the labels would collide; the tables have them
+            for x in xs:
+                v = points[x]
+                ax.annotate(f"{v:.1f}" if v < 1e5 else f"{v:.3g}", (100 * x, v), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8, color=f"C{i}")
+        values += [points[x] for x in xs]
+    ax.margins(x=0.1)
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
+    if values and min(values) > 0 and max(values) / min(values) > 10:  # log only when it spans a decade
+        ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     ax.set_title("Perplexity vs sparsity")
