@@ -261,7 +261,8 @@ def _run_cli(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         run_d2prune(args, argv)
     except (ValueError, FileExistsError, FileNotFoundError, ImportError) as err:
-        # a user error: one clear line, no traceback
+        # a user error: one clear line (the traceback at DEBUG level)
+        logger.debug("d2prune failed", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
