@@ -1,10 +1,50 @@
 """optimum-d2prune: D²Prune (dual-Taylor saliency + attention-aware updates) for transformers models."""
 
-from .configuration import D2PruneConfig
-from .pruner import D2Pruner
-from .report import PruneReport
-from .semi_structured import to_semi_structured
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["D2PruneConfig", "D2Pruner", "PruneReport", "__version__", "to_semi_structured"]
+# public name -> submodule; imported on first use so that `optimum-cli` (which imports the command registration
+# at every start) and `python -m optimum_d2prune --help` do not pay for torch/transformers
+_LAZY = {
+    "D2PruneConfig": "configuration",
+    "D2Pruner": "pruner",
+    "PruneReport": "report",
+    "load_pruned": "hub",
+    "push_to_hub": "hub",
+    "save_pruned": "hub",
+    "to_semi_structured": "semi_structured",
+}
+
+__all__ = [
+    "D2PruneConfig",
+    "D2Pruner",
+    "PruneReport",
+    "__version__",
+    "load_pruned",
+    "push_to_hub",
+    "save_pruned",
+    "to_semi_structured",
+]
+
+if TYPE_CHECKING:
+    from .configuration import D2PruneConfig
+    from .hub import load_pruned, push_to_hub, save_pruned
+    from .pruner import D2Pruner
+    from .report import PruneReport
+    from .semi_structured import to_semi_structured
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

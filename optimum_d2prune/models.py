@@ -54,7 +54,13 @@ def load_causal_lm(
         model, gguf_file = str(Path(model).parent), Path(model).name
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device_map=device_map, **kwargs)
+    model_kwargs = dict(kwargs)
+    if gguf_file:
+        from transformers.utils.quantization_config import GgufConfig
+
+        # plain float Linears to prune (and a plain checkpoint to save), even where a GGUF matmul kernel exists
+        model_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device_map=device_map, **model_kwargs)
     if gguf_file:
         # the weights are dequantized: the checkpoint is no longer a GGUF-quantized model
         lm.config.quantization_config = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable
 from typing import Any, Optional, Union
@@ -68,6 +69,13 @@ class D2Pruner:
             self.report = engine.run(model, batches, plan)
         logger.info("%s", self.report.summary())
         return model
+
+    def save(self, model: nn.Module, save_dir: Union[str, os.PathLike], tokenizer: Any = None, **kwargs: Any):
+        """Save the pruned `model` as a standard checkpoint plus `d2prune_config.json` and a model card (see
+        `optimum_d2prune.hub.save_pruned` for the keyword arguments: `overwrite`, `calibration`, `evaluation`...)."""
+        from .hub import save_pruned
+
+        return save_pruned(model, save_dir, self.config, self.report, tokenizer, **kwargs)
 
     def _global_search(self, model: nn.Module, batches: list[dict], adapter, targets: list[list[PruneTarget]]):
         """The paper's Algorithm 1: prune three times (q, k or v left un-updated everywhere) and keep the model

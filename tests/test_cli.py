@@ -1,0 +1,137 @@
+"""`optimum-cli d2prune` (the real binary, in a subprocess) and `python -m optimum_d2prune` on a tiny saved model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from optimum_d2prune import load_pruned
+from optimum_d2prune.commands import main
+from optimum_d2prune.configuration import CONFIG_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    # the worktree first, so that its optimum/commands/register and package are the ones found
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def _optimum_cli() -> str:
+    exe = shutil.which("optimum-cli") or str(Path(sys.executable).parent / "optimum-cli")
+    if not Path(exe).exists():
+        pytest.fail("optimum-cli not found next to the Python interpreter: install optimum")
+    return exe
+
+
+@pytest.fixture(scope="module")
+def eval_text(tmp_path_factory, shared_data):
+    path = tmp_path_factory.mktemp("eval") / "wiki_head.txt"
+    path.write_text((shared_data / "wikitext2_test.txt").read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    return path
+
+
+def test_registration_is_light_and_listed():
+    code = ("import sys, optimum.commands.register.register_d2prune as r; "
+            "assert r.REGISTER_COMMANDS[0].COMMAND.name == 'd2prune'; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    subprocess.run([sys.executable, "-c", code], env=_env(), check=True, timeout=60)
+    help_text = subprocess.run([_optimum_cli(), "--help"], env=_env(), capture_output=True, text=True, timeout=60)
+    assert help_text.returncode == 0 and "d2prune" in help_text.stdout
+    assert not (REPO / "optimum" / "commands" / "register" / "__init__.py").exists()  # a PEP 420 namespace
+
+
+def test_optimum_cli_end_to_end(tiny_checkpoint, eval_text, tmp_path):
+    out = tmp_path / "pruned"
+    cmd = [_optimum_cli(), "d2prune", "--model", str(tiny_checkpoint), "--output-dir", str(out), "--sparsity", "0.5",
+           "--calibration", "self", "--num-samples", "2", "--seq-len", "16", "--eval", str(eval_text),
+           "--eval-seq-len", "32", "--eval-max-windows", "2", "--eval-dense", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| sparsity (pruned layers)" in proc.stdout and "50.00%" in proc.stdout  # the summary table
+    assert "block" in proc.stderr  # tqdm progress over blocks
+    assert {"config.json", "model.safetensors", CONFIG_NAME, "README.md", "report.html", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+    record = json.loads((out / CONFIG_NAME).read_text())
+    assert record["calibration"]["source"] == "self" and record["command"].startswith("optimum-cli d2prune --model")
+    ppl = next(v for k, v in record["evaluation"].items() if k.startswith("perplexity"))
+    assert set(ppl) == {"dense", "pruned"}
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    model, config = load_pruned(out)
+    assert config.method == "d2prune" and config.sparsity == 0.5
+    # the user's folder is never overwritten without --overwrite, and nothing is loaded before refusing
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_python_m_with_file_calibration_nm_and_zero_shot(tiny_checkpoint, shared_data, tmp_path):
+    out = tmp_path / "pruned-2of4"
+    cmd = [sys.executable, "-m", "optimum_d2prune", "--model", str(tiny_checkpoint), "--output-dir", str(out),
+           "--mask-structure", "2:4", "--method", "sparsegpt", "--calibration", str(shared_data / "c4_train_sample.jsonl"),
+           "--num-samples", "2", "--seq-len", "16", "--zero-shot", "rte,winogrande", "--zero-shot-data",
+           str(shared_data / "zeroshot"), "--zero-shot-limit", "2", "--batch-size", "2", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / CONFIG_NAME).read_text())
+    assert record["mask_structure"] == "2:4" and record["calibration"]["source"] == "c4_train_sample.jsonl"
+    assert {"rte (acc)", "winogrande (acc)", "zero-shot mean"} <= set(record["evaluation"])
+    assert "zero-shot mean" in proc.stdout
+    load_pruned(out)  # verifies the 2:4 pattern of every module
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mask-structure", "3:3"], "N:M"),
+        (["--sparsity", "1.5"], "sparsity"),
+        (["--calibration", "no/such/file.jsonl"], "--calibration"),
+        (["--eval", "missing.txt"], "--eval"),
+        (["--num-samples", "0"], "--num-samples"),
+        (["--zero-shot", "boolq,nope", "--zero-shot-data", "."], "nope"),
+        (["--push-to-hub", "not a repo"], "user/name"),
+        (["--private"], "--push-to-hub"),
+    ],
+)
+def test_bad_arguments_fail_before_loading(extra, message, tmp_path, capsys, monkeypatch):
+    import optimum_d2prune.models as models
+
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a model despite bad input"))
+    code = main(["--model", "some/model", "--output-dir", str(tmp_path / "out"), *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_push_to_hub_uses_hub_api(tiny_checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append((repo_id, kwargs["private"]))
+
+        def upload_folder(self, **kwargs):
+            calls.append(kwargs["allow_patterns"])
+            return "https://huggingface.co/me/tiny/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "pushed"
+    code = main(["--model", str(tiny_checkpoint), "--output-dir", str(out), "--method", "magnitude",
+                 "--calibration", "self", "--num-samples", "1", "--seq-len", "8", "--device", "cpu",
+                 "--push-to-hub", "me/tiny", "--private", "--no-report"])
+    assert code == 0
+    assert calls[0] == ("me/tiny", True)
+    assert CONFIG_NAME in calls[1] and "model.safetensors" in calls[1] and "report.html" not in calls[1]
