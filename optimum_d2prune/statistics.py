@@ -45,14 +45,6 @@ class InputStatistics:
         elif self.x_sq is not None:
             self.x_sq.add_(x.square().sum(0))
 
-    def merge_(self, other: "InputStatistics") -> None:
-        """Add another accumulator's sums (used to combine shards, e.g. across ranks)."""
-        self.num_tokens += other.num_tokens
-        if self.xtx is not None:
-            self.xtx += other.xtx.to(self.xtx.device)
-        if self.x_sq is not None:
-            self.x_sq += other.x_sq.to(self.x_sq.device)
-
     @property
     def has_hessian(self) -> bool:
         return self.xtx is not None
