@@ -121,11 +121,20 @@ def main(argv=None) -> int:
                         choices=["sparsegpt", "wanda"])
     parser.add_argument("--llmcompressor-python", default=None,
                         help="Interpreter of the venv with llmcompressor installed (its rows are skipped without).")
+    parser.add_argument("--order", nargs="+", default=None, metavar="RUN",
+                        help="Explicit run order, e.g. `lc:sparsegpt d2prune sparsegpt lc:wanda wanda` (default: the "
+                             "llm-compressor methods, then ours). Rows are saved after each run (--json).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads on both sides.")
     parser.add_argument("--max-layers", type=int, default=None, help="Keep only the first layers (smoke tests).")
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file (rewritten after each).")
+    parser.add_argument("--table-from", default=None, metavar="JSON",
+                        help="Print the table from the --json file of an earlier (possibly unfinished) run and exit.")
     args = parser.parse_args(argv)
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        print_table(saved["rows"], saved["dense_ppl"])
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,20 +163,23 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps({"dense_ppl": dense, "rows": rows}, indent=2))
 
     workdir = tempfile.mkdtemp(prefix="speed_")  # calibration ids and the workers' logs, kept for inspection
-    if args.llmcompressor_methods and args.llmcompressor_python:
-        ids_path = str(Path(workdir) / "calib_ids.pt")
-        torch.save(torch.cat([b["input_ids"] for b in calib]), ids_path)
-        for method in args.llmcompressor_methods:
+    print(f"calibration ids and worker logs: {workdir}", file=sys.stderr)
+    runs = args.order or [f"lc:{m}" for m in args.llmcompressor_methods] + list(args.methods)
+    ids_path = str(Path(workdir) / "calib_ids.pt")
+    torch.save(torch.cat([b["input_ids"] for b in calib]), ids_path)
+    for run in runs:
+        if run.startswith("lc:"):
+            method = run[3:]
+            if not args.llmcompressor_python:
+                print(f"No --llmcompressor-python: llm-compressor {method} skipped.", file=sys.stderr)
+                continue
             try:
                 record(run_llmcompressor(args, method, ids_path, workdir))
             except RuntimeError as err:  # report it and keep going: the other rows are still worth having
                 failures.append(f"llm-compressor {method}: {str(err).splitlines()[0]}")
                 print(err, file=sys.stderr)
-    elif args.llmcompressor_methods:
-        print("No --llmcompressor-python: llm-compressor rows skipped.", file=sys.stderr)
-    print(f"calibration ids and worker logs: {workdir}", file=sys.stderr)
-
-    for method in args.methods:
+            continue
+        method = run
         model.load_state_dict(dense_state)
         pruner = D2Pruner(D2PruneConfig(sparsity=args.sparsity, method=method, seed=args.seed))
         release_freed_memory()
