@@ -39,6 +39,17 @@ def parse_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, calibration and evaluation arguments of the BENCH.md protocol (shared by the LLM benchmarks)."""
+    parser.add_argument("--model", default="smollm2", help="Hub id, local folder, .gguf file, or 'smollm2'.")
+    parser.add_argument("--gguf-file", default=None)
+    parser.add_argument("--calibration", default=str(SHARED / "c4_train_sample.jsonl"))
+    parser.add_argument("--eval", default=str(SHARED / "wikitext2_test.txt"))
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=32)
+
+
 def level_kwargs(level: str) -> dict:
     return {"mask_structure": level} if ":" in level else {"sparsity": float(level)}
 
@@ -56,13 +67,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2", help="Hub id, local folder, .gguf file, or 'smollm2'.")
-    parser.add_argument("--gguf-file", default=None)
-    parser.add_argument("--calibration", default=str(SHARED / "c4_train_sample.jsonl"))
-    parser.add_argument("--eval", default=str(SHARED / "wikitext2_test.txt"))
-    parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=32)
+    add_protocol_arguments(parser)
     parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "d2prune"])
     parser.add_argument("--levels", nargs="+", default=["0.5", "0.7", "2:4"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

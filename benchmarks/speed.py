@@ -43,6 +43,9 @@ from optimum_d2prune.evaluation import perplexity
 from optimum_d2prune.memory import PeakMemory
 from optimum_d2prune.models import load_causal_lm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import add_protocol_arguments  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 WORKER = Path(__file__).resolve().parent / "_llmcompressor_worker.py"
@@ -107,13 +110,7 @@ def run_llmcompressor(args, method: str, ids_path: str, workdir: str) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, or a folder (+ --gguf-file).")
-    parser.add_argument("--gguf-file", default=None)
-    parser.add_argument("--calibration", default=str(SHARED / "c4_train_sample.jsonl"))
-    parser.add_argument("--eval", default=str(SHARED / "wikitext2_test.txt"))
-    parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=32)
+    add_protocol_arguments(parser)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--methods", nargs="*", default=["sparsegpt", "wanda", "d2prune"],
                         help="This project's methods.")

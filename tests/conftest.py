@@ -115,3 +115,33 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_dir):
     tiny_llama_for(tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def capture_attention(model, run, block_index: int = 1):
+    """Run `run()` with hooks on block `block_index`'s attention module.
+
+    Returns `(adapter, block, attention, inputs, output, result)`: the `AttentionInputs` and the output the
+    attention module saw, and what `run()` returned.
+    """
+    from optimum_d2prune.architectures import AttentionInputs, get_adapter
+
+    adapter = get_adapter(model)
+    block = adapter.blocks(model)[block_index]
+    attention = adapter.attention_module(block)
+    seen = {}
+
+    def pre_hook(module, args, kwargs):
+        seen["inputs"] = AttentionInputs(args, dict(kwargs))
+
+    def hook(module, args, kwargs, output):
+        seen["output"] = output
+
+    handles = [attention.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               attention.register_forward_hook(hook, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            result = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return adapter, block, attention, seen["inputs"], seen["output"], result

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import calib_batches, make_tiny
+from conftest import calib_batches, capture_attention, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune.architectures import AttentionInputs, get_adapter
+from optimum_d2prune.architectures import get_adapter
 from optimum_d2prune.engine import PruningEngine
 
 
@@ -93,24 +93,14 @@ def test_global_strategy_keeps_the_best_candidate():
 def test_attention_probs_match_the_models_own(tiny_name):
     """The adapter's attention probabilities equal what the eager attention of transformers computes."""
     model = make_tiny(tiny_name, attn_implementation="eager")
-    adapter = get_adapter(model)
-    block = adapter.blocks(model)[1]
-    attention = adapter.attention_module(block)
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured["inputs"] = AttentionInputs(args, dict(kwargs))
-
-    handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
     ids = torch.randint(0, 96, (2, 12))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding in the second sequence
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask, output_attentions=True)
-    handle.remove()
+    adapter, block, attention, inputs, _, out = capture_attention(
+        model, lambda: model(ids, attention_mask=mask, output_attentions=True))
     refs = adapter.projections(block)
     dense = {p: block.get_submodule(refs[p].module).weight.float() for p in ("q", "k")}
-    probs = adapter.attention_probs(attention, captured["inputs"], dense)
+    probs = adapter.attention_probs(attention, inputs, dense)
     expected = out.attentions[1].float()
     valid = mask.bool()
     torch.testing.assert_close(probs[0], expected[0], rtol=1e-4, atol=1e-5)

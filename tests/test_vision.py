@@ -8,8 +8,9 @@ import copy
 import pytest
 import torch
 
+from conftest import capture_attention
 from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune.architectures import AttentionInputs, get_adapter
+from optimum_d2prune.architectures import get_adapter
 from optimum_d2prune.engine import PruningEngine
 from optimum_d2prune.hooks import CapturedBatch
 from optimum_d2prune.report import PruneReport
@@ -206,21 +207,11 @@ def test_dynamic_choice_reports_fused_row_blocks():
 @pytest.mark.parametrize("name", ["vit", "deit", "deit_teacher"])
 def test_attention_probs_match_transformers_eager(name):
     model = make(name, attn_implementation="eager")
-    adapter = get_adapter(model)
-    block = adapter.blocks(model)[1]
-    attention = adapter.attention_module(block)
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured["inputs"] = AttentionInputs(args, dict(kwargs))
-
-    handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
-    with torch.no_grad():
-        out = model(torch.randn(2, 3, IMAGE, IMAGE), output_attentions=True)
-    handle.remove()
+    adapter, block, attention, inputs, _, out = capture_attention(
+        model, lambda: model(torch.randn(2, 3, IMAGE, IMAGE), output_attentions=True))
     refs = adapter.projections(block)
     dense = {p: block.get_submodule(refs[p].module).weight.float() for p in ("q", "k")}
-    probs = adapter.attention_probs(attention, captured["inputs"], dense)
+    probs = adapter.attention_probs(attention, inputs, dense)
     tokens = (IMAGE // 4) ** 2 + (2 if name.startswith("deit") else 1)  # cls (+ distillation) token
     assert probs.shape == (2, 4, tokens, tokens)
     torch.testing.assert_close(probs, out.attentions[1].float(), rtol=1e-4, atol=1e-6)
@@ -230,32 +221,16 @@ def test_attention_probs_match_transformers_eager(name):
 def test_attention_probs_match_timm(name):
     """Re-computation of timm's `Attention.forward` with the adapter's probabilities reproduces its output."""
     model = make(name)
-    adapter = get_adapter(model)
-    block = adapter.blocks(model)[1]
-    attention = adapter.attention_module(block)
-    captured = {}
-
-    def pre_hook(module, args, kwargs):
-        captured["inputs"] = AttentionInputs(args, dict(kwargs))
-
-    def hook(module, args, kwargs, output):
-        captured["output"] = output
-
-    handles = [attention.register_forward_pre_hook(pre_hook, with_kwargs=True),
-               attention.register_forward_hook(hook, with_kwargs=True)]
-    with torch.no_grad():
-        model(torch.randn(2, 3, IMAGE, IMAGE))
-    for h in handles:
-        h.remove()
+    adapter, _, attention, inputs, output, _ = capture_attention(model, lambda: model(torch.randn(2, 3, IMAGE, IMAGE)))
     d = attention.num_heads * attention.head_dim
     weight = attention.qkv.weight
-    probs = adapter.attention_probs(attention, captured["inputs"], {"q": weight[:d], "k": weight[d:2 * d]})
-    x = captured["inputs"].hidden_states
+    probs = adapter.attention_probs(attention, inputs, {"q": weight[:d], "k": weight[d:2 * d]})
+    x = inputs.hidden_states
     b, t, _ = x.shape
     v = attention.qkv(x)[..., 2 * d:].reshape(b, t, attention.num_heads, attention.head_dim).transpose(1, 2)
     with torch.no_grad():
         out = attention.proj((probs @ v).transpose(1, 2).reshape(b, t, d))
-    torch.testing.assert_close(out, captured["output"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, output, rtol=1e-4, atol=1e-5)
     # and the probabilities themselves, as timm's non-fused path computes them
     qkv = attention.qkv(x).reshape(b, t, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attention.q_norm(qkv[0]), attention.k_norm(qkv[1])
