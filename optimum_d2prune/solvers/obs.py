@@ -129,15 +129,24 @@ class OBSSolver(Solver):
         return SolverOutput(w, out.mask, relative_error(weight, w, stats), out.flipped)
 
 
-def _obs_segment_errors(cur: torch.Tensor, mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _obs_segment_errors(cur: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, sub: int = 32) -> torch.Tensor:
     """Scaled OBS errors `e` of a segment, all rows at once.
 
     SparseGPT's loop sets, column by column, `e_i = m_i · w_i / u_ii` with `w_i` the column after the updates
-    `w_i -= e_k u_ki` of the earlier columns k < i. Per row this is the unit-lower-triangular system
-    `(I + diag(m/u_diag) · triu(u, 1)ᵀ) e = (m/u_diag) · w`, solved here for every row in one batched call.
+    `w_i -= e_k u_ki` of the earlier columns k < i. The segment is cut into sub-blocks of `sub` columns: the updates
+    from earlier sub-blocks are one matrix product, and inside a sub-block the recursion is, per row, the
+    unit-lower-triangular system `(I + diag(m/u_diag) · triu(u, 1)ᵀ) e = (m/u_diag) · w`, solved for every row in
+    one batched call (building these per-row systems costs rows·n·sub, not rows·n²).
     """
-    d = mask.to(cur.dtype) / torch.diagonal(u)
     n = cur.shape[1]
+    if n > sub:
+        out = torch.empty_like(cur)
+        for s1 in range(0, n, sub):
+            s2 = min(s1 + sub, n)
+            seg = cur[:, s1:s2] - out[:, :s1] @ u[:s1, s1:s2] if s1 else cur[:, s1:s2]
+            out[:, s1:s2] = _obs_segment_errors(seg, mask[:, s1:s2], u[s1:s2, s1:s2], sub)
+        return out
+    d = mask.to(cur.dtype) / torch.diagonal(u)
     if n == 1:
         return d * cur
     strict_t = torch.triu(u, diagonal=1).t()
