@@ -74,7 +74,10 @@ def main(argv=None) -> int:
                 seconds = time.perf_counter() - start
                 row = {"fixture": kind, "method": method, "level": level,
                        "top1": image_accuracy(fixture.model, test).top1, "seconds": seconds}
-                if pruner.report.attention:
+                search = pruner.report.global_search
+                if search:  # global search: the winning candidate ("all" = every projection updated)
+                    row["unupdated"] = f"global: {min(search, key=search.get)}"
+                elif pruner.report.attention:
                     counts = {p: sum(a.chosen == p for a in pruner.report.attention) for p in "qkv"}
                     row["unupdated"] = "".join(f"{p}{n}" for p, n in counts.items() if n)
                 rows.append(row)
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
     for kind in fixtures:
         dense = next(r for r in rows if r["fixture"] == kind and r["method"] == "dense")
         print(f"\n**{kind}** (dense {dense['top1']:.2%}): top-1 % / pruning seconds\n")
-        print("| level | " + " | ".join(methods) + " | d2prune un-updated |")
+        print("| level | " + " | ".join(methods) + " | d2prune q/k/v left un-updated |")
         print("|---|" + "---:|" * len(methods) + "---|")
         for level in args.levels:
             cells, chosen = [], ""

@@ -33,7 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, default=None, help="Override the number of blocks (smoke checks).")
     parser.add_argument("--images", type=int, default=128, help="Calibration images.")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "d2prune"])
+    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "d2prune", "d2prune-layer"],
+                        help="Methods; d2prune-layer is D²Prune with the per-block q/k/v choice instead of the "
+                             "global search that is the default for vision models.")
     parser.add_argument("--levels", nargs="+", default=["0.5", "0.8", "2:4"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -57,7 +59,8 @@ def main(argv=None) -> int:
     for level in args.levels:
         for method in args.methods:
             model.load_state_dict(dense_state)
-            pruner = D2Pruner(D2PruneConfig(method=method, **level_kwargs(level)))
+            extra = {"dynamic_strategy": "layer"} if method == "d2prune-layer" else {}
+            pruner = D2Pruner(D2PruneConfig(method=method.split("-")[0], **level_kwargs(level), **extra))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()

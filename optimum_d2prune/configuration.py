@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -13,7 +14,10 @@ from .masks import SparsityPattern
 
 METHODS = ("d2prune", "sparsegpt", "wanda", "magnitude")
 ATTENTION_UPDATES = ("dynamic", "all", "none", "q", "k", "v")
-DYNAMIC_STRATEGIES = ("layer", "global")
+DYNAMIC_STRATEGIES = ("auto", "layer", "global")
+#: calibration length at which the dual-Taylor scale was tuned; `activation_scale="auto"` keeps the strength of the
+#: λ1 term relative to per-token magnitudes what `s = L` gives at this length, for any calibration length L
+REFERENCE_SEQ_LEN = 512
 
 CONFIG_NAME = "d2prune_config.json"
 DEFAULT_REFINE_STEPS = 8
@@ -47,7 +51,10 @@ class D2PruneConfig:
     lambda2: float = field(default=0.0, metadata={"help": "Weight of the second-order activation term."})
     activation_scale: Union[float, str] = field(
         default="auto",
-        metadata={"help": 'Scale s dividing activation norms in the dual-Taylor terms; "auto" = calibration seq_len.'},
+        metadata={
+            "help": 'Scale s dividing activation norms in the dual-Taylor terms; "auto" = sqrt(512 * L) for '
+            "calibration length L (the term's strength then does not depend on L; s = L at L = 512)."
+        },
     )
     block_size: int = field(default=128, metadata={"help": "Columns per lazy-update block of the OBS solver."})
     damp_percent: float = field(default=0.01, metadata={"help": "Hessian dampening, fraction of mean(diag H)."})
@@ -66,8 +73,12 @@ class D2PruneConfig:
         },
     )
     dynamic_strategy: str = field(
-        default="layer",
-        metadata={"help": '"layer": choose per block by error + kl_weight * KL; "global": three full prunes, best PPL.'},
+        default="auto",
+        metadata={
+            "help": '"layer": choose per block by error + kl_weight * KL; "global": prune once per candidate (q, k '
+            'or v left un-updated, or all updated) and keep the best on held-out calibration data; "auto": '
+            '"layer" for language models, "global" for vision models.'
+        },
     )
     kl_weight: float = field(default=10.0, metadata={"help": "rho: weight of the attention KL term in the objective."})
     kl_num_samples: int = field(
@@ -173,8 +184,20 @@ class D2PruneConfig:
         return DEFAULT_REFINE_STEPS if self.method == "d2prune" else 0
 
     def resolve_activation_scale(self, seq_len: int) -> float:
-        """The numeric scale s; `"auto"` resolves to the calibration sequence length."""
-        return float(seq_len) if self.activation_scale == "auto" else float(self.activation_scale)
+        """The numeric scale s; `"auto"` resolves to `sqrt(REFERENCE_SEQ_LEN * seq_len)`.
+
+        With the RMS statistics (`‖x‖ = sqrt(L)·x_rms`), the λ1 term is `|w|·x_rms·y_rms·L/s²`: the auto scale makes
+        it `|w|·x_rms·y_rms/512` whatever the calibration length (ViTs calibrate on ~200 tokens per image).
+        """
+        if self.activation_scale == "auto":
+            return math.sqrt(REFERENCE_SEQ_LEN * seq_len)
+        return float(self.activation_scale)
+
+    def resolve_dynamic_strategy(self, images: bool) -> str:
+        """The q/k/v search in effect: `"auto"` is `"global"` for image calibration data, else `"layer"`."""
+        if self.dynamic_strategy != "auto":
+            return self.dynamic_strategy
+        return "global" if images else "layer"
 
     def replace(self, **changes: Any) -> "D2PruneConfig":
         """A validated copy with some fields changed."""

@@ -70,7 +70,7 @@ class DistributedContext:
             inputs = s.inputs
             if id(inputs) not in seen:
                 seen.add(id(inputs))
-                for tensor in (inputs.xtx, inputs.x_sq):
+                for tensor in (inputs.gram() if inputs.has_hessian else None, inputs.x_sq):
                     if tensor is not None:
                         dist.all_reduce(tensor)
                 count = torch.tensor([inputs.num_tokens], dtype=torch.float64, device=_device(inputs.device))

@@ -261,6 +261,7 @@ def build_record(
     }
     if report is not None:
         record["report"] = {"seconds": report.seconds, "global_search": report.global_search,
+                            "global_metric": report.global_metric,
                             "errors": {r.name: r.error for r in report.layers}}
     return record
 

@@ -20,6 +20,9 @@ from .report import PruneReport
 
 logger = logging.getLogger(__name__)
 
+#: candidates of the global search: the projection left un-updated in every block, or "all" (every one updated)
+GLOBAL_CANDIDATES = (*PROJECTIONS, "all")
+
 Batch = Union[torch.Tensor, dict[str, Any]]
 
 
@@ -61,10 +64,11 @@ class D2Pruner:
         batches = prepare_batches(calib_loader)
         engine = PruningEngine(self.config, adapter)
         plan = engine.plan(model)  # every check happens before the model is touched
+        strategy = self.config.resolve_dynamic_strategy(images="pixel_values" in batches[0])
         if self.config.uses_attention_awareness and self.config.attention_update == "dynamic" and (
-            self.config.dynamic_strategy == "global"
+            strategy == "global"
         ):
-            self.report = self._global_search(model, batches, adapter, plan[2])
+            self.report = self._global_search(model, batches, adapter, plan)
         else:
             self.report = engine.run(model, batches, plan)
         logger.info("%s", self.report.summary())
@@ -77,32 +81,38 @@ class D2Pruner:
 
         return save_pruned(model, save_dir, self.config, self.report, tokenizer, **kwargs)
 
-    def _global_search(self, model: nn.Module, batches: list[dict], adapter, targets: list[list[PruneTarget]]):
-        """The paper's Algorithm 1: prune three times (q, k or v left un-updated everywhere) and keep the model
-        with the lowest perplexity on held-out calibration batches. Costs three full prunes plus three short
-        evaluations; holds one copy of the original targeted weights and one of the best pruned ones."""
-        if len(batches) < 2:
-            raise ValueError("`dynamic_strategy='global'` needs at least 2 calibration batches (some are held out).")
-        held = max(1, len(batches) // 8)
-        calib, held_out = batches[:-held], batches[-held:]
-        if any("input_ids" not in b for b in held_out):
-            raise ValueError("`dynamic_strategy='global'` ranks candidates by perplexity: it needs token batches.")
-        flat = [t for block in targets for t in block]
+    def _global_search(self, model: nn.Module, batches: list[dict], adapter, plan) -> PruneReport:
+        """The paper's Algorithm 1, plus an "all updated" candidate: prune once per candidate (q, k or v left
+        un-updated in every block, or every projection updated), score each on held-out calibration data (the
+        last eighth), then prune again with the winner on all calibration data.
+
+        Language models are scored by held-out perplexity, vision models by the mean KL divergence of the pruned
+        model's class distribution from the dense one (no labels needed). Costs five prunes and four short
+        evaluations, and one copy of the original targeted weights.
+        """
+        calib, held_out = _split_held_out(batches)
+        images = "pixel_values" in batches[0]
+        flat = [t for block in plan[2] for t in block]
         original = _snapshot(flat)
+        reference = None if not images else _logits(model, adapter, held_out)
+        search_config = self.config.replace(checkpoint_dir=None)  # the candidates must not share checkpoints
         start = time.perf_counter()
-        best: Optional[tuple[float, str, dict, PruneReport]] = None
-        ppls: dict[str, float] = {}
-        for candidate in PROJECTIONS:
+        scores: dict[str, float] = {}
+        for candidate in GLOBAL_CANDIDATES:
             _restore(flat, original)
-            report = PruningEngine(self.config, adapter, attention_update=candidate).run(model, calib)
-            ppls[candidate] = _heldout_perplexity(model, held_out)
-            logger.info("global search: %s left un-updated -> held-out PPL %.4f", candidate, ppls[candidate])
-            if best is None or ppls[candidate] < best[0]:
-                best = (ppls[candidate], candidate, _snapshot(flat), report)
-        _restore(flat, best[2])
-        report = best[3]
-        report.global_search = ppls
-        report.seconds = time.perf_counter() - start  # the whole search: three prunes and three evaluations
+            PruningEngine(search_config, adapter, attention_update=candidate).run(model, calib, plan)
+            if images:
+                scores[candidate] = _logit_kl(reference, _logits(model, adapter, held_out))
+            else:
+                scores[candidate] = _heldout_perplexity(model, held_out)
+            logger.info("global search: %s -> held-out %s %.5g", _describe(candidate), _metric(images),
+                        scores[candidate])
+        best = min(scores, key=scores.get)
+        _restore(flat, original)
+        report = PruningEngine(self.config, adapter, attention_update=best).run(model, batches, plan)
+        report.global_search = scores
+        report.global_metric = _metric(images)
+        report.seconds = time.perf_counter() - start  # the whole search: five prunes and four evaluations
         for record in report.attention:
             record.strategy = "global"
         return report
@@ -178,6 +188,46 @@ def _snapshot(targets: list[PruneTarget]) -> dict[str, torch.Tensor]:
 def _restore(targets: list[PruneTarget], snapshot: dict[str, torch.Tensor]) -> None:
     for t in targets:
         t.write(snapshot[t.name])
+
+
+def _split_held_out(batches: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(search batches, held-out batches): the last eighth of the batches, or of the samples of a single batch."""
+    if len(batches) >= 2:
+        held = max(1, len(batches) // 8)
+        return batches[:-held], batches[-held:]
+    size = next(iter(batches[0].values())).shape[0]
+    if size < 2:
+        raise ValueError("The global q/k/v search holds out part of the calibration data: give at least 2 samples.")
+    held = max(1, size // 8)
+    return [{k: v[:-held] for k, v in batches[0].items()}], [{k: v[-held:] for k, v in batches[0].items()}]
+
+
+def _metric(images: bool) -> str:
+    return "logit KL" if images else "PPL"
+
+
+def _describe(candidate: str) -> str:
+    return "all updated" if candidate == "all" else f"{candidate} left un-updated"
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, adapter, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """fp32 class logits of `batches`, concatenated (on CPU)."""
+    param = next(model.parameters())
+    device = param.device if param.device.type != "meta" else torch.device("cpu")
+    out = []
+    with calibration_context(model):
+        for batch in batches:
+            pixels = batch["pixel_values"].to(device=device, dtype=param.dtype)
+            output = adapter.forward_model(model, {"pixel_values": pixels})
+            out.append((output if isinstance(output, torch.Tensor) else output.logits).float().cpu())
+    return torch.cat(out)
+
+
+def _logit_kl(dense: torch.Tensor, pruned: torch.Tensor) -> float:
+    """Mean over samples of KL(softmax(dense) ‖ softmax(pruned))."""
+    log_p, log_q = dense.log_softmax(-1), pruned.log_softmax(-1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
 
 
 def _heldout_perplexity(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:

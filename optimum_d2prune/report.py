@@ -46,7 +46,8 @@ class PruneReport:
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
     memory_increase_bytes: int = 0  # peak minus the memory in use when the run started
-    global_search: dict[str, float] = field(default_factory=dict)  # candidate -> held-out PPL (global strategy)
+    global_search: dict[str, float] = field(default_factory=dict)  # candidate -> held-out score (global strategy)
+    global_metric: str = ""  # what `global_search` holds: "PPL" (language models) or "logit KL" (vision)
 
     @property
     def total_sparsity(self) -> float:
@@ -113,7 +114,8 @@ class PruneReport:
             counts = {p: sum(a.chosen == p for a in self.attention) for p in ("q", "k", "v")}
             parts.append("un-updated projection per block: " + ", ".join(f"{p}={n}" for p, n in counts.items()))
         if self.global_search:
-            parts.append("global search held-out PPL: " + ", ".join(f"{k}={v:.3f}" for k, v in self.global_search.items()))
+            scores = ", ".join(f"{k}={v:.4g}" for k, v in self.global_search.items())
+            parts.append(f"global search, held-out {self.global_metric} per candidate (un-updated projection): {scores}")
         return "\n".join(parts)
 
     def __str__(self) -> str:

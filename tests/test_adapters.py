@@ -80,14 +80,22 @@ def test_global_strategy_keeps_the_best_candidate():
     pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="dynamic", dynamic_strategy="global"))
     pruner.prune(model, calib_batches(num=8))
     search = pruner.report.global_search
-    assert set(search) == {"q", "k", "v"}
+    assert set(search) == {"q", "k", "v", "all"} and pruner.report.global_metric == "PPL"
     best = min(search, key=search.get)
-    assert {a.chosen for a in pruner.report.attention} == {best}
-    # the model holds the kept candidate's weights: pruning again with that fixed choice gives the same weights
+    assert {a.chosen for a in pruner.report.attention} == ({best} if best != "all" else set())
+    # the winner is pruned again on all calibration batches: same weights as a fixed choice on the same data
     again = make_tiny("llama")
-    D2Pruner(D2PruneConfig(sparsity=0.5, attention_update=best)).prune(again, calib_batches(num=8)[:-1])
+    D2Pruner(D2PruneConfig(sparsity=0.5, attention_update=best)).prune(again, calib_batches(num=8))
     for (n1, w1), (n2, w2) in zip(target_weights(model).items(), target_weights(again).items()):
         torch.testing.assert_close(w1, w2, msg=n1)
+
+
+def test_auto_strategy_is_layer_for_language_models():
+    model = make_tiny("llama")
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5))
+    pruner.prune(model, calib_batches(num=4))
+    assert not pruner.report.global_search
+    assert {a.strategy for a in pruner.report.attention} == {"layer"}
 
 
 def test_attention_probs_match_the_models_own(tiny_name):

@@ -54,7 +54,8 @@ def test_optimum_cli_end_to_end(tiny_checkpoint, eval_text, tmp_path):
     out = tmp_path / "pruned"
     cmd = [_optimum_cli(), "d2prune", "--model", str(tiny_checkpoint), "--output-dir", str(out), "--sparsity", "0.5",
            "--calibration", "self", "--num-samples", "2", "--seq-len", "16", "--eval", str(eval_text),
-           "--eval-seq-len", "32", "--eval-max-windows", "2", "--eval-dense", "--device", "cpu"]
+           "--eval-seq-len", "32", "--eval-max-windows", "2", "--eval-dense", "--device", "cpu",
+           "--dynamic-strategy", "global"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| sparsity (pruned layers)" in proc.stdout and "50.00%" in proc.stdout  # the summary table
@@ -65,6 +66,7 @@ def test_optimum_cli_end_to_end(tiny_checkpoint, eval_text, tmp_path):
     assert record["calibration"]["source"] == "self" and record["command"].startswith("optimum-cli d2prune --model")
     ppl = next(v for k, v in record["evaluation"].items() if k.startswith("perplexity"))
     assert set(ppl) == {"dense", "pruned"}
+    assert record["config"]["dynamic_strategy"] == "global" and set(record["report"]["global_search"]) == {"q", "k", "v", "all"}
     assert "data:image/png;base64," in (out / "report.html").read_text()
     model, config = load_pruned(out)
     assert config.method == "d2prune" and config.sparsity == 0.5

@@ -102,8 +102,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("config", ['{"sparsity": 0.5, "refine_steps": 0}', '{"mask_structure": "2:4", "method": "sparsegpt"}'])
-def test_two_gloo_ranks_match_one_process(script, tmp_path, config):
+@pytest.mark.parametrize(
+    "config, atol",
+    [
+        ('{"sparsity": 0.5, "refine_steps": 0}', 1e-5),
+        ('{"mask_structure": "2:4", "method": "sparsegpt"}', 1e-5),
+        # the default D²Prune: the conjugate-gradient refit amplifies the rounding of the differently ordered
+        # Hessian sums (~1e-7 relative) along directions the calibration inputs barely excite (o_proj reads a GQA
+        # output of rank <= kv width here, invertible only through the damping): weights there moved by up to
+        # 2e-4, which flipped 4 of 147,456 mask entries in later blocks and moved the logits by 1e-3 (largest
+        # logit 0.57). Compared on masks (fraction) and logits instead of weights.
+        ('{"sparsity": 0.5}', None),
+    ],
+)
+def test_two_gloo_ranks_match_one_process(script, tmp_path, config, atol):
     single, multi = tmp_path / "single.pt", tmp_path / "multi.pt"
     run([sys.executable, str(script), str(single), "", "-1", config])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
@@ -111,7 +123,20 @@ def test_two_gloo_ranks_match_one_process(script, tmp_path, config):
     run(torchrun + [str(script), str(multi), "", "-1", config], env={"OMP_NUM_THREADS": "1"})
     a, b = torch.load(single), torch.load(multi)
     assert a["choices"] == b["choices"]
-    assert_same_model(a, b, atol=1e-5)
+    if atol is not None:
+        assert_same_model(a, b, atol=atol)
+        return
+    flips = sum(int(((v == 0) != (b["state"][k] == 0)).sum()) for k, v in a["state"].items())
+    total = sum(v.numel() for k, v in a["state"].items() if k.endswith("proj.weight"))
+    assert flips <= 1e-4 * total, (flips, total)
+    ids = calib_batches(num=1, seed=1)[0]
+    logits = []
+    for state in (a["state"], b["state"]):
+        model = make_tiny("llama4")
+        model.load_state_dict(state)
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=5e-3)
 
 
 @pytest.mark.parametrize("kind", ["cpu", "disk"])

@@ -11,7 +11,7 @@ import torch
 from optimum_d2prune import D2PruneConfig
 from optimum_d2prune.masks import SparsityPattern, round_half_up
 from optimum_d2prune.solvers import DualTaylor, MagnitudeSolver, OBSSolver, WandaSolver, solvers_for
-from optimum_d2prune.statistics import InputStatistics, LinearStatistics
+from optimum_d2prune.statistics import GRAM_BLOCK, InputStatistics, LinearStatistics
 
 ROWS, COLS = 64, 256
 
@@ -232,6 +232,21 @@ def test_statistics_do_not_depend_on_batching():
     torch.testing.assert_close(one.inputs.hessian(), many.inputs.hessian())
     torch.testing.assert_close(one.x_norm(), many.x_norm())
     torch.testing.assert_close(one.y_norm(), many.y_norm())
+
+
+@pytest.mark.parametrize("cols", [GRAM_BLOCK - 1, GRAM_BLOCK + 1, 2 * GRAM_BLOCK + 77])
+def test_blocked_gram_accumulation_equals_the_full_product(cols):
+    """Only the upper block rows of X Xᵀ are accumulated; reading it gives the full symmetric sum, also when
+    batches are added after a read."""
+    torch.manual_seed(0)
+    x = torch.randn(300, cols, dtype=torch.float64).float()
+    inputs = InputStatistics(cols, "hessian", torch.device("cpu"))
+    inputs.add(x[:100])
+    inputs.gram()
+    inputs.add(x[100:])
+    expected = x.double().t() @ x.double()
+    torch.testing.assert_close(inputs.gram().double(), expected, rtol=1e-5, atol=1e-3)
+    assert torch.equal(inputs.gram(), inputs.gram().t())
 
 
 def test_cholesky_failure_retries_with_more_damping(caplog):

@@ -194,7 +194,7 @@ def test_fused_row_blocks_are_pruned_like_separate_linears():
 
 def test_dynamic_choice_reports_fused_row_blocks():
     model = make("timm")
-    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="dynamic"))
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="dynamic", dynamic_strategy="layer"))
     pruner.prune(model, images())
     assert [a.block for a in pruner.report.attention] == [0, 1]
     for record in pruner.report.attention:
@@ -388,27 +388,65 @@ def test_fixture_is_a_useful_classifier(fixture, splits):
     assert image_accuracy(fixture.model, digits.eval_batches(splits)).top1 == pytest.approx(fixture.test_accuracy)
 
 
-def test_d2prune_against_wanda(fixture, splits):
-    """D²Prune vs the baselines at 50 % and 70 %, same calibration images, same dense weights.
+#: top-1 tolerance of the D²Prune vs SparseGPT comparison, in test images (see the test's docstring)
+TOLERANCE_IMAGES = 2
 
-    Pruning is deterministic. On these tiny models (hidden 64) D²Prune beats Wanda by far. Leaving one projection
-    without weight update costs more here than on the paper's DeiT-B, and D²Prune does not reliably reach
-    SparseGPT on these fixtures (an open point of issue 3, numbers in docs/vision.md); that comparison is
-    measured by benchmarks/vision.py, not asserted here.
+
+def test_d2prune_against_sparsegpt_and_wanda(fixture, splits):
+    """D²Prune vs SparseGPT and Wanda at 50 % and 70 %: same calibration images, same dense weights; top-1 on the
+    360 held-out test images, and the mean KL divergence of each pruned model's class distribution from the dense
+    model's on the same images.
+
+    Pruning is deterministic; over five calibration draws the top-1 of SparseGPT and D²Prune moved by at most one
+    test image (benchmarks/results/vision.md). Top-1 is asserted >= SparseGPT up to `TOLERANCE_IMAGES` = 2 of the
+    360 test images: on timm at 50 % SparseGPT is one image above the dense model and D²Prune one below it (two
+    discordant images, both in SparseGPT's favour; a paired McNemar test gives p = 0.5), a difference this test
+    set cannot resolve. The KL to the dense model does resolve it and is asserted strictly: D²Prune's was 3-5x
+    lower than SparseGPT's in all four cases.
     """
     calib = digits.calibration_batches(splits)
     test = digits.eval_batches(splits)
+    images = torch.cat([x for x, _ in test])
+    labels = torch.cat([y for _, y in test])
     dense = copy.deepcopy(fixture.model.state_dict())
-    top1 = {}
-    runs = {"wanda": {"method": "wanda"}, "d2prune": {}}
+
+    def log_probs() -> torch.Tensor:
+        with torch.no_grad():
+            return digits.logits_of(fixture.model(images)).float().log_softmax(-1)
+
+    reference = log_probs()
+    top1, kl = {}, {}
+    runs = {"wanda": {"method": "wanda"}, "sparsegpt": {"method": "sparsegpt"}, "d2prune": {}}
     try:
         for sparsity in (0.5, 0.7):
             for name, kwargs in runs.items():
                 fixture.model.load_state_dict(dense)
                 D2Pruner(D2PruneConfig(sparsity=sparsity, **kwargs)).prune(fixture.model, calib)
-                top1[name, sparsity] = image_accuracy(fixture.model, test).top1
+                pruned = log_probs()
+                top1[name, sparsity] = int((pruned.argmax(-1) == labels).sum())  # correct test images
+                kl[name, sparsity] = float((reference.exp() * (reference - pruned)).sum(-1).mean())
     finally:
         fixture.model.load_state_dict(dense)
-    table = {f"{m}@{s}": round(100 * v, 2) for (m, s), v in top1.items()}
+    table = {f"{m}@{s}": (round(100 * v / len(labels), 2), round(kl[m, s], 5)) for (m, s), v in top1.items()}
     for sparsity in (0.5, 0.7):
         assert top1["d2prune", sparsity] >= top1["wanda", sparsity], table
+        assert top1["d2prune", sparsity] >= top1["sparsegpt", sparsity] - TOLERANCE_IMAGES, table
+        assert kl["d2prune", sparsity] < kl["sparsegpt", sparsity], table
+
+
+def test_global_search_on_images_scores_candidates_by_logit_kl(splits):
+    """The vision default (`dynamic_strategy="auto"` -> "global"): four candidates scored by the held-out KL to
+    the dense model, the winner pruned again on all the calibration images (one batch here: split by samples)."""
+    model = make("timm")
+    calib = images(num=1, batch=16)
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5))
+    pruner.prune(model, calib)
+    report = pruner.report
+    assert set(report.global_search) == {"q", "k", "v", "all"} and report.global_metric == "logit KL"
+    assert all(v >= 0 for v in report.global_search.values())
+    best = min(report.global_search, key=report.global_search.get)
+    again = make("timm")
+    D2Pruner(D2PruneConfig(sparsity=0.5, attention_update=best)).prune(again, calib)
+    for b1, b2 in zip(model.blocks, again.blocks):
+        torch.testing.assert_close(b1.attn.qkv.weight, b2.attn.qkv.weight)
+        torch.testing.assert_close(b1.mlp.fc2.weight, b2.mlp.fc2.weight)

@@ -49,6 +49,9 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     prune.add_argument("--method", choices=METHODS, default="d2prune", help="Pruning method (default d2prune).")
     prune.add_argument("--attention-update", default=None,
                        help='Which projection is pruned without weight update: "dynamic" (default), q, k, v, all, none.')
+    prune.add_argument("--dynamic-strategy", choices=("auto", "layer", "global"), default=None,
+                       help='How the dynamic q/k/v choice is made: "layer" (per block, one prune; the default for '
+                            'language models) or "global" (one prune per candidate, best held-out perplexity).')
     prune.add_argument("--sequential", action="store_true", help="Calibrate each linear group on pruned outputs.")
     prune.add_argument("--seed", type=int, default=0, help="Seed of calibration sampling and pruning (default 0).")
     calib = parser.add_argument_group("calibration")
@@ -118,6 +121,8 @@ def check_arguments(args: argparse.Namespace):
         kwargs["sparsity"] = args.sparsity
     if args.attention_update is not None:
         kwargs["attention_update"] = args.attention_update
+    if args.dynamic_strategy is not None:
+        kwargs["dynamic_strategy"] = args.dynamic_strategy
     config = D2PruneConfig(**kwargs)
     for name in ("num_samples", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
