@@ -24,20 +24,34 @@ import torch
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.evaluation import image_accuracy
-from optimum_d2prune.testing.digits import calibration_batches, digits_model, eval_batches, load_digits_splits
+from optimum_d2prune.testing.digits import (calibration_batches, digits_model, eval_batches, load_digits_splits,
+                                            logits_of)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import level_kwargs, parse_value  # noqa: E402
 
 
 #: benchmark-only variants: (method, config overrides)
-VARIANTS = {"d2prune-all": ("d2prune", {"attention_update": "all"})}  # dual-Taylor + refit, q/k/v all updated
+VARIANTS = {
+    "d2prune-layer": ("d2prune", {"dynamic_strategy": "layer"}),  # per-block q/k/v choice (error + rho KL)
+    "d2prune-all": ("d2prune", {"attention_update": "all"}),  # dual-Taylor + refit, q/k/v all updated
+}
+
+
+def log_probs(model: torch.nn.Module, batches) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([logits_of(model(x)).float().log_softmax(-1) for x, _ in batches])
+
+
+def kl_divergence(reference: torch.Tensor, pruned: torch.Tensor) -> float:
+    """Mean over images of KL(dense ‖ pruned) of the class distributions."""
+    return float((reference.exp() * (reference - pruned)).sum(-1).mean())
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fixtures", nargs="+", default=["deit", "timm"], choices=["deit", "timm"])
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "d2prune", "d2prune-all"],
+    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "d2prune", "d2prune-layer"],
                         help=f"Methods, plus variants {sorted(VARIANTS)}.")
     parser.add_argument("--levels", nargs="+", default=["0.5", "0.6", "0.7", "0.8", "2:4"])
     parser.add_argument("--num-samples", type=int, default=128)
@@ -61,6 +75,7 @@ def main(argv=None) -> int:
         fixtures[kind] = fixture
         dense_state = copy.deepcopy(fixture.model.state_dict())
         dense = image_accuracy(fixture.model, test).top1
+        reference = log_probs(fixture.model, test)
         rows.append({"fixture": kind, "method": "dense", "level": "-", "top1": dense, "seconds": 0.0})
         print(f"{kind}: dense top-1 {dense:.4f} (trained in {fixture.train_seconds:.0f} s)", file=sys.stderr)
         for level in args.levels:
@@ -73,10 +88,11 @@ def main(argv=None) -> int:
                 pruner.prune(fixture.model, calib)
                 seconds = time.perf_counter() - start
                 row = {"fixture": kind, "method": method, "level": level,
-                       "top1": image_accuracy(fixture.model, test).top1, "seconds": seconds}
+                       "top1": image_accuracy(fixture.model, test).top1, "seconds": seconds,
+                       "kl": kl_divergence(reference, log_probs(fixture.model, test))}
                 search = pruner.report.global_search
                 if search:  # global search: the winning candidate ("all" = every projection updated)
-                    row["unupdated"] = f"global: {min(search, key=search.get)}"
+                    row["unupdated"] = f"global -> {min(search, key=search.get)}"
                 elif pruner.report.attention:
                     counts = {p: sum(a.chosen == p for a in pruner.report.attention) for p in "qkv"}
                     row["unupdated"] = "".join(f"{p}{n}" for p, n in counts.items() if n)
@@ -92,6 +108,9 @@ def main(argv=None) -> int:
               f"trained in {fixture.train_seconds:.0f} s")
     if overrides:
         print(f"d2prune overrides: {overrides}")
+    if "d2prune-layer" in args.methods:
+        print("- d2prune-layer: d2prune with `dynamic_strategy='layer'` (per-block q/k/v choice by error + rho*KL, "
+              "the language-model default) instead of the global search that is the vision default.")
     if "d2prune-all" in args.methods:
         print("- d2prune-all: d2prune with `attention_update='all'` (dual-Taylor + refit, no projection left "
               "un-updated), to separate the attention-aware choice from the rest of the method.")
@@ -99,15 +118,23 @@ def main(argv=None) -> int:
     for kind in fixtures:
         dense = next(r for r in rows if r["fixture"] == kind and r["method"] == "dense")
         print(f"\n**{kind}** (dense {dense['top1']:.2%}): top-1 % / pruning seconds\n")
-        print("| level | " + " | ".join(methods) + " | d2prune q/k/v left un-updated |")
+        print("| level | " + " | ".join(methods) + " | q/k/v left un-updated |")
         print("|---|" + "---:|" * len(methods) + "---|")
         for level in args.levels:
-            cells, chosen = [], ""
+            cells, chosen = [], []
             for method in methods:
                 r = next(r for r in rows if r["fixture"] == kind and r["method"] == method and r["level"] == level)
                 cells.append(f"{100 * r['top1']:.2f} / {r['seconds']:.2f}")
-                chosen = r.get("unupdated", chosen) if method == "d2prune" else chosen
-            print(f"| {level} | " + " | ".join(cells) + f" | {chosen} |")
+                if r.get("unupdated"):
+                    chosen.append(f"{method}: {r['unupdated']}")
+            print(f"| {level} | " + " | ".join(cells) + f" | {'; '.join(chosen)} |")
+        print(f"\nKL(dense ‖ pruned) of the class distributions, mean over the {kind} test images:\n")
+        print("| level | " + " | ".join(methods) + " |")
+        print("|---|" + "---:|" * len(methods))
+        for level in args.levels:
+            cells = [f"{r['kl']:.5f}" for method in methods for r in rows
+                     if r["fixture"] == kind and r["method"] == method and r["level"] == level]
+            print(f"| {level} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
