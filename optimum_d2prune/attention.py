@@ -22,14 +22,18 @@ from .architectures import PROJECTIONS, ArchitectureAdapter, AttentionInputs
 from .report import AttentionRecord
 from .solvers import SolverOutput
 
+_EPS = 1e-12  # probability floor inside the logarithms (masked entries are exactly 0)
 
-def attention_kl(p: torch.Tensor, q: torch.Tensor, query_mask: Optional[torch.Tensor] = None) -> tuple[float, int]:
-    """Sum over attention rows of `KL(p ‖ q)` and the number of rows (`[B, H, Tq, Tk]` probabilities).
+
+def attention_kl(
+    p: torch.Tensor, log_q: torch.Tensor, query_mask: Optional[torch.Tensor] = None
+) -> tuple[float, int]:
+    """Sum over attention rows of `KL(p ‖ q)` and the number of rows (`[B, H, Tq, Tk]` probabilities `p`, and
+    `log_q = log(q)` computed once per reference).
 
     `query_mask` (`[B, Tq]`, False on padding) excludes rows of padded queries.
     """
-    eps = 1e-12
-    kl = (p * (p.clamp_min(eps).log() - q.clamp_min(eps).log())).sum(-1)  # [B, H, Tq]
+    kl = (p * (p.clamp_min(_EPS).log() - log_q)).sum(-1)  # [B, H, Tq]
     if query_mask is not None and query_mask.shape == (kl.shape[0], kl.shape[2]):
         rows = query_mask[:, None, :].expand_as(kl).to(kl.device)
         return float(kl[rows].sum()), int(rows.sum())
@@ -64,10 +68,10 @@ def choose_unupdated_projection(
     kl_sums = dict.fromkeys(PROJECTIONS, 0.0)
     rows = 0
     for batch_inputs in inputs:
-        reference = adapter.attention_probs(attention, batch_inputs, dense)
+        log_reference = adapter.attention_probs(attention, batch_inputs, dense).clamp_min(_EPS).log()
         for c in PROJECTIONS:
             probs = adapter.attention_probs(attention, batch_inputs, candidate_weights(c, updated, non_updated))
-            total, n = attention_kl(probs, reference, batch_inputs.token_mask)
+            total, n = attention_kl(probs, log_reference, batch_inputs.token_mask)
             kl_sums[c] += total
         rows += n
     if reduce is not None:

@@ -129,3 +129,12 @@ def test_error_mid_run_restores_model_state():
     handle.remove()
     assert model.training and model.config.use_cache is True
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_global_search_needs_data_to_hold_out():
+    model = make_tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one_sequence = [torch.randint(0, 100, (1, 16))]
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        D2Pruner(D2PruneConfig(dynamic_strategy="global")).prune(model, one_sequence)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -114,8 +114,10 @@ class OBSSolver(Solver):
             new_block[mask[:, i1:i2]] = 0
             w[:, i1:i2] = new_block
             w[:, i2:] -= err @ upper[i1:i2, i2:]
-        out = SolverOutput(w, mask, relative_error(weight, w, stats), flipped if dual else None)
-        return self.refine(weight, out, stats) if self.refine_steps else out
+        flipped = flipped if dual else None
+        if self.refine_steps:  # the error is measured after the refit only
+            return self.refine(weight, SolverOutput(w, mask, float("nan"), flipped), stats)
+        return SolverOutput(w, mask, relative_error(weight, w, stats), flipped)
 
     def without_refinement(self) -> "OBSSolver":
         return replace(self, refine_steps=0)
