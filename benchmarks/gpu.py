@@ -67,11 +67,10 @@ def profile_block(args, dtype: torch.dtype, method: str = "d2prune", rows: int =
 
     g = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, 32000, (1, args.seq_len), generator=g) for _ in range(args.samples)]
-    for warm_up in (True, False):  # a fresh dense block each time; the first run warms up kernels and allocator
-        model = build_model(1, args.device, dtype, args.hidden, args.intermediate)
-        if warm_up:
-            D2Pruner(D2PruneConfig(sparsity=0.5, method=method)).prune(model, calib)
-            del model
+    # warm-up (kernels, allocator) on a throwaway block, then profile a fresh dense one
+    D2Pruner(D2PruneConfig(sparsity=0.5, method=method)).prune(
+        build_model(1, args.device, dtype, args.hidden, args.intermediate), calib)
+    model = build_model(1, args.device, dtype, args.hidden, args.intermediate)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         D2Pruner(D2PruneConfig(sparsity=0.5, method=method)).prune(model, calib)

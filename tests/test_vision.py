@@ -21,6 +21,8 @@ from optimum_d2prune.vision import get_image_calibration_dataset, image_preproce
 
 IMAGE = 16
 CLASSES = 6
+#: top-1 tolerance of the D²Prune vs SparseGPT comparison on the digits fixtures, in test images (see that test)
+TOLERANCE_IMAGES = 2
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -386,10 +388,6 @@ def test_fixture_is_a_useful_classifier(fixture, splits):
     assert fixture.test_accuracy >= 0.93, fixture.test_accuracy  # measured: deit 94.7 %, timm 96.9 %
     assert fixture.train_seconds < 180
     assert image_accuracy(fixture.model, digits.eval_batches(splits)).top1 == pytest.approx(fixture.test_accuracy)
-
-
-#: top-1 tolerance of the D²Prune vs SparseGPT comparison, in test images (see the test's docstring)
-TOLERANCE_IMAGES = 2
 
 
 def test_d2prune_against_sparsegpt_and_wanda(fixture, splits):
