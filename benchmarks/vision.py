@@ -24,8 +24,8 @@ import torch
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.evaluation import image_accuracy
-from optimum_d2prune.testing.digits import (calibration_batches, digits_model, eval_batches, load_digits_splits,
-                                            logits_of)
+from optimum_d2prune.testing.digits import calibration_batches, digits_model, eval_batches, load_digits_splits
+from optimum_d2prune.vision import class_kl, class_logits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import level_kwargs, parse_value  # noqa: E402
@@ -38,14 +38,9 @@ VARIANTS = {
 }
 
 
-def log_probs(model: torch.nn.Module, batches) -> torch.Tensor:
+def logits_on(model: torch.nn.Module, batches) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([logits_of(model(x)).float().log_softmax(-1) for x, _ in batches])
-
-
-def kl_divergence(reference: torch.Tensor, pruned: torch.Tensor) -> float:
-    """Mean over images of KL(dense ‖ pruned) of the class distributions."""
-    return float((reference.exp() * (reference - pruned)).sum(-1).mean())
+        return torch.cat([class_logits(model(x)) for x, _ in batches])
 
 
 def main(argv=None) -> int:
@@ -75,7 +70,7 @@ def main(argv=None) -> int:
         fixtures[kind] = fixture
         dense_state = copy.deepcopy(fixture.model.state_dict())
         dense = image_accuracy(fixture.model, test).top1
-        reference = log_probs(fixture.model, test)
+        reference = logits_on(fixture.model, test)
         rows.append({"fixture": kind, "method": "dense", "level": "-", "top1": dense, "seconds": 0.0})
         print(f"{kind}: dense top-1 {dense:.4f} (trained in {fixture.train_seconds:.0f} s)", file=sys.stderr)
         for level in args.levels:
@@ -89,7 +84,7 @@ def main(argv=None) -> int:
                 seconds = time.perf_counter() - start
                 row = {"fixture": kind, "method": method, "level": level,
                        "top1": image_accuracy(fixture.model, test).top1, "seconds": seconds,
-                       "kl": kl_divergence(reference, log_probs(fixture.model, test))}
+                       "kl": class_kl(reference, logits_on(fixture.model, test))}
                 search = pruner.report.global_search
                 if search:  # global search: the winning candidate ("all" = every projection updated)
                     row["unupdated"] = f"global -> {min(search, key=search.get)}"

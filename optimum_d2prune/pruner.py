@@ -17,6 +17,7 @@ from .configuration import D2PruneConfig
 from .engine import PruneTarget, PruningEngine
 from .hooks import calibration_context
 from .report import PruneReport
+from .vision import class_kl, class_logits
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class D2Pruner:
             _restore(flat, original)
             PruningEngine(search_config, adapter, attention_update=candidate).run(model, calib, plan)
             if images:
-                scores[candidate] = _logit_kl(reference, _logits(model, adapter, held_out))
+                scores[candidate] = class_kl(reference, _logits(model, adapter, held_out))
             else:
                 scores[candidate] = _heldout_perplexity(model, held_out)
             logger.info("global search: %s -> held-out %s %.5g", _describe(candidate), _metric(images),
@@ -220,14 +221,8 @@ def _logits(model: nn.Module, adapter, batches: list[dict[str, torch.Tensor]]) -
         for batch in batches:
             pixels = batch["pixel_values"].to(device=device, dtype=param.dtype)
             output = adapter.forward_model(model, {"pixel_values": pixels})
-            out.append((output if isinstance(output, torch.Tensor) else output.logits).float().cpu())
+            out.append(class_logits(output).float().cpu())
     return torch.cat(out)
-
-
-def _logit_kl(dense: torch.Tensor, pruned: torch.Tensor) -> float:
-    """Mean over samples of KL(softmax(dense) ‖ softmax(pruned))."""
-    log_p, log_q = dense.log_softmax(-1), pruned.log_softmax(-1)
-    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
 
 
 def _heldout_perplexity(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:

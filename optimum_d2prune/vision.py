@@ -17,6 +17,17 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+
+def class_logits(output: Any) -> torch.Tensor:
+    """Class logits of a transformers output (`.logits`) or of a timm model's tensor output."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def class_kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over samples of KL(softmax(dense_logits) ‖ softmax(logits)), in fp32."""
+    log_p, log_q = dense_logits.float().log_softmax(-1), logits.float().log_softmax(-1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 Preprocess = Callable[[Any], torch.Tensor]

@@ -117,6 +117,13 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_dir):
     return out
 
 
+def assert_nm_pattern(weights: dict, n: int = 2, m: int = 4) -> None:
+    """Every group of `m` consecutive inputs of every row holds exactly `n` zeros, in every named weight."""
+    for name, w in weights.items():
+        zeros = (w == 0).reshape(w.shape[0], -1, m).sum(-1)
+        assert bool((zeros == n).all()), name
+
+
 def capture_attention(model, run, block_index: int = 1):
     """Run `run()` with hooks on block `block_index`'s attention module.
 

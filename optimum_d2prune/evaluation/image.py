@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..hooks import calibration_context
+from ..vision import class_logits
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def image_accuracy(model: nn.Module, loader: Iterable[Any], max_batches: Optiona
                 break
             images, labels = _split_batch(batch, index)
             output = model(images.to(device=device, dtype=next(model.parameters()).dtype))
-            logits = output if isinstance(output, torch.Tensor) else output.logits
+            logits = class_logits(output)
             labels = labels.to(logits.device).reshape(-1)
             classes = logits.shape[-1]
             top = logits.topk(min(5, classes), dim=-1).indices

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..vision import class_logits
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("deit", "timm")
@@ -149,11 +151,6 @@ def build_digits_model(kind: str, recipe: DigitsRecipe = DigitsRecipe()) -> nn.M
     raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
 
 
-def logits_of(output) -> torch.Tensor:
-    """Class logits of a transformers output (`.logits`) or a timm model's tensor output."""
-    return output if isinstance(output, torch.Tensor) else output.logits
-
-
 def _shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Random translation of each image by up to `max_shift` pixels (zero = background, i.e. -1, padding)."""
     if max_shift == 0:
@@ -186,7 +183,7 @@ def train_digits_model(model: nn.Module, splits: DigitsSplits, recipe: DigitsRec
         for i in range(0, n, recipe.batch_size):
             idx = order[i:i + recipe.batch_size]
             images = _shift(splits.train_images[idx], recipe.max_shift, generator)
-            loss = F.cross_entropy(logits_of(model(images)), splits.train_labels[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(class_logits(model(images)), splits.train_labels[idx], label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -202,7 +199,7 @@ def top1_accuracy(model: nn.Module, splits: DigitsSplits, batch_size: int = 512)
     model.eval()
     correct = 0
     for i in range(0, splits.test_images.shape[0], batch_size):
-        logits = logits_of(model(splits.test_images[i:i + batch_size]))
+        logits = class_logits(model(splits.test_images[i:i + batch_size]))
         correct += int((logits.argmax(-1) == splits.test_labels[i:i + batch_size]).sum())
     return correct / splits.test_images.shape[0]
 
