@@ -7,7 +7,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -18,24 +18,46 @@ C4_TRAIN_SHARD = "en/c4-train.00000-of-01024.json.gz"
 WIKITEXT_REPO, WIKITEXT_CONFIG = "wikitext", "wikitext-2-raw-v1"
 HUB_SOURCES = ("c4", "wikitext2")
 
-_OFFLINE_HINT = (
-    "Pass a local file instead: a .jsonl with a `text` field per line (e.g. a slice of C4 such as "
-    "../shared/data/c4_train_sample.jsonl) or a .txt file (e.g. WikiText-2's test split)."
-)
+_LOCAL_HINT = "a local .jsonl file (one JSON object with a `text` field per line) or a .txt file"
+
+
+class HubUnavailableError(ConnectionError):
+    """A Hub dataset was asked for while the Hub cannot be reached."""
+
+
+def _hub_error_is_network(err: BaseException) -> bool:
+    """True when `err` (or what caused it) means "the Hub could not be reached", not a bug or a bad argument."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    network = (ConnectionError, TimeoutError, LocalEntryNotFoundError, OfflineModeIsEnabled)
+    seen: Optional[BaseException] = err
+    while seen is not None:
+        if isinstance(seen, network) or type(seen).__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _load_hub(source: str, split: str) -> list[str]:
-    """Documents of a Hub dataset (`datasets.load_dataset`), with an actionable error when offline."""
-    try:
-        from datasets import load_dataset
+    """Documents of a Hub dataset (`datasets.load_dataset`); says at once, with the alternatives, when offline."""
+    from .connectivity import hub_offline_reason
 
+    offline = hub_offline_reason()
+    if offline is not None:
+        raise HubUnavailableError(f"{source!r} comes from the Hugging Face Hub, which cannot be reached ({offline}). "
+                                  f"Use {_LOCAL_HINT} instead (or `self` to calibrate on text the model generates).")
+    from datasets import load_dataset
+
+    try:
         if source == "c4":
             data = load_dataset(C4_REPO, data_files={split: C4_TRAIN_SHARD}, split=split)
         else:
             data = load_dataset(WIKITEXT_REPO, WIKITEXT_CONFIG, split=split)
-    except Exception as err:  # network, missing cache, hub errors: all mean "not available here"
-        raise ConnectionError(f"Could not load {source!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-                              f"{_OFFLINE_HINT}") from err
+    except Exception as err:
+        if not _hub_error_is_network(err):
+            raise
+        raise HubUnavailableError(f"Could not download {source!r} from the Hugging Face Hub ({type(err).__name__}: "
+                                  f"{err}). Use {_LOCAL_HINT} instead.") from err
     return list(data["text"])
 
 
@@ -49,7 +71,8 @@ def load_documents(source: Union[str, os.PathLike], split: str = "train") -> tup
     path = Path(source_str)
     if not path.is_file():
         raise FileNotFoundError(
-            f"Calibration/evaluation source {source_str!r} is neither one of {HUB_SOURCES} nor an existing file."
+            f"Calibration/evaluation source {source_str!r} is neither one of {HUB_SOURCES} nor an existing file: "
+            f"pass {_LOCAL_HINT}."
         )
     if path.suffix == ".jsonl":
         docs = []
@@ -73,6 +96,38 @@ def load_documents(source: Union[str, os.PathLike], split: str = "train") -> tup
             raise ValueError(f"{path} is empty.")
         return [text], True
     raise ValueError(f"Unsupported file type {path.suffix!r} for {path}: use .jsonl (field `text`) or .txt.")
+
+
+def check_text_source(
+    source: Union[str, os.PathLike],
+    tokenizer,
+    seq_len: int,
+    purpose: str = "calibration",
+    flag: str = "source",
+    length_flag: str = "seq_len",
+) -> None:
+    """Raise a `ValueError` now if `source` cannot give what `purpose` needs, so that a run does not fail later.
+
+    Calibration needs a document (or a running corpus) of more than `seq_len` tokens; evaluation needs one window
+    of `seq_len` tokens from the joined documents. Reading and tokenizing a local file takes seconds; the model is
+    not needed, only its tokenizer.
+    """
+    try:
+        docs, is_corpus = load_documents(source, split="train" if purpose == "calibration" else "test")
+    except (OSError, UnicodeDecodeError) as err:
+        if isinstance(err, (FileNotFoundError, ConnectionError)):
+            raise
+        raise ValueError(f"{flag} {os.fspath(source)!r}: cannot read it ({err}).") from None
+    if purpose == "calibration" and not is_corpus:
+        if not any(len(tokenizer(doc).input_ids) > seq_len for doc in docs):
+            raise ValueError(f"{flag} {os.fspath(source)!r}: no document has more than {length_flag}={seq_len} "
+                             f"tokens; lower {length_flag} or use a file with longer documents.")
+        return
+    count = len(tokenizer("\n\n".join(docs)).input_ids)
+    needed = seq_len + 1 if purpose == "calibration" else seq_len
+    if count < needed:
+        raise ValueError(f"{flag} {os.fspath(source)!r} has {count} tokens, fewer than the {needed} that one "
+                         f"{length_flag}={seq_len} window needs; lower {length_flag} or use a longer file.")
 
 
 def get_calibration_dataset(

