@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ from optimum_d2prune.memory import PeakMemory
 from optimum_d2prune.models import load_causal_lm
 from optimum_d2prune.selfcalib import self_generated_calibration
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the benchmark data (BENCH.md): $D2PRUNE_DATA_DIR, else ../shared/data next to the repository
+SHARED = Path(os.environ.get("D2PRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def parse_value(text: str):

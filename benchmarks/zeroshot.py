@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ from optimum_d2prune.data import get_calibration_dataset
 from optimum_d2prune.evaluation import PAPER_TASKS, ZeroShotResults, zero_shot
 from optimum_d2prune.models import load_causal_lm
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the benchmark data (BENCH.md): $D2PRUNE_DATA_DIR, else ../shared/data next to the repository
+SHARED = Path(os.environ.get("D2PRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SHORT = {"boolq": "BoolQ", "rte": "RTE", "hellaswag": "HellaS.", "winogrande": "WinoG.", "arc_easy": "ARC-e",
          "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 

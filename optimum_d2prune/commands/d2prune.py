@@ -368,7 +368,8 @@ def summary_table(report, evaluation: dict[str, Any], out: Path, url: Optional[s
 
 def summary_line(report, perplexities: Optional[dict[str, float]], eval_name: str, out: Path, seconds: float) -> str:
     """One line a person can read at the end of a run: where, how sparse, how good, how long."""
-    line = f"Saved to {out}: {report.total_sparsity:.2%} zeros in {len(report.layers)} matrices ({report.pattern})"
+    pattern = f" ({report.pattern})" if ":" in str(report.pattern) else ""
+    line = f"Saved to {out}: {report.total_sparsity:.2%} zeros in {len(report.layers)} matrices{pattern}"
     if perplexities:
         values = " -> ".join(f"{perplexities[k]:.3f}" for k in ("dense", "pruned") if k in perplexities)
         line += f"; {eval_name.replace('perplexity (', 'perplexity on ', 1).rstrip(')')}: {values}"
