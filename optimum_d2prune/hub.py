@@ -339,9 +339,14 @@ def save_pruned(
     summary = {"method": config.method, "mask_structure": config.mask_structure,
                "sparsity": round(record["total_sparsity"], 6), "config_file": CONFIG_NAME,
                "version": record["versions"]["optimum_d2prune"]}
-    with atomic_directory(save_dir, overwrite) as tmp:
+    from tqdm.auto import tqdm
+
+    from .modelcard import make_model_card
+
+    with atomic_directory(save_dir, overwrite) as tmp, tqdm(total=3, desc=f"saving {save_dir.name}", unit="step") as bar:
         with _plain_checkpoint_config(model, summary):
             model.save_pretrained(tmp, max_shard_size=max_shard_size)  # safetensors
+        bar.update()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -349,9 +354,9 @@ def save_pruned(
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
             (target.write_bytes if isinstance(content, bytes) else target.write_text)(content)
-        from .modelcard import make_model_card
-
+        bar.update()
         make_model_card(record, license=base.get("license"), extra_files=sorted(extra_files or {})).save(tmp / CARD_NAME)
+        bar.update()
     logger.info("Saved the pruned model (%.2f%% zeros in %d modules) to %s.", 100 * record["total_sparsity"],
                 len(record["sparsity"]), save_dir)
     return save_dir

@@ -85,5 +85,5 @@ def self_generated_calibration(
                 bar.update(b)
             bar.update(b)
             samples += [row.unsqueeze(0).cpu() for row in ids]
-    logger.info("Calibration: %d x %d tokens sampled from the model itself (seed %d).", num_samples, seq_len, seed)
+    logger.info("%s: %d x %d tokens sampled from the model itself (seed %d).", desc, num_samples, seq_len, seed)
     return [{"input_ids": s, "attention_mask": torch.ones_like(s)} for s in samples]

@@ -58,7 +58,8 @@ def test_default_run_needs_no_data(tiny_checkpoint, tmp_path, capsys):
     assert "held-out self-generated text, 2 x 16 tokens" in name and set(ppl) == {"dense", "pruned"}
     last = stdout.strip().splitlines()[-1]
     assert last.startswith(f"Saved to {out}: 50.00% zeros") and f"{ppl['dense']:.3f} -> {ppl['pruned']:.3f}" in last
-    for bar in ("held-out text", "perplexity (dense)", "self-calibration", "d2prune 50%", "perplexity (pruned)"):
+    for bar in ("held-out text", "perplexity (dense)", "self-calibration", "d2prune 50%", "saving pruned",
+                "perplexity (pruned)"):
         assert bar in stderr, bar  # a progress bar (with its ETA) for every long step
     assert "perplexity" in (out / "README.md").read_text()  # the evaluation reached the model card
     load_pruned(out)
