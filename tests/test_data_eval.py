@@ -88,12 +88,12 @@ def test_calibration_errors(jsonl, tmp_path):
 @pytest.mark.parametrize("source", ["c4", "wikitext2"])
 def test_hub_source_offline_names_the_local_alternative(source, monkeypatch):
     import datasets
+    from huggingface_hub import constants
 
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ConnectionError, match=r"Pass a local file instead: a \.jsonl"):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed port: refused at once
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("tried the Hub while offline"))
+    with pytest.raises(ConnectionError, match=r"cannot be reached .*Use a local \.jsonl file"):
         get_calibration_dataset(source, CharTokenizer(), num_samples=1, seq_len=8)
 
 
@@ -106,6 +106,9 @@ def test_hub_source_uses_datasets_with_the_c4_shard(monkeypatch):
         calls.append((args, kwargs))
         return {"text": ["x" * 100] * 3}
 
+    import optimum_d2prune.connectivity as connectivity
+
+    monkeypatch.setattr(connectivity, "hub_offline_reason", lambda timeout=3.0: None)  # "the Hub is reachable"
     monkeypatch.setattr(datasets, "load_dataset", fake)
     get_calibration_dataset("c4", CharTokenizer(), num_samples=2, seq_len=10)
     assert calls[0][0] == ("allenai/c4",)
@@ -126,3 +129,29 @@ def test_perplexity_is_exp_of_mean_window_nll(tmp_path):
     assert perplexity(model, tok, path, seq_len=32, max_windows=3) == pytest.approx(math.exp(sum(losses) / 3), rel=1e-5)
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity(model, tok, path, seq_len=10_000)
+
+
+@pytest.mark.parametrize(
+    "raised, expected",
+    [
+        (ValueError("BuilderConfig 'en' not found"), ValueError),  # a real error: not disguised as "offline"
+        (ConnectionError("Couldn't reach 'allenai/c4' on the Hub"), ConnectionError),
+    ],
+)
+def test_only_network_failures_read_as_offline(raised, expected, monkeypatch):
+    import datasets
+
+    import optimum_d2prune.connectivity as connectivity
+    from optimum_d2prune.data import HubUnavailableError, load_documents
+
+    monkeypatch.setattr(connectivity, "hub_offline_reason", lambda timeout=3.0: None)  # "the Hub is reachable"
+
+    def load_dataset(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(expected) as info:
+        load_documents("c4")
+    assert isinstance(info.value, HubUnavailableError) == (expected is ConnectionError)
+    if expected is ValueError:
+        assert info.value is raised
