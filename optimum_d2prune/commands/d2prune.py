@@ -34,7 +34,7 @@ EVAL_BUILTIN = ("self", "wikitext2", "none")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 #: (num_samples, seq_len, held-out evaluation samples) by device type: the paper's size on GPUs, and a size that
-#: prunes the embedded SmolLM2-135M in a few minutes on a 2-core CPU (README, "Quickstart")
+#: prunes the embedded SmolLM2-135M in a few minutes on a 2-core CPU (README, "Two commands")
 DEFAULT_SIZES = {"cuda": (128, 2048, 32), "cpu": (32, 512, 8)}
 
 DESCRIPTION = """Prune a causal language model with D²Prune (or SparseGPT / Wanda / magnitude) and save it as a
@@ -166,7 +166,7 @@ def _check_file_source(flag: str, value: str, builtin: tuple[str, ...]) -> None:
         raise ValueError(f"{flag} {value!r}: no such file. Use {', '.join(builtin)} or an existing .jsonl/.txt file.")
     try:
         with open(path, "rb") as f:
-            empty = not f.read(4096).strip()
+            empty = not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b""))
     except OSError as err:
         raise ValueError(f"{flag} {value!r}: cannot read it ({err.strerror or err}).") from None
     if empty:
@@ -236,6 +236,14 @@ def _check_sources(args: argparse.Namespace, tokenizer) -> None:
         check_text_source(args.eval, tokenizer, args.eval_seq_len, "evaluation", "--eval", "--eval-seq-len")
 
 
+def _check_lengths(args: argparse.Namespace, model_config) -> None:
+    """Sequences longer than the model's positions would be refused by the pruner, after generating them."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    for flag, value in (("--seq-len", args.seq_len), ("--eval-seq-len", args.eval_seq_len)):
+        if limit and value and value > limit:
+            raise ValueError(f"{flag} {value} is longer than the model's max_position_embeddings={limit}: lower it.")
+
+
 def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> Path:
     """Load, calibrate, prune, save, evaluate (and push) as the arguments say; returns the output folder."""
     start = time.perf_counter()
@@ -256,6 +264,7 @@ def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> P
     tokenizer = models.load_tokenizer(source)
     _check_sources(args, tokenizer)
     model, tokenizer = models.load_causal_lm(source, dtype=args.dtype, tokenizer=tokenizer)
+    _check_lengths(args, model.config)
     model.to(device)
     logger.info("Loaded %s (%s, %s) on %s.", source, type(model).__name__, args.dtype, device)
 
