@@ -151,7 +151,7 @@ class StatisticsCollector:
             else:
                 shared = entry[1]
             if name not in self.stats:
-                self.stats[name] = LinearStatistics(shared, self.seq_len)
+                self.stats[name] = LinearStatistics(shared, self.seq_len, name=name)
             elif self.stats[name].inputs is not shared:
                 raise RuntimeError(f"Input sharing of {name} changed between calibration batches.")
             self.stats[name].add_output(self._tokens(output.detach()))

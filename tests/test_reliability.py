@@ -120,3 +120,60 @@ def test_other_finetune_with_same_name_is_not_resumed(tmp_path):
         D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", checkpoint_dir=str(ckpt))).prune(
             other, calib_batches())
     assert_untouched(other, before)
+
+
+# ------------------------------------------------------------------------------------- mask rules on bad shapes
+def _stats_with_dead_inputs(weight: torch.Tensor, dead: list[int], seed: int = 0):
+    from optimum_d2prune.statistics import InputStatistics, LinearStatistics
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, weight.shape[1], generator=g)
+    x[:, dead] = 0
+    inputs = InputStatistics(weight.shape[1], "hessian", torch.device("cpu"))
+    stats = LinearStatistics(inputs, 64)
+    inputs.add(x)
+    stats.add_output(x @ weight.t())
+    return stats
+
+
+@pytest.mark.parametrize("lambdas", [(0.0, 0.0), (1.0, 0.0)])
+@pytest.mark.parametrize("structure,expected", [("unstructured", 102), ("2:4", 512)])
+def test_dead_inputs_stay_inside_the_exact_count(structure, expected, lambdas):
+    """10 % of an 8x128 matrix is round(102.4) = 102 zeros, even with 40 of its 128 inputs never active."""
+    from optimum_d2prune.masks import SparsityPattern
+    from optimum_d2prune.solvers import DualTaylor, OBSSolver
+
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(8, 128, generator=g)
+    stats = _stats_with_dead_inputs(weight, dead=list(range(40)))  # whole N:M groups dead
+    out = OBSSolver(dual_taylor=DualTaylor(*lambdas)).prune(weight, stats, SparsityPattern.parse(structure, 0.1))
+    assert int((out.weight == 0).sum()) == expected
+    assert torch.equal(out.weight == 0, out.mask)
+    if structure == "2:4":
+        assert bool(((out.weight == 0).reshape(8, 32, 4).sum(-1) == 2).all())
+
+
+NM_BLOCK_SIZE_CASES = {
+    # name: (config kwargs, expected error); each refused by the config, before any model is touched
+    "m_does_not_divide_block_size": ({"mask_structure": "2:6"}, r"`block_size` \(128\) is not a multiple of M=6"),
+    "m_above_block_size": ({"mask_structure": "2:256"}, r"not a multiple of M=256"),
+    "m_does_not_divide_custom_block_size": ({"mask_structure": "2:4", "block_size": 90, "method": "sparsegpt"},
+                                            r"e\.g\. 88"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NM_BLOCK_SIZE_CASES))
+def test_nm_groups_must_tile_the_solver_blocks(case):
+    kwargs, match = NM_BLOCK_SIZE_CASES[case]
+    with pytest.raises(ValueError, match=match):
+        D2PruneConfig(**kwargs)
+
+
+def test_nm_with_a_matching_block_size_prunes():
+    from optimum_d2prune.masks import SparsityPattern
+    from optimum_d2prune.solvers import OBSSolver
+
+    config = D2PruneConfig(mask_structure="2:6", block_size=120, method="sparsegpt")
+    weight = torch.randn(6, 240)
+    out = OBSSolver(block_size=config.block_size).prune(weight, _stats_with_dead_inputs(weight, []), config.pattern)
+    assert bool(((out.weight == 0).reshape(6, 40, 6).sum(-1) == 2).all())
