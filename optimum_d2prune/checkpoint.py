@@ -162,6 +162,7 @@ class BlockCheckpoint:
             "hidden_states": [h.detach().to("cpu") for h in hidden_states],
             "layers": [asdict(r) for r in report.layers],
             "attention": [asdict(a) for a in report.attention],
+            "skipped": dict(report.skipped),
         }
         tmp = self.directory / f".{self.state_file}.tmp"
         torch.save(state, tmp)
@@ -176,3 +177,4 @@ def restore_report(state: dict[str, Any], report: PruneReport) -> None:
     """Put the records of the finished blocks back into `report`."""
     report.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["layers"]]
     report.attention = [AttentionRecord(**a) for a in state["attention"]]
+    report.skipped = dict(state.get("skipped", {}))

@@ -22,6 +22,7 @@ from .attention import choose_unupdated_projection
 from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint, targeted_weights
 from .configuration import D2PruneConfig
 from .distributed import DistributedContext
+from .finite import check_hidden_states, screen_targets
 from .hooks import (
     AttentionInputCapture,
     CapturedBatch,
@@ -154,6 +155,7 @@ class PruningEngine:
         progress = tqdm(range(first, len(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block",
                         initial=first, total=len(blocks), disable=self.dist.rank > 0)
         for index in progress:
+            check_hidden_states([b.hidden_states for b in captured], index)
             with onloaded(blocks[index], device):
                 self._prune_block(index, blocks[index], targets[index], captured, seq_len, update_solver,
                                   non_update_solver, report)
@@ -174,7 +176,7 @@ class PruningEngine:
         solver = solvers_for(self.config, seq_len=1)[0]
         for index in tqdm(range(len(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block"):
             with onloaded(blocks[index], device):
-                for t in targets[index]:
+                for t in screen_targets(index, targets[index], {}, self.config.on_nonfinite, report):
                     tic = time.perf_counter()
                     out = solver.prune(t.weight(), None, self.pattern)
                     t.write(out.weight)
@@ -284,6 +286,9 @@ class PruningEngine:
             if capture is not None:
                 attention_inputs = [AttentionInputs(a, k, m) for a, k, m in capture.inputs]
         try:
+            kept = screen_targets(index, targets, stats, self.config.on_nonfinite, report)
+            if len(kept) < len(targets):  # a skipped q/k/v leaves nothing to choose between
+                targets, aware, dynamic = kept, False, False
             unupdated, outputs, record = self._choose(index, block, targets, stats, update_solver,
                                                       non_update_solver, attention_inputs, aware, dynamic)
             if record is not None:

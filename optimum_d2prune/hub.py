@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .configuration import CONFIG_NAME, D2PruneConfig
+from .finite import nonfinite_parameters
 from .report import PruneReport
 
 logger = logging.getLogger(__name__)
@@ -326,6 +327,10 @@ def save_pruned(
     ):
         raise ValueError("The model still holds packed GGUF weights: load it with "
                          "`quantization_config=GgufConfig(dequantize=True)` (as `load_causal_lm` does) before pruning.")
+    nonfinite = nonfinite_parameters(model)
+    if nonfinite:  # never write a NaN model (e.g. modules left unpruned with `on_nonfinite="skip"`)
+        raise ValueError(f"The model holds NaN or Inf in {len(nonfinite)} tensor(s) (e.g. `{nonfinite[0]}`): "
+                         "it is not saved. Fix or reload those weights first.")
     save_dir = Path(save_dir).expanduser().absolute()
     _prepare_output_dir(save_dir, overwrite)  # fail before any work
     base = base_model_info(model, base_model)

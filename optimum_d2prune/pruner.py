@@ -16,6 +16,7 @@ from .architectures import PROJECTIONS, get_adapter
 from .configuration import D2PruneConfig
 from .engine import PruneTarget, PruningEngine
 from .hooks import calibration_context
+from .preflight import check_before_pruning
 from .report import PruneReport
 from .vision import class_kl, class_logits
 
@@ -65,6 +66,7 @@ class D2Pruner:
         batches = prepare_batches(calib_loader)
         engine = PruningEngine(self.config, adapter)
         plan = engine.plan(model)  # every check happens before the model is touched
+        check_before_pruning(model, batches, self.config, plan)
         strategy = self.config.resolve_dynamic_strategy(images="pixel_values" in batches[0])
         if self.config.uses_attention_awareness and self.config.attention_update == "dynamic" and (
             strategy == "global"

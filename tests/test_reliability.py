@@ -29,7 +29,8 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 def assert_untouched(model, before) -> None:
     after = model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items() if not v.is_meta)
+    assert all(torch.equal(after[k], v) or torch.allclose(after[k], v, rtol=0, atol=0, equal_nan=True)
+               for k, v in before.items() if not v.is_meta)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
@@ -177,3 +178,89 @@ def test_nm_with_a_matching_block_size_prunes():
     weight = torch.randn(6, 240)
     out = OBSSolver(block_size=config.block_size).prune(weight, _stats_with_dead_inputs(weight, []), config.pattern)
     assert bool(((out.weight == 0).reshape(6, 40, 6).sum(-1) == 2).all())
+
+
+# ------------------------------------------------------------------------------------- refused before block 0
+def _pad_model(model):
+    model.config.pad_token_id = 0
+    return model
+
+
+def _meta_llama(model):
+    from conftest import tiny_llama
+
+    with torch.device("meta"):
+        return tiny_llama()
+
+
+BEFORE_BLOCK_0 = {
+    # name: (config kwargs, calibration loader, model transform, expected error)
+    "all_padding_ids": ({}, [torch.zeros(2, 16, dtype=torch.long)], _pad_model, "is padding"),
+    "all_padding_mask": ({}, [{"input_ids": torch.ones(2, 16, dtype=torch.long),
+                               "attention_mask": torch.zeros(2, 16, dtype=torch.long)}], None,
+                         "fewer than 2 attended tokens"),
+    "ids_above_vocabulary": ({}, [torch.full((2, 16), VOCAB + 5)], None, "outside the vocabulary"),
+    "negative_ids": ({}, [torch.full((2, 16), -1)], None, "outside the vocabulary"),
+    "longer_than_max_positions": ({}, [torch.randint(0, VOCAB, (1, 200))], None, "max_position_embeddings"),
+    "model_on_meta_device": ({}, calib_batches(num=1), _meta_llama, "`meta` device"),
+    "no_target_matches": ({"targets": ["nonexistent"]}, calib_batches(num=1), None, "No Linear layer matches"),
+    "one_target_pattern_matches_nothing": ({"targets": ["q_proj", "qproj_typo"]}, calib_batches(num=1), None,
+                                           "'qproj_typo' matches no Linear"),
+    "nan_weight_before_block_0": ({}, calib_batches(num=1), lambda m: _poison(m, "model.layers.1.mlp.up_proj"),
+                                  r"model\.layers\.1\.mlp\.up_proj\.weight"),
+    "inf_in_norm_weight": ({"on_nonfinite": "skip"}, calib_batches(num=1),
+                           lambda m: _poison(m, "model.layers.0.input_layernorm", float("inf")),
+                           r"model\.layers\.0\.input_layernorm\.weight"),
+}
+
+
+def _poison(model, module: str, value: float = float("nan")):
+    with torch.no_grad():
+        model.get_submodule(module).weight.view(-1)[3] = value
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(BEFORE_BLOCK_0))
+def test_bad_input_is_refused_before_block_0(case):
+    kwargs, loader, transform, match = BEFORE_BLOCK_0[case]
+    model = make_tiny("llama")
+    model = transform(model) if transform else model
+    before = snapshot(model)
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, **kwargs))
+    with pytest.raises(ValueError, match=match):
+        pruner.prune(model, loader)
+    assert pruner.report is None  # no block was pruned, no report exists
+    assert_untouched(model, before)
+
+
+# ------------------------------------------------------------------------------------- non-finite values
+def test_nan_weight_mid_model_names_block_and_module():
+    """Not the 'Hessian not positive definite ... use more calibration tokens' of the old code."""
+    model = _poison(make_tiny("llama"), "model.layers.1.self_attn.k_proj")
+    with pytest.raises(ValueError, match=r"NaN or Inf.*model\.layers\.1\.self_attn\.k_proj\.weight"):
+        D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, calib_batches(num=1))
+
+
+def test_nonfinite_activations_raise_at_the_block_they_enter():
+    """An Inf produced inside block 0 (not in any weight) is caught entering block 1, not as a Hessian error."""
+    model = make_tiny("llama")
+    block = model.model.layers[0]
+    hook = block.mlp.register_forward_hook(lambda m, a, out: out * float("inf"))
+    try:
+        with pytest.raises(ValueError, match="hidden states entering block 1 hold NaN or Inf"):
+            D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt")).prune(model, calib_batches(num=1))
+    finally:
+        hook.remove()
+
+
+def test_skip_leaves_the_module_reports_it_and_refuses_to_save(tmp_path):
+    model = _poison(make_tiny("llama"), "model.layers.1.mlp.down_proj")
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", on_nonfinite="skip"))
+    pruner.prune(model, calib_batches(num=1))
+    assert list(pruner.report.skipped) == ["model.layers.1.mlp.down_proj"]
+    assert "left unpruned (NaN/Inf): model.layers.1.mlp.down_proj" in pruner.report.summary()
+    assert "model.layers.1.mlp.down_proj" not in {r.name for r in pruner.report.layers}
+    assert len(pruner.report.layers) == 2 * 7 - 1
+    with pytest.raises(ValueError, match=r"NaN or Inf .*model\.layers\.1\.mlp\.down_proj\.weight.*not saved"):
+        pruner.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
