@@ -14,6 +14,7 @@ from torch import nn
 
 from .architectures import PROJECTIONS, get_adapter
 from .configuration import D2PruneConfig
+from .distributed import distributed_session
 from .engine import PruneTarget, PruningEngine
 from .hooks import calibration_context
 from .preflight import check_before_pruning
@@ -68,12 +69,13 @@ class D2Pruner:
         plan = engine.plan(model)  # every check happens before the model is touched
         check_before_pruning(model, batches, self.config, plan)
         strategy = self.config.resolve_dynamic_strategy(images="pixel_values" in batches[0])
-        if self.config.uses_attention_awareness and self.config.attention_update == "dynamic" and (
-            strategy == "global"
-        ):
-            self.report = self._global_search(model, batches, adapter, plan)
-        else:
-            self.report = engine.run(model, batches, plan)
+        with distributed_session():
+            if self.config.uses_attention_awareness and self.config.attention_update == "dynamic" and (
+                strategy == "global"
+            ):
+                self.report = self._global_search(model, batches, adapter, plan)
+            else:
+                self.report = engine.run(model, batches, plan)
         logger.info("%s", self.report.summary())
         return model
 

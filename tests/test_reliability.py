@@ -264,3 +264,94 @@ def test_skip_leaves_the_module_reports_it_and_refuses_to_save(tmp_path):
     with pytest.raises(ValueError, match=r"NaN or Inf .*model\.layers\.1\.mlp\.down_proj\.weight.*not saved"):
         pruner.save(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------- inputs of every kind
+def test_half_precision_timm_vit_gets_pixels_in_its_dtype():
+    """Float32 image batches on a bf16 timm ViT: cast before block 0 like `pruner._logits` does."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=16, patch_size=8, num_classes=4, embed_dim=32, depth=2, num_heads=2,
+                              mlp_ratio=2, qkv_bias=True).to(torch.bfloat16).eval()
+    pixels = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt"))
+    pruner.prune(model, pixels)
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert abs(pruner.report.total_sparsity - 0.5) < 1e-6
+
+
+MASK_SHAPE_CASES = {
+    "statistics_token_mask": "statistics",
+    "attention_kl_query_mask": "attention",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MASK_SHAPE_CASES))
+def test_token_mask_of_the_wrong_shape_raises(case):
+    """A mask that does not fit the tokens used to be ignored, so padding counted as data."""
+    if MASK_SHAPE_CASES[case] == "statistics":
+        from optimum_d2prune.hooks import StatisticsCollector
+
+        layer = torch.nn.Linear(8, 4)
+        collector = StatisticsCollector({"fc": layer}, "hessian", torch.device("cpu"), seq_len=6)
+        collector.token_mask = torch.ones(2, 5, dtype=torch.bool)  # inputs are [2, 6, 8]
+        try:
+            with pytest.raises(ValueError, match="token mask has 10 entries but the layer input has 12 tokens"):
+                layer(torch.randn(2, 6, 8))
+        finally:
+            collector.remove()
+    else:
+        from optimum_d2prune.attention import attention_kl
+
+        p = torch.softmax(torch.randn(2, 3, 6, 6), -1)
+        with pytest.raises(ValueError, match=r"`query_mask` \(2, 5\) does not match"):
+            attention_kl(p, p.log(), torch.ones(2, 5, dtype=torch.bool))
+
+
+def test_only_unreachable_hub_errors_become_offline(monkeypatch):
+    """A bug (here a bad split name) surfaces as itself, not as 'offline: pass a local folder'."""
+    datasets = pytest.importorskip("datasets")
+    from optimum_d2prune.vision import get_image_calibration_dataset
+
+    def bad_split(*args, **kwargs):
+        raise ValueError('Unknown split "tran". Should be one of ["train"].')
+
+    monkeypatch.setattr(datasets, "load_dataset", bad_split)
+    with pytest.raises(ValueError, match="Unknown split"):
+        get_image_calibration_dataset("someone/some-images", lambda image: torch.zeros(3, 4, 4))
+
+
+def test_digits_model_leaves_the_global_rng_alone():
+    from optimum_d2prune.testing.digits import DigitsRecipe, build_digits_model
+
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    build_digits_model("deit", DigitsRecipe(hidden_size=16, depth=1, heads=2))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_process_group_initialised_for_a_run_is_destroyed(tmp_path):
+    """Two real gloo ranks (torchrun's environment variables): after `prune` no process group is left."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = """
+        import torch.distributed as dist
+        from conftest import calib_batches, make_tiny
+        from optimum_d2prune import D2PruneConfig, D2Pruner
+        D2Pruner(D2PruneConfig(sparsity=0.5, method="magnitude")).prune(make_tiny("llama"), calib_batches(num=2))
+        print("initialized-after-prune:", dist.is_initialized())
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env={**env, "RANK": str(r),
+                                                                                "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert "initialized-after-prune: False" in out
