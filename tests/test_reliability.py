@@ -355,3 +355,108 @@ def test_process_group_initialised_for_a_run_is_destroyed(tmp_path):
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
         assert "initialized-after-prune: False" in out
+
+
+# ------------------------------------------------------------------------------------- crashes during save
+SAVE_CHILD = """
+    import hashlib, json, os, resource, shutil, signal, sys
+    from pathlib import Path
+    import torch
+    from conftest import make_tiny
+    from optimum_d2prune import D2PruneConfig
+    from optimum_d2prune.hub import save_pruned
+
+    out, mode = Path(sys.argv[1]), sys.argv[2]
+    config = D2PruneConfig(sparsity=0.5, method="magnitude")
+    a, b = make_tiny("llama", seed=0), make_tiny("llama", seed=1)
+
+    def content(folder):
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    save_pruned(a, out / "ref_a", config)
+    save_pruned(b, out / "ref_b", config)
+    refs = {"a": content(out / "ref_a"), "b": content(out / "ref_b")}
+    target = out / "model"
+
+    def state():
+        if not target.exists():
+            return "missing"
+        found = content(target)
+        return next((name for name, ref in refs.items() if ref == found), "mixed")
+
+    # mutating filesystem steps of a save, seen through Python's audit hooks (no code under test is replaced)
+    EVENTS = {"os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "ctypes.call_function"}
+
+    def mutating(event, args):
+        if event == "open":
+            mode_, flags = args[1], args[2]
+            return (isinstance(mode_, str) and any(c in mode_ for c in "wax+")) or (
+                isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR))
+        return event in EVENTS
+
+    results = []
+    if mode == "kill":
+        for k in range(1, 400):
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(out / "ref_a", target)
+            pid = os.fork()
+            if pid == 0:
+                count = [0]
+                def hook(event, args):
+                    if mutating(event, args):
+                        count[0] += 1
+                        if count[0] == k:
+                            os.kill(os.getpid(), signal.SIGKILL)
+                sys.addaudithook(hook)
+                save_pruned(b, target, config, overwrite=True)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            results.append([k, killed, state()])
+            if not killed:
+                break
+    else:  # "full": the disk fills up (file size limit) in the middle of writing the weights
+        shutil.copytree(out / "ref_a", target)
+        before = {k: v.clone() for k, v in b.state_dict().items()}
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+        try:
+            save_pruned(b, target, config, overwrite=True)
+            results.append("saved")
+        except OSError as err:
+            results.append(str(err))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+        unchanged = all(torch.equal(v, b.state_dict()[k]) for k, v in before.items())
+        results += [state(), leftovers, unchanged]
+    print("RESULT " + json.dumps(results))
+"""
+
+
+def _save_child(tmp_path: Path, mode: str):
+    result = run_child(SAVE_CHILD, str(tmp_path), mode, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
+    import json
+
+    return json.loads(line[len("RESULT "):])
+
+
+def test_sigkill_at_every_step_of_save_leaves_old_or_new_folder(tmp_path):
+    """`save(overwrite=True)` killed after its k-th filesystem step, for every k until it completes."""
+    results = _save_child(tmp_path, "kill")
+    assert results[-1][1] is False and results[-1][2] == "b", results[-1]  # ran to the end: all steps were tried
+    assert len(results) > 3
+    bad = [r for r in results if r[2] not in ("a", "b")]
+    assert not bad, f"killed saves left neither the old nor the new folder: {bad}"
+    assert {r[2] for r in results} == {"a", "b"}  # the kill points span the switch from old to new
+
+
+def test_full_disk_during_save_names_the_folder_and_keeps_the_old_one(tmp_path):
+    message, state, leftovers, unchanged = _save_child(tmp_path, "full")
+    assert message != "saved"
+    assert str(tmp_path / "model") in message and "free space" in message
+    assert state == "a"  # the folder being overwritten (here: the source model's own folder) is intact
+    assert leftovers == []  # no temporary folder left behind
+    assert unchanged  # the model in memory is untouched
