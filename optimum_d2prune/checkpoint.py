@@ -106,6 +106,11 @@ class BlockCheckpoint:
                 f"{str(err)[:200]}); it was not loaded. Delete {self.directory} (or choose a new directory) to "
                 "start the run over."
             ) from err
+        if isinstance(state, dict) and "digest" in state and state["digest"] != _state_digest(state):
+            raise ValueError(
+                f"`checkpoint_dir` state {path} is corrupted (its content does not match the digest written with "
+                f"it); it was not used. Delete {self.directory} (or choose a new directory) to start the run over."
+            )
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"`checkpoint_dir` {self.directory} holds a run with another model, calibration data or config; "
@@ -164,9 +169,21 @@ class BlockCheckpoint:
             "attention": [asdict(a) for a in report.attention],
             "skipped": dict(report.skipped),
         }
+        state["digest"] = _state_digest(state)
         tmp = self.directory / f".{self.state_file}.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.directory / self.state_file)
+
+
+def _state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of everything in a state except the digest itself (a flipped byte inside a tensor loads fine)."""
+    h = hashlib.sha256()
+    rest = {k: v for k, v in state.items() if k not in ("digest", "hidden_states")}
+    h.update(json.dumps(rest, sort_keys=True, default=str).encode())
+    for t in state.get("hidden_states", []):
+        h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
 
 
 def _block_file(block: int) -> str:

@@ -70,6 +70,15 @@ def _truncated_state(ckpt: Path, tmp_path: Path) -> None:
     (ckpt / "state.pt").write_bytes(data[: len(data) // 2])
 
 
+def _corrupted_state_tensor(ckpt: Path, tmp_path: Path) -> None:
+    """Flip bytes inside the stored hidden states: the zip still loads, with wrong numbers."""
+    data = bytearray((ckpt / "state.pt").read_bytes())
+    start = data.find(b"data/0") + 200
+    for i in range(start, start + 64):
+        data[i] ^= 0x5A
+    (ckpt / "state.pt").write_bytes(bytes(data))
+
+
 def _corrupted_block(ckpt: Path, tmp_path: Path) -> None:
     path = ckpt / "block_0000.safetensors"
     data = bytearray(path.read_bytes())
@@ -91,6 +100,7 @@ CHECKPOINT_FAULTS = {
     # name: (damage the finished checkpoint_dir, expected error)
     "crafted_state_runs_no_code": (_crafted_state, "unreadable or not a D²Prune state"),
     "truncated_state": (_truncated_state, "unreadable or not a D²Prune state"),
+    "corrupted_state_tensor": (_corrupted_state_tensor, "is corrupted"),
     "corrupted_block_file": (_corrupted_block, "corrupted or truncated"),
     "truncated_block_file": (_truncated_block, "corrupted or truncated"),
     "missing_block_file": (_missing_block, "block_0000.safetensors is missing"),
