@@ -406,7 +406,10 @@ SAVE_CHILD = """
         return event in EVENTS
 
     results = []
-    if mode == "kill":
+    if mode == "kill-fallback":  # a filesystem without RENAME_EXCHANGE: the two-rename path
+        import optimum_d2prune.hub as hub
+        hub._exchange = lambda a, b: False
+    if mode.startswith("kill"):
         for k in range(1, 400):
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(out / "ref_a", target)
@@ -423,7 +426,10 @@ SAVE_CHILD = """
                 os._exit(0)
             _, status = os.waitpid(pid, 0)
             killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-            results.append([k, killed, state()])
+            right_after = state()
+            from optimum_d2prune.hub import _recover_interrupted_swap
+            _recover_interrupted_swap(target)  # what the next save to `target` does first
+            results.append([k, killed, right_after, state()])
             if not killed:
                 break
     else:  # "full": the disk fills up (file size limit) in the middle of writing the weights
@@ -461,6 +467,17 @@ def test_sigkill_at_every_step_of_save_leaves_old_or_new_folder(tmp_path):
     bad = [r for r in results if r[2] not in ("a", "b")]
     assert not bad, f"killed saves left neither the old nor the new folder: {bad}"
     assert {r[2] for r in results} == {"a", "b"}  # the kill points span the switch from old to new
+
+
+def test_sigkill_without_atomic_exchange_is_repaired_by_the_next_save(tmp_path):
+    """Where the filesystem cannot swap two folders, a kill between the two renames leaves the old folder aside;
+    the next save to that folder puts it back before doing anything else."""
+    results = _save_child(tmp_path, "kill-fallback")
+    assert results[-1][1] is False and results[-1][3] == "b", results[-1]
+    assert all(r[2] in ("a", "b", "missing") for r in results), results
+    assert any(r[2] == "missing" for r in results)  # the kill between the two renames was hit
+    bad = [r for r in results if r[3] not in ("a", "b")]
+    assert not bad, f"not repaired: {bad}"
 
 
 def test_full_disk_during_save_names_the_folder_and_keeps_the_old_one(tmp_path):
