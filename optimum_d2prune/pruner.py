@@ -239,7 +239,8 @@ def _heldout_perplexity(model: nn.Module, batches: list[dict[str, torch.Tensor]]
             if "attention_mask" in batch:
                 labels[batch["attention_mask"].to(device) == 0] = -100
             n = int((labels[:, 1:] != -100).sum())
-            loss = model(input_ids=ids, attention_mask=batch.get("attention_mask"), labels=labels).loss
+            mask = batch.get("attention_mask")
+            loss = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device), labels=labels).loss
             nll += float(loss) * n
             count += n
     return math.exp(nll / max(count, 1))

@@ -3,7 +3,8 @@
 - exact count: every solver leaves exactly `round_half_up(s · numel)` zeros, dead inputs included;
 - N:M: exactly N zeros in every group of M consecutive inputs of every row;
 - λ1 = λ2 = 0: D²Prune's update solver picks SparseGPT's mask (the published algorithm, `test_solvers`);
-- the OBS update never makes the layer error worse than zeroing the same mask without update.
+- the OBS update never makes the layer error worse than zeroing the same mask without update (up to the
+  1 % margin that keeps near-ties stable across data-parallel ranks).
 Shapes are small and `max_examples` low so the file runs in seconds.
 """
 
@@ -20,6 +21,7 @@ from optimum_d2prune import D2PruneConfig  # noqa: E402
 from optimum_d2prune.masks import SparsityPattern, group_zero_counts, round_half_up  # noqa: E402
 from optimum_d2prune.solvers import DualTaylor, MagnitudeSolver, OBSSolver, WandaSolver, solvers_for  # noqa: E402
 from optimum_d2prune.solvers.base import relative_error  # noqa: E402
+from optimum_d2prune.solvers.obs import MASKING_MARGIN  # noqa: E402
 from optimum_d2prune.statistics import InputStatistics, LinearStatistics  # noqa: E402
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
@@ -127,7 +129,7 @@ def test_obs_update_never_worse_than_mask_only(data):
         out = solver.prune(weight, stats, pattern)
         masked = weight.float().masked_fill(out.mask, 0)
         mask_only = relative_error(weight, masked, stats)
-        assert out.error <= mask_only * (1 + 1e-4) + 1e-6, (solver.name, out.error, mask_only)
+        assert out.error <= mask_only * (1 + MASKING_MARGIN + 1e-5) + 1e-7, (solver.name, out.error, mask_only)
 
 
 @pytest.mark.parametrize("structure", ["2:6", "unstructured"])
@@ -144,4 +146,4 @@ def test_obs_update_never_worse_than_mask_only_on_small_layers(structure):
         stats.add_output(x @ weight.t())
         out = OBSSolver(block_size=6 if pattern.is_nm else 128).prune(weight, stats, pattern)
         mask_only = relative_error(weight, weight.masked_fill(out.mask, 0), stats)
-        assert out.error <= mask_only * (1 + 1e-5), (seed, out.error, mask_only)
+        assert out.error <= mask_only * (1 + MASKING_MARGIN + 1e-5), (seed, out.error, mask_only)
