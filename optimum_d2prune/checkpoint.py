@@ -106,12 +106,13 @@ class BlockCheckpoint:
                 f"{str(err)[:200]}); it was not loaded. Delete {self.directory} (or choose a new directory) to "
                 "start the run over."
             ) from err
-        if isinstance(state, dict) and "digest" in state and state["digest"] != _state_digest(state):
+        if not _digest_matches(state):
             raise ValueError(
                 f"`checkpoint_dir` state {path} is corrupted (its content does not match the digest written with "
-                f"it); it was not used. Delete {self.directory} (or choose a new directory) to start the run over."
+                f"it, or it has none); it was not used. Delete {self.directory} (or choose a new directory) to "
+                "start the run over."
             )
-        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+        if state.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"`checkpoint_dir` {self.directory} holds a run with another model, calibration data or config; "
                 "use a new directory (it is left untouched)."
@@ -173,6 +174,16 @@ class BlockCheckpoint:
         tmp = self.directory / f".{self.state_file}.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.directory / self.state_file)
+
+
+def _digest_matches(state: Any) -> bool:
+    """Whether a loaded state is a dict holding the digest of its own content."""
+    if not isinstance(state, dict) or not isinstance(state.get("digest"), str):
+        return False
+    try:
+        return state["digest"] == _state_digest(state)
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # e.g. a non-tensor where tensors belong
+        return False
 
 
 def _state_digest(state: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -184,7 +184,8 @@ class PruningEngine:
                                                      float((t.weight() == 0).float().mean()), out.error, None,
                                                      time.perf_counter() - tic))
 
-    def _checkpoint(self, model: nn.Module, batches: list[dict[str, torch.Tensor]], weights) -> Optional[BlockCheckpoint]:
+    def _checkpoint(self, model: nn.Module, batches: list[dict[str, torch.Tensor]],
+                    weights: Iterable[tuple[str, torch.Tensor]]) -> Optional[BlockCheckpoint]:
         if not self.config.checkpoint_dir:
             return None
         fingerprint = run_fingerprint({**self.config.to_dict(), "attention_update": self.attention_update}, model,

@@ -65,6 +65,14 @@ def _crafted_state(ckpt: Path, tmp_path: Path) -> str:
     return str(marker)
 
 
+def _state_without_digest(ckpt: Path, tmp_path: Path) -> None:
+    """A state with the right fingerprint but no digest of its content (hand-edited, or another writer)."""
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    del state["digest"]
+    state["hidden_states"] = [h * 0 for h in state["hidden_states"]]
+    torch.save(state, ckpt / "state.pt")
+
+
 def _truncated_state(ckpt: Path, tmp_path: Path) -> None:
     data = (ckpt / "state.pt").read_bytes()
     (ckpt / "state.pt").write_bytes(data[: len(data) // 2])
@@ -101,6 +109,7 @@ CHECKPOINT_FAULTS = {
     "crafted_state_runs_no_code": (_crafted_state, "unreadable or not a D²Prune state"),
     "truncated_state": (_truncated_state, "unreadable or not a D²Prune state"),
     "corrupted_state_tensor": (_corrupted_state_tensor, "is corrupted"),
+    "state_without_digest": (_state_without_digest, "is corrupted"),
     "corrupted_block_file": (_corrupted_block, "corrupted or truncated"),
     "truncated_block_file": (_truncated_block, "corrupted or truncated"),
     "missing_block_file": (_missing_block, "block_0000.safetensors is missing"),
