@@ -15,8 +15,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-_WHAT_TO_DO = ("Check the model's weights and dtype (float16 overflows: try bfloat16 or float32), or pass "
-               '`on_nonfinite="skip"` to leave such modules unpruned.')
+_CHECK = "Check the model's weights and dtype (float16 overflows: try bfloat16 or float32)"
+_WHAT_TO_DO = _CHECK + ', or pass `on_nonfinite="skip"` to leave such modules unpruned.'
 
 
 class NonFiniteError(ValueError):
@@ -52,7 +52,7 @@ def check_hidden_states(hidden: list[torch.Tensor], block: int) -> None:
         if not is_finite(h):
             raise NonFiniteError(
                 f"The hidden states entering block {block} hold NaN or Inf (calibration batch {i}); blocks before it "
-                "are pruned in memory only: do not save this model. " + _WHAT_TO_DO.split(", or pass")[0] + "."
+                "are pruned in memory only: do not save this model. " + _CHECK + "."
             )
 
 
