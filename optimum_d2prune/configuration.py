@@ -13,6 +13,9 @@ from typing import Any, Optional, Union
 from .masks import SparsityPattern
 
 METHODS = ("d2prune", "sparsegpt", "wanda", "magnitude")
+#: methods whose weight-update layers use the OBS solver (N:M groups must tile its column blocks)
+OBS_METHODS = ("d2prune", "sparsegpt")
+NONFINITE_ACTIONS = ("raise", "skip")
 ATTENTION_UPDATES = ("dynamic", "all", "none", "q", "k", "v")
 DYNAMIC_STRATEGIES = ("auto", "layer", "global")
 #: calibration length at which the dual-Taylor scale was tuned; `activation_scale="auto"` keeps the strength of the
@@ -106,6 +109,14 @@ class D2PruneConfig:
         default=None,
         metadata={"help": "Save each pruned block and the propagated activations here; a restarted run resumes."},
     )
+    on_nonfinite: str = field(
+        default="raise",
+        metadata={
+            "help": 'NaN/Inf in a targeted weight or its calibration statistics: "raise" (naming the block and '
+            'module) or "skip" (leave that module as it is and list it in `report.skipped`). Non-finite '
+            "activations between blocks always raise."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -133,6 +144,16 @@ class D2PruneConfig:
             self.activation_scale = float(self.activation_scale)
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"`block_size` must be a positive integer, got {self.block_size!r}.")
+        if pattern.is_nm and self.method in OBS_METHODS and self.block_size % pattern.m:
+            # the OBS solver picks N of every M inputs inside each column block: refuse now, not after some blocks
+            suggestion = max(pattern.m, self.block_size // pattern.m * pattern.m)
+            raise ValueError(
+                f"`block_size` ({self.block_size}) is not a multiple of M={pattern.m} for {pattern.structure}: the "
+                f"{self.method} solver needs whole groups of M inputs in each column block; set `block_size` to a "
+                f"multiple of {pattern.m} (e.g. {suggestion})."
+            )
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_ACTIONS}, got {self.on_nonfinite!r}.")
         if self.refine_steps is not None and (
             not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0
         ):

@@ -9,10 +9,11 @@ and broadcast, so every rank ends with the identical pruned model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -91,6 +92,23 @@ class DistributedContext:
         buf = tensor.detach().contiguous().clone()
         dist.broadcast(buf, src)
         return buf
+
+
+@contextlib.contextmanager
+def distributed_session() -> Iterator[None]:
+    """Initialise the process group from the torchrun environment for the duration of a run, if no one else
+    has, and destroy it afterwards (also on error): a library call leaves no process group behind it."""
+    owned = False
+    if (dist.is_available() and not dist.is_initialized() and "RANK" in os.environ
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        DistributedContext.detect()
+        owned = True
+    try:
+        yield
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+            logger.info("Destroyed the process group initialised for this run.")
 
 
 def _device(device: torch.device) -> torch.device:

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from .architectures import PROJECTIONS, ArchitectureAdapter, AttentionInputs
 from .attention import choose_unupdated_projection
-from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint
+from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint, targeted_weights
 from .configuration import D2PruneConfig
 from .distributed import DistributedContext
+from .finite import check_hidden_states, screen_targets
 from .hooks import (
     AttentionInputCapture,
     CapturedBatch,
@@ -128,7 +129,7 @@ class PruningEngine:
         if device.type == "meta":  # accelerate-offloaded weights: run where accelerate executes them
             device = _execution_device(blocks[0])
         self.dist = DistributedContext.detect()
-        checkpoint = self._checkpoint(model, batches)
+        checkpoint = self._checkpoint(model, batches, targeted_weights(blocks, targets, device))
         local_batches = self.dist.shard(batches)
         with PeakMemory(device) as memory, calibration_context(model):
             if self._data_free():
@@ -154,6 +155,7 @@ class PruningEngine:
         progress = tqdm(range(first, len(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block",
                         initial=first, total=len(blocks), disable=self.dist.rank > 0)
         for index in progress:
+            check_hidden_states([b.hidden_states for b in captured], index)
             with onloaded(blocks[index], device):
                 self._prune_block(index, blocks[index], targets[index], captured, seq_len, update_solver,
                                   non_update_solver, report)
@@ -174,7 +176,7 @@ class PruningEngine:
         solver = solvers_for(self.config, seq_len=1)[0]
         for index in tqdm(range(len(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block"):
             with onloaded(blocks[index], device):
-                for t in targets[index]:
+                for t in screen_targets(index, targets[index], {}, self.config.on_nonfinite, report):
                     tic = time.perf_counter()
                     out = solver.prune(t.weight(), None, self.pattern)
                     t.write(out.weight)
@@ -182,11 +184,12 @@ class PruningEngine:
                                                      float((t.weight() == 0).float().mean()), out.error, None,
                                                      time.perf_counter() - tic))
 
-    def _checkpoint(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Optional[BlockCheckpoint]:
+    def _checkpoint(self, model: nn.Module, batches: list[dict[str, torch.Tensor]],
+                    weights: Iterable[tuple[str, torch.Tensor]]) -> Optional[BlockCheckpoint]:
         if not self.config.checkpoint_dir:
             return None
         fingerprint = run_fingerprint({**self.config.to_dict(), "attention_update": self.attention_update}, model,
-                                      batches)
+                                      batches, weights)
         return BlockCheckpoint(self.config.checkpoint_dir, fingerprint, self.dist.rank, self.dist.world_size)
 
     def _resume(self, checkpoint, blocks, targets, captured, report, device) -> int:
@@ -284,6 +287,9 @@ class PruningEngine:
             if capture is not None:
                 attention_inputs = [AttentionInputs(a, k, m) for a, k, m in capture.inputs]
         try:
+            kept = screen_targets(index, targets, stats, self.config.on_nonfinite, report)
+            if len(kept) < len(targets):  # a skipped q/k/v leaves nothing to choose between
+                targets, aware, dynamic = kept, False, False
             unupdated, outputs, record = self._choose(index, block, targets, stats, update_solver,
                                                       non_update_solver, attention_inputs, aware, dynamic)
             if record is not None:

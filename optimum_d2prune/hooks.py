@@ -90,6 +90,7 @@ def capture_block_inputs(
     """
     captured: list[CapturedBatch] = []
     current_mask: list[Optional[torch.Tensor]] = [None]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         hidden, rest_args, rest_kwargs = split_hidden_states(args, kwargs)
@@ -101,14 +102,18 @@ def capture_block_inputs(
         for batch in batches:
             mask = batch.get("attention_mask")
             current_mask[0] = mask.to(store_device).bool() if mask is not None else None
-            try:
-                inputs = {key: value.to(input_device) for key, value in batch.items()}
+            try:  # float inputs (pixels) in the model's dtype: timm does not cast them itself
+                inputs = {key: _to_model(value, input_device, dtype) for key, value in batch.items()}
                 model(**inputs) if forward is None else forward(model, inputs)
             except _StopForward:
                 pass
             else:
                 raise RuntimeError("The model's forward never reached its first block; check the adapter's blocks.")
     return captured
+
+
+def _to_model(value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
 
 
 class StatisticsCollector:
@@ -133,7 +138,10 @@ class StatisticsCollector:
     def _tokens(self, t: torch.Tensor) -> torch.Tensor:
         flat = t.reshape(-1, t.shape[-1])
         mask = self.token_mask
-        if mask is not None and mask.numel() == flat.shape[0] and not bool(mask.all()):
+        if mask is not None and mask.numel() != flat.shape[0]:  # ignoring it would calibrate on padding
+            raise ValueError(f"The token mask has {mask.numel()} entries but the layer input has {flat.shape[0]} "
+                             "tokens: the block changes the sequence length, which the adapter must handle.")
+        if mask is not None and not bool(mask.all()):
             flat = flat[mask.reshape(-1).to(flat.device)]
         return flat
 
@@ -151,7 +159,7 @@ class StatisticsCollector:
             else:
                 shared = entry[1]
             if name not in self.stats:
-                self.stats[name] = LinearStatistics(shared, self.seq_len)
+                self.stats[name] = LinearStatistics(shared, self.seq_len, name=name)
             elif self.stats[name].inputs is not shared:
                 raise RuntimeError(f"Input sharing of {name} changed between calibration batches.")
             self.stats[name].add_output(self._tokens(output.detach()))

@@ -8,11 +8,14 @@ the achieved sparsity of every pruned module, the per-block attention choices an
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from .configuration import CONFIG_NAME, D2PruneConfig
+from .finite import nonfinite_parameters
 from .report import PruneReport
 
 logger = logging.getLogger(__name__)
@@ -130,20 +134,67 @@ def _prepare_output_dir(save_dir: Path, overwrite: bool) -> None:
         )
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the platform or
+    filesystem cannot, so the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (musl < 1.2.5, old glibc)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(a), None, os.fspath(b))
+
+
+def _recover_interrupted_swap(save_dir: Path) -> None:
+    """A save killed between the two renames of the fallback left `save_dir` missing and the old folder aside:
+    put the old folder back (the interrupted save never happened)."""
+    if save_dir.exists():
+        return
+    for old in sorted(save_dir.parent.glob(f".{save_dir.name}.old-*")):
+        logger.warning("Restoring %s from %s (a save to it was interrupted).", save_dir, old)
+        os.rename(old, save_dir)
+        return
+
+
 @contextmanager
 def atomic_directory(save_dir: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to `save_dir`; on success it replaces `save_dir` in one rename.
+    """Yield a temporary folder next to `save_dir`; on success it replaces `save_dir` in one atomic step.
 
-    An existing non-empty `save_dir` is refused unless `overwrite=True`; on error nothing at `save_dir` changes.
+    An existing non-empty `save_dir` is refused unless `overwrite=True`; on error nothing at `save_dir` changes,
+    and a process killed at any point leaves either the old folder or the new one at `save_dir`, never a mix
+    (an atomic exchange where the filesystem has one, else two renames repaired by the next save).
+    A failed write (full disk, file size limit) raises an `OSError` naming `save_dir`.
     """
     save_dir = Path(save_dir).expanduser().absolute()
+    _recover_interrupted_swap(save_dir)
     _prepare_output_dir(save_dir, overwrite)
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = save_dir.parent / f".{save_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir(mode=0o777)  # the umask applies, unlike mkdtemp's 0o700: the result reads like any folder
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as err:
+            if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":  # a write failed
+                raise OSError(getattr(err, "errno", None) or errno.EIO,
+                              f"Could not write the checkpoint for {save_dir} ({type(err).__name__}: {err}); "
+                              f"nothing at {save_dir} was changed. Check the free space and file size limits of "
+                              f"{save_dir.parent}.") from err
+            raise
         _prepare_output_dir(save_dir, overwrite)  # something may have appeared meanwhile
+        if save_dir.exists() and _exchange(tmp, save_dir):
+            return  # `tmp` now holds the old folder: removed below
         old = None
         if save_dir.exists():
             old = save_dir.parent / f".{save_dir.name}.old-{uuid.uuid4().hex[:12]}"
@@ -332,6 +383,10 @@ def save_pruned(
     ):
         raise ValueError("The model still holds packed GGUF weights: load it with "
                          "`quantization_config=GgufConfig(dequantize=True)` (as `load_causal_lm` does) before pruning.")
+    nonfinite = nonfinite_parameters(model)
+    if nonfinite:  # never write a NaN model (e.g. modules left unpruned with `on_nonfinite="skip"`)
+        raise ValueError(f"The model holds NaN or Inf in {len(nonfinite)} tensor(s) (e.g. `{nonfinite[0]}`): "
+                         "it is not saved. Fix or reload those weights first.")
     save_dir = Path(save_dir).expanduser().absolute()
     _prepare_output_dir(save_dir, overwrite)  # fail before any work
     base = base_model_info(model, base_model)

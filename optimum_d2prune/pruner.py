@@ -14,8 +14,10 @@ from torch import nn
 
 from .architectures import PROJECTIONS, get_adapter
 from .configuration import D2PruneConfig
+from .distributed import distributed_session
 from .engine import PruneTarget, PruningEngine
 from .hooks import calibration_context
+from .preflight import check_before_pruning
 from .report import PruneReport
 from .vision import class_kl, class_logits
 
@@ -65,13 +67,15 @@ class D2Pruner:
         batches = prepare_batches(calib_loader)
         engine = PruningEngine(self.config, adapter)
         plan = engine.plan(model)  # every check happens before the model is touched
+        check_before_pruning(model, batches, self.config, plan)
         strategy = self.config.resolve_dynamic_strategy(images="pixel_values" in batches[0])
-        if self.config.uses_attention_awareness and self.config.attention_update == "dynamic" and (
-            strategy == "global"
-        ):
-            self.report = self._global_search(model, batches, adapter, plan)
-        else:
-            self.report = engine.run(model, batches, plan)
+        with distributed_session():
+            if self.config.uses_attention_awareness and self.config.attention_update == "dynamic" and (
+                strategy == "global"
+            ):
+                self.report = self._global_search(model, batches, adapter, plan)
+            else:
+                self.report = engine.run(model, batches, plan)
         logger.info("%s", self.report.summary())
         return model
 
@@ -235,7 +239,8 @@ def _heldout_perplexity(model: nn.Module, batches: list[dict[str, torch.Tensor]]
             if "attention_mask" in batch:
                 labels[batch["attention_mask"].to(device) == 0] = -100
             n = int((labels[:, 1:] != -100).sum())
-            loss = model(input_ids=ids, attention_mask=batch.get("attention_mask"), labels=labels).loss
+            mask = batch.get("attention_mask")
+            loss = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device), labels=labels).loss
             nll += float(loss) * n
             count += n
     return math.exp(nll / max(count, 1))

@@ -48,6 +48,7 @@ class PruneReport:
     memory_increase_bytes: int = 0  # peak minus the memory in use when the run started
     global_search: dict[str, float] = field(default_factory=dict)  # candidate -> held-out score (global strategy)
     global_metric: str = ""  # what `global_search` holds: "PPL" (language models) or "logit KL" (vision)
+    skipped: dict[str, str] = field(default_factory=dict)  # module -> why it was left unpruned (non-finite values)
 
     @property
     def total_sparsity(self) -> float:
@@ -113,6 +114,8 @@ class PruneReport:
         if self.attention:
             counts = {p: sum(a.chosen == p for a in self.attention) for p in ("q", "k", "v")}
             parts.append("un-updated projection per block: " + ", ".join(f"{p}={n}" for p, n in counts.items()))
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} module(s) left unpruned (NaN/Inf): " + ", ".join(self.skipped))
         if self.global_search:
             scores = ", ".join(f"{k}={v:.4g}" for k, v in self.global_search.items())
             parts.append(f"global search, held-out {self.global_metric} per candidate (un-updated projection): {scores}")

@@ -92,6 +92,7 @@ class LinearStatistics:
     inputs: InputStatistics
     seq_len: int
     y_sq: Optional[torch.Tensor] = None  # sum over tokens of y_i² (dense outputs)
+    name: str = ""  # the module's full name, for error messages
 
     def add_output(self, y: torch.Tensor) -> None:
         y = y.to(device=self.inputs.device, dtype=torch.float32).square().sum(0)
@@ -111,4 +112,4 @@ class LinearStatistics:
         """View restricted to a block of output rows (for fused projections such as timm's qkv)."""
         if rows is None:
             return self
-        return LinearStatistics(self.inputs, self.seq_len, None if self.y_sq is None else self.y_sq[rows])
+        return LinearStatistics(self.inputs, self.seq_len, None if self.y_sq is None else self.y_sq[rows], self.name)

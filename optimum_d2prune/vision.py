@@ -84,12 +84,31 @@ def _folder_items(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this dataset cannot be reached from here" (network, offline mode, cache miss):
+    OSError covers requests' and huggingface_hub's HTTP errors and datasets' not-found errors."""
+    errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        errors += [HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled]
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        pass
+    try:
+        from datasets.exceptions import DatasetNotFoundError
+
+        errors.append(DatasetNotFoundError)
+    except ImportError:  # pragma: no cover - older datasets
+        pass
+    return tuple(errors)
+
+
 def _hub_dataset(name: str, split: str):
     try:
         from datasets import load_dataset
 
         return load_dataset(name, split=split)
-    except Exception as err:  # network, missing cache, hub errors: all mean "not available here"
+    except _unavailable_errors() as err:  # network, missing cache, hub errors; anything else is a real bug
         raise ConnectionError(
             f"Could not load {name!r} (split {split!r}) from the Hugging Face Hub ({type(err).__name__}: {err}). "
             "Pass a local image folder (one subfolder per class, or flat) or a `datasets.Dataset` instead."

@@ -265,7 +265,7 @@ def test_cholesky_failure_that_damping_cannot_fix_raises():
     W = torch.randn(4, 3)
     inputs = InputStatistics(3, "hessian", torch.device("cpu"))
     inputs.num_tokens = 2
-    inputs.xtx = torch.diag(torch.tensor([1.0, 1.0, float("nan")]))
-    stats = LinearStatistics(inputs, 1, y_sq=torch.ones(4))
-    with pytest.raises(RuntimeError, match="not positive definite"):
+    inputs.xtx = torch.diag(torch.tensor([1.0, 1.0, -1e9]))  # negative mean diagonal: damping only makes it worse
+    stats = LinearStatistics(inputs, 1, y_sq=torch.ones(4), name="block.0.fc")
+    with pytest.raises(RuntimeError, match="Hessian of `block.0.fc` is not positive definite"):
         OBSSolver().prune(W, stats, SparsityPattern.parse("unstructured", 0.5))

@@ -392,9 +392,9 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     return _run_cli(args, argv if argv is not None else sys.argv[1:])
 
 
-#: errors that mean "the input cannot be used": one line, exit 2 (anything else is a bug of ours: exit 1 + a log)
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError,
-               ConnectionError)
+#: errors that mean "the input or the machine cannot be used" (bad values, missing files, no network, a full disk):
+#: one line, exit 2; anything else is a bug of ours: exit 1 and a log with the traceback
+USER_ERRORS = (ValueError, OSError, ImportError)
 
 
 def _run_cli(args: argparse.Namespace, argv: list[str]) -> int:

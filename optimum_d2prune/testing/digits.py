@@ -125,8 +125,16 @@ def load_digits_splits(test_fraction: float = 0.2, seed: int = 0) -> DigitsSplit
 
 
 def build_digits_model(kind: str, recipe: DigitsRecipe = DigitsRecipe()) -> nn.Module:
-    """An untrained (seeded) `DeiTForImageClassification` ("deit") or timm `VisionTransformer` ("timm")."""
-    torch.manual_seed(recipe.seed)
+    """An untrained (seeded) `DeiTForImageClassification` ("deit") or timm `VisionTransformer` ("timm").
+
+    The initialisation draws from the global RNG: it is seeded inside `fork_rng`, so the caller's RNG state is
+    left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        return _build(kind, recipe)
+
+
+def _build(kind: str, recipe: DigitsRecipe) -> nn.Module:
     if kind == "deit":
         from transformers import DeiTConfig, DeiTForImageClassification
 
