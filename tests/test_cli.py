@@ -91,7 +91,8 @@ def test_python_m_with_file_calibration_and_nm(tiny_checkpoint, tmp_path):
 def test_python_m_zero_shot_on_local_tasks(tiny_checkpoint, shared_data, tmp_path):
     out = tmp_path / "pruned-zero-shot"
     cmd = [sys.executable, "-m", "optimum_d2prune", "--model", str(tiny_checkpoint), "--output-dir", str(out),
-           "--method", "magnitude", "--eval", "none", "--zero-shot", "rte,winogrande", "--zero-shot-data",
+           "--method", "magnitude", "--num-samples", "2", "--seq-len", "16", "--eval", "none", "--zero-shot",
+           "rte,winogrande", "--zero-shot-data",
            str(shared_data / "zeroshot"), "--zero-shot-limit", "2", "--batch-size", "2", "--device", "cpu"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
