@@ -101,8 +101,9 @@ def plot_layer_errors(reports: Reports):
     for ax in axes[:, 0]:
         ax.set_ylabel("relative error")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), bbox_to_anchor=(0.5, 1.0),
-               frameon=False)
+    if labels:  # data-free methods (magnitude) measure no error: nothing to label
+        fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), bbox_to_anchor=(0.5, 1.0),
+                   frameon=False)
     fig.suptitle("Per-layer reconstruction error (hollow: pruned without weight update)", y=1.04)
     fig.tight_layout()
     return fig

@@ -199,3 +199,16 @@ def test_smollm2_alias_is_case_insensitive():
     for alias in ("smollm2", "SmolLM2", "SMOLLM2"):
         source = resolve_model_source(alias)
         assert source.gguf_file == SMOLLM2_GGUF and source.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_value_error_inside_another_library_is_an_internal_error(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    def broken(self, model, calib):
+        np.array_split(np.arange(3), 0)  # raises ValueError inside numpy: a bug of ours, not bad input
+
+    monkeypatch.setattr(D2Pruner, "prune", broken)
+    code, _, stderr = _run(capsys, "--model", str(tiny_checkpoint), "--output-dir", str(tmp_path / "o"), "--eval",
+                           "none", "--num-samples", "2", "--seq-len", "16", "--device", "cpu")
+    assert code == 1 and "internal error: ValueError" in stderr and "The traceback is in" in stderr
+

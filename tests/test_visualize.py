@@ -44,3 +44,15 @@ def test_html_report_embeds_pngs(reports):
         render_report(reports, format="pdf")
     with pytest.raises(ValueError, match="PruneReport"):
         render_report({"x": 1})
+
+
+def test_report_of_a_data_free_method_renders():
+    """Magnitude pruning measures no reconstruction error: the figures must still render (no legend to draw)."""
+    from conftest import calib_batches, make_tiny
+
+    from optimum_d2prune import D2PruneConfig, D2Pruner
+    from optimum_d2prune.visualize import render_report
+
+    pruner = D2Pruner(D2PruneConfig(method="magnitude"))
+    pruner.prune(make_tiny("llama"), calib_batches(num=1))
+    assert "report.html" in render_report({"magnitude": pruner.report})

@@ -392,9 +392,20 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     return _run_cli(args, argv if argv is not None else sys.argv[1:])
 
 
-#: errors that mean "the input or the machine cannot be used" (bad values, missing files, no network, a full disk):
-#: one line, exit 2; anything else is a bug of ours: exit 1 and a log with the traceback
+#: errors that mean "the input or the machine cannot be used" (bad values, missing files, no network, a full disk)
+#: when this package raises them: one line, exit 2. Anything else, or one of these raised inside another library
+#: (a ValueError deep in matplotlib is a bug of ours, not bad input), exits 1 with a log holding the traceback.
 USER_ERRORS = (ValueError, OSError, ImportError)
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def _is_user_error(err: BaseException) -> bool:
+    if not isinstance(err, USER_ERRORS):
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is None or str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_PACKAGE_DIR)
 
 
 def _run_cli(args: argparse.Namespace, argv: list[str]) -> int:
@@ -409,11 +420,11 @@ def _run_cli(args: argparse.Namespace, argv: list[str]) -> int:
         logger.debug("evaluation failed", exc_info=True)
         print(f"error: {err}. Traceback: {_write_log(err, argv)}", file=sys.stderr)
         return 1
-    except USER_ERRORS as err:
-        logger.debug("d2prune refused its input", exc_info=True)
-        print(f"error: {err}" + ("" if args.verbose else " (--verbose shows the traceback)"), file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - an internal error: short message, full traceback in a log file
+    except Exception as err:  # noqa: BLE001 - told apart below: refused input, or an internal error with a log
+        if _is_user_error(err):
+            logger.debug("d2prune refused its input", exc_info=True)
+            print(f"error: {err}" + ("" if args.verbose else " (--verbose shows the traceback)"), file=sys.stderr)
+            return 2
         logger.debug("d2prune failed", exc_info=True)
         print(f"internal error: {type(err).__name__}: {err}\nThe traceback is in {_write_log(err, argv)}; please "
               "include that file when you report the problem.", file=sys.stderr)
