@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import PROJECTIONS, ArchitectureAdapter, AttentionInputs
-from .attention import choose_unupdated_projection
+from .architectures import PROJECTIONS, PRUNABLE_TYPES, ArchitectureAdapter, AttentionInputs
+from .architectures.base import Rows, in_features, read_rows, write_rows
+from .attention import AttentionScorer, plan_attention_updates
 from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint
 from .configuration import D2PruneConfig
 from .distributed import DistributedContext
@@ -29,6 +30,7 @@ from .hooks import (
     StatisticsCollector,
     _StopForward,
     calibration_context,
+    capture_block_arguments,
     capture_block_inputs,
 )
 from .masks import SparsityPattern
@@ -45,35 +47,39 @@ _LEVEL_RANK = {"none": 0, "diag": 1, "hessian": 2}
 
 @dataclass
 class PruneTarget:
-    """One matrix to prune: a Linear, or one row block (q, k or v) of a fused Linear."""
+    """One matrix to prune: a Linear (or GPT-2 `Conv1D`), or one row block (q, k or v) of a fused one.
+
+    `weight()` is always `[out, in]`: a Conv1D's stored `[in, out]` weight is seen transposed.
+    """
 
     name: str  # full module name, plus "[q]"/"[k]"/"[v]" for a row block
     module_name: str
-    module: nn.Linear
-    rows: Optional[slice] = None
+    module: nn.Module
+    rows: Rows = None
     projection: Optional[str] = None  # "q"/"k"/"v" when it is an attention projection
 
+    @property
+    def in_features(self) -> int:
+        return in_features(self.module)
+
     def weight(self) -> torch.Tensor:
-        w = self.module.weight
-        return w if self.rows is None else w[self.rows]
+        return read_rows(self.module, self.rows)
 
     def write(self, new_weight: torch.Tensor) -> None:
-        w = self.module.weight
-        target = w.data if self.rows is None else w.data[self.rows]
-        target.copy_(new_weight.to(device=w.device, dtype=w.dtype))
+        write_rows(self.module, self.rows, new_weight)
 
 
 def find_targets(
     config: D2PruneConfig, adapter: ArchitectureAdapter, block: nn.Module, prefix: str
 ) -> list[PruneTarget]:
-    """The Linears of a block selected by `targets`/`ignore` (regexes searched in full module names)."""
+    """The Linears (and Conv1Ds) of a block selected by `targets`/`ignore` (regexes searched in full module names)."""
     projections = adapter.projections(block)
-    by_module: dict[str, list[tuple[str, Optional[slice]]]] = {}
+    by_module: dict[str, list[tuple[str, Rows]]] = {}
     for p, ref in projections.items():
         by_module.setdefault(ref.module, []).append((p, ref.rows))
     found = []
     for local_name, module in block.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, PRUNABLE_TYPES):
             continue
         full = f"{prefix}.{local_name}"
         if config.targets is not None and not any(re.search(p, full) for p in config.targets):
@@ -111,7 +117,11 @@ class PruningEngine:
             raise ValueError("No Linear layer matches `targets`/`ignore`: nothing to prune.")
         for block_targets in targets:
             for t in block_targets:
-                self.pattern.check_shape(t.name, t.module.in_features)
+                self.pattern.check_shape(t.name, t.in_features)
+        if self.config.uses_attention_awareness and not any(t.projection for b in targets for t in b):
+            missing = getattr(self.adapter, "missing_qkv_error", None)
+            if missing is not None and not self.adapter.projections(blocks[0]):
+                raise missing(blocks[0])
         return blocks, prefix, targets
 
     # ------------------------------------------------------------------ running
@@ -146,14 +156,20 @@ class PruningEngine:
         try:
             captured = capture_block_inputs(model, blocks[0], batches, _input_device(model), device,
                                             self.adapter.forward_model)
+            arguments = capture_block_arguments(model, blocks, batches, _input_device(model),
+                                                self.adapter.forward_model)
         finally:
             restore()
+        for batch, block_arguments in zip(captured, arguments or []):
+            batch.block_arguments = block_arguments
         seq_len = captured[0].hidden_states.shape[1]
         update_solver, non_update_solver = solvers_for(self.config, seq_len)
         first = self._resume(checkpoint, blocks, targets, captured, report, device)
         progress = tqdm(range(first, len(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block",
                         initial=first, total=len(blocks), disable=self.dist.rank > 0)
         for index in progress:
+            for batch in captured:
+                batch.use_block(index)
             with onloaded(blocks[index], device):
                 self._prune_block(index, blocks[index], targets[index], captured, seq_len, update_solver,
                                   non_update_solver, report)
@@ -284,8 +300,13 @@ class PruningEngine:
             if capture is not None:
                 attention_inputs = [AttentionInputs(a, k, m) for a, k, m in capture.inputs]
         try:
-            unupdated, outputs, record = self._choose(index, block, targets, stats, update_solver,
-                                                      non_update_solver, attention_inputs, aware, dynamic)
+            plan = plan_attention_updates(
+                self.attention_update if aware else "all", index, {t.projection: t for t in targets if t.projection},
+                lambda t: _target_stats(stats, t), update_solver, non_update_solver, self.pattern,
+                AttentionScorer(self.adapter, self.adapter.attention_module(block) if dynamic else None,
+                                attention_inputs, self.config.kl_weight, self._reduce_floats(stats)),
+            )
+            unupdated, outputs, record = plan.unupdated, plan.outputs, plan.record
             if record is not None:
                 report.attention.append(record)
             for position, t in enumerate(targets):
@@ -322,45 +343,6 @@ class PruningEngine:
             target.write(weight)
             out = SolverOutput(weight, weight == 0, meta[0], None if meta[1] < 0 else int(meta[1]))
         return out
-
-    def _choose(
-        self,
-        index: int,
-        block: nn.Module,
-        targets: list[PruneTarget],
-        stats: dict,
-        update_solver: Solver,
-        non_update_solver: Solver,
-        attention_inputs: list[AttentionInputs],
-        aware: bool,
-        dynamic: bool,
-    ) -> tuple[set[str], dict[tuple[str, bool], SolverOutput], Optional[AttentionRecord]]:
-        """Projections left without update in this block, precomputed solver outputs, and the record."""
-        if not aware:
-            return set(), {}, None
-        if self.attention_update == "none":
-            return set(PROJECTIONS), {}, None
-        if not dynamic:
-            fixed = self.attention_update if self.attention_update in PROJECTIONS else None
-            record = AttentionRecord(index, fixed, "fixed") if fixed else None
-            return ({fixed} if fixed else set()), {}, record
-        qkv = {t.projection: t for t in targets if t.projection}
-        candidate_solver = update_solver.without_refinement()  # refine only the two projections kept updated
-        updated = {p: candidate_solver.prune(t.weight(), _target_stats(stats, t), self.pattern) for p, t in qkv.items()}
-        non_updated = {
-            p: non_update_solver.prune(t.weight(), _target_stats(stats, t), self.pattern) for p, t in qkv.items()
-        }
-        dense = {p: qkv[p].weight().detach().float() for p in ("q", "k")}
-        attention = self.adapter.attention_module(block)
-        record = choose_unupdated_projection(self.adapter, attention, attention_inputs, dense, updated, non_updated,
-                                             self.config.kl_weight, index, reduce=self._reduce_floats(stats))
-        for p in PROJECTIONS:
-            if p != record.chosen:
-                updated[p] = update_solver.refine(qkv[p].weight(), updated[p], _target_stats(stats, qkv[p]))
-        outputs = {(qkv[p].name, True): updated[p] for p in PROJECTIONS}
-        outputs.update({(qkv[p].name, False): non_updated[p] for p in PROJECTIONS})
-        return {record.chosen}, outputs, record
-
 
     def _reduce_floats(self, stats: dict) -> Callable[[list[float]], list[float]]:
         device = next(iter(stats.values())).inputs.device if stats else torch.device("cpu")
