@@ -31,6 +31,12 @@ CAUSAL_FAMILIES = {
     "gpt-neox": lambda: _causal_lm("GPTNeoXConfig", num_key_value_heads=None, use_parallel_residual=True),
     "gpt2": lambda: _gpt2(),
     "olmo2": lambda: _causal_lm("Olmo2Config"),
+    # Llama 4 text with dense MLP layers: chunked attention, no-RoPE layers, q/k L2 norm
+    "llama4-text": lambda: _causal_lm("Llama4TextConfig", head_dim=16, intermediate_size_mlp=128, moe_layers=[],
+                                      attention_chunk_size=8, no_rope_layers=[1, 0], use_qk_norm=True),
+    # gpt-oss: attention sinks, alternating sliding/full layers; its experts are not pruned (see docs)
+    "gpt-oss": lambda: _causal_lm("GptOssConfig", head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                  sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
     "granite": lambda: _causal_lm("GraniteConfig", attention_multiplier=0.2, residual_multiplier=0.5,
                                   embedding_multiplier=2.0, logits_scaling=4.0),
 }
@@ -44,8 +50,8 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
-#: families whose attention needs eager in transformers (SDPA has no logit soft-capping)
-EAGER_ONLY = {"gemma2"}
+#: families whose attention needs eager in transformers (SDPA has no logit soft-capping, no attention sinks)
+EAGER_ONLY = {"gemma2", "gpt-oss"}
 
 
 def make_family(name: str, seed: int = 0, attn_implementation: str = "sdpa"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_nm_pattern, calib_batches
-from families import CAUSAL_FAMILIES, VOCAB, make_family
+from families import CAUSAL_FAMILIES, EAGER_ONLY, VOCAB, make_family
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import AttentionInputs, GenericAdapter, get_adapter
 from optimum_d2prune.engine import PruningEngine
@@ -175,7 +175,7 @@ def test_swapped_candidate_weights_equal_a_model_holding_them(family):
     assert not torch.allclose(probs, dense)  # the candidate really changed the probabilities
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} was not restored"
-    assert model.config._attn_implementation == ("eager" if family == "gemma2" else "sdpa")
+    assert model.config._attn_implementation == ("eager" if family in EAGER_ONLY else "sdpa")
     for p in ("q", "k"):
         write_rows(block.get_submodule(refs[p].module), refs[p].rows, candidate[p])
     model.config._attn_implementation = "eager"
