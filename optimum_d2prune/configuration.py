@@ -106,6 +106,11 @@ class D2PruneConfig:
         default=None,
         metadata={"help": "Save each pruned block and the propagated activations here; a restarted run resumes."},
     )
+    min_expert_tokens: int = field(
+        default=16,
+        metadata={"help": "MoE: an expert that received fewer calibration tokens is pruned with Wanda's criterion "
+                          "(magnitude if it received none) instead of the method's solver; the report lists them."},
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -165,6 +170,8 @@ class D2PruneConfig:
             setattr(self, name, list(patterns))
         if self.targets is not None and not self.targets:
             raise ValueError("`targets` is empty: pass None to prune every Linear of the blocks.")
+        if not isinstance(self.min_expert_tokens, int) or self.min_expert_tokens < 0:
+            raise ValueError(f"`min_expert_tokens` must be a non-negative integer, got {self.min_expert_tokens!r}.")
 
     # ------------------------------------------------------------------ views
     @property

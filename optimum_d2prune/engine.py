@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import PROJECTIONS, PRUNABLE_TYPES, ArchitectureAdapter, AttentionInputs
-from .architectures.base import Rows, in_features, read_rows, write_rows
+from .architectures.base import Rows, read_rows, write_rows
 from .attention import AttentionScorer, plan_attention_updates
 from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint
 from .configuration import D2PruneConfig
@@ -35,9 +35,10 @@ from .hooks import (
 )
 from .masks import SparsityPattern
 from .memory import PeakMemory
+from .moe import ExpertStatisticsCollector, expert_key, expert_matrix, expert_parameters, expert_solver
 from .offload import execution_device as _execution_device
 from .offload import onloaded
-from .report import AttentionRecord, LayerRecord, PruneReport
+from .report import ExpertRecord, LayerRecord, PruneReport
 from .solvers import Solver, SolverOutput, solvers_for
 
 logger = logging.getLogger(__name__)
@@ -52,21 +53,34 @@ class PruneTarget:
     `weight()` is always `[out, in]`: a Conv1D's stored `[in, out]` weight is seen transposed.
     """
 
-    name: str  # full module name, plus "[q]"/"[k]"/"[v]" for a row block
+    name: str  # full module name, plus "[q]"/"[k]"/"[v]" for a row block, or ".param[e]" for an expert matrix
     module_name: str
     module: nn.Module
     rows: Rows = None
     projection: Optional[str] = None  # "q"/"k"/"v" when it is an attention projection
+    param: Optional[str] = None  # for an expert matrix: the 3D parameter of the experts module...
+    expert: Optional[int] = None  # ...and the expert's index in it
 
     @property
     def in_features(self) -> int:
-        return in_features(self.module)
+        return self.weight().shape[1]
+
+    @property
+    def stats_key(self) -> str:
+        """Key of this target's statistics: the module (shared by its row blocks), or the expert matrix."""
+        return self.module_name if self.expert is None else self.name
 
     def weight(self) -> torch.Tensor:
+        if self.expert is not None:
+            return expert_matrix(self.module, self.param, self.expert)
         return read_rows(self.module, self.rows)
 
     def write(self, new_weight: torch.Tensor) -> None:
-        write_rows(self.module, self.rows, new_weight)
+        if self.expert is not None:
+            w = expert_matrix(self.module, self.param, self.expert).data
+            w.copy_(new_weight.to(device=w.device, dtype=w.dtype))
+        else:
+            write_rows(self.module, self.rows, new_weight)
 
 
 def find_targets(
@@ -91,6 +105,15 @@ def find_targets(
             found += [PruneTarget(f"{full}[{p}]", full, module, rows, p) for p, rows in refs]
         else:
             found.append(PruneTarget(full, full, module, None, refs[0][0] if refs else None))
+    for local_name, module in block.named_modules():  # fused MoE experts: one target per expert matrix
+        full = f"{prefix}.{local_name}"
+        for param in expert_parameters(module):
+            if config.targets is not None and not any(re.search(p, f"{full}.{param}") for p in config.targets):
+                continue
+            if any(re.search(p, f"{full}.{param}") for p in config.ignore):
+                continue
+            found += [PruneTarget(expert_key(full, param, e), full, module, param=param, expert=e)
+                      for e in range(getattr(module, param).shape[0])]
     return found
 
 
@@ -267,11 +290,14 @@ class PruningEngine:
         """Collect statistics for `targets` (stopping the block's forward after `stop_after`), then prune them."""
         dynamic = aware and self.attention_update == "dynamic"
         level = max((update_solver.statistics, non_update_solver.statistics), key=_LEVEL_RANK.__getitem__)
-        modules = {t.module_name: t.module for t in targets}
+        modules = {t.module_name: t.module for t in targets if t.expert is None}
+        experts = {t.module_name: t.module for t in targets if t.expert is not None}
         stats = {}
+        tokens: dict[tuple[str, int], int] = {}
         attention_inputs: list[AttentionInputs] = []
         if level != "none":
             collector = StatisticsCollector(modules, level, _module_device(block), seq_len)
+            expert_collector = ExpertStatisticsCollector(experts, level, _module_device(block), seq_len)
             capture = (
                 AttentionInputCapture(self.adapter.attention_module(block), self.config.kl_num_samples)
                 if dynamic and self.config.kl_weight > 0
@@ -282,7 +308,7 @@ class PruningEngine:
                 hooks.add(stop_after.register_forward_hook(_raise_stop))
             try:
                 for batch in captured:
-                    collector.token_mask = batch.token_mask
+                    collector.token_mask = expert_collector.token_mask = batch.token_mask
                     if capture is not None:
                         capture.token_mask = batch.token_mask
                     try:
@@ -293,9 +319,11 @@ class PruningEngine:
             finally:
                 hooks.remove()
                 collector.remove()
+                expert_collector.remove()
                 if capture is not None:
                     capture.remove()
-            stats = collector.stats
+            stats = {**collector.stats, **expert_collector.stats}
+            tokens = expert_collector.tokens
             self.dist.all_reduce_statistics(stats)
             if capture is not None:
                 attention_inputs = [AttentionInputs(a, k, m) for a, k, m in capture.inputs]
@@ -311,6 +339,8 @@ class PruningEngine:
                 report.attention.append(record)
             for position, t in enumerate(targets):
                 solver = non_update_solver if t.projection in unupdated else update_solver
+                if t.expert is not None:
+                    solver = self._expert_solver(index, t, solver, tokens, report)
                 tic = time.perf_counter()
                 out = outputs.get((t.name, solver.updates_weights))
                 if out is None:
@@ -325,6 +355,16 @@ class PruningEngine:
         finally:
             for s in stats.values():
                 s.inputs.free()
+
+    def _expert_solver(self, index: int, target: PruneTarget, solver: Solver, tokens: dict[tuple[str, int], int],
+                       report: PruneReport) -> Solver:
+        """The solver for one expert matrix (a fallback when its expert received too few tokens), reported."""
+        count = tokens.get((target.module_name, target.expert))
+        chosen = expert_solver(solver, count, self.config.min_expert_tokens)
+        if target.param == expert_parameters(target.module)[0]:  # one record per expert
+            report.experts.append(ExpertRecord(index, target.module_name, target.expert, count,
+                                               chosen.name, chosen is not solver))
+        return chosen
 
     def _solve_once(self, position: int, target: PruneTarget, solver: Solver, stats: dict) -> SolverOutput:
         """Solve on the owning rank (every rank when not distributed) and give the result to all ranks."""
@@ -394,7 +434,7 @@ def _sequential_groups(block: nn.Module, targets: list[PruneTarget], batch: Capt
 
 
 def _target_stats(stats: dict, target: PruneTarget):
-    s = stats.get(target.module_name)
+    s = stats.get(target.stats_key)
     return None if s is None else s.rows(target.rows)
 
 

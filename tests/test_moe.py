@@ -1,0 +1,184 @@
+"""Mixture-of-experts on tiny random Qwen3-MoE and Mixtral configs (random weights: structure tests only).
+
+The routers are set so that routing is uneven and one expert never receives a token: rows 1 and 3 of the router
+are the negatives of rows 0 and 2, row 4 is zero, so each token always has two strictly positive logits from the
+two pairs and expert 4 (logit 0) never makes the top 2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_nm_pattern, calib_batches
+from families import TEXT, VOCAB
+from optimum_d2prune import D2PruneConfig, D2Pruner
+from optimum_d2prune.architectures import get_adapter
+from optimum_d2prune.engine import PruningEngine
+
+EXPERTS = 5
+UNUSED = 4
+
+
+def make_moe(kind: str, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**{**TEXT, "head_dim": 16, "num_experts": EXPERTS,
+                                                "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                                "decoder_sparse_step": 1, "mlp_only_layers": []})
+    else:
+        config = transformers.MixtralConfig(**{**TEXT, "num_local_experts": EXPERTS, "num_experts_per_tok": 2,
+                                               "intermediate_size": 32})
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.mlp.gate.weight
+            w[1], w[3], w[UNUSED] = -w[0], -w[2], 0.0
+    return model
+
+
+def expert_weights(model):
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        for param in ("gate_up_proj", "down_proj"):
+            for e in range(EXPERTS):
+                out[f"{i}.{param}[{e}]"] = getattr(experts, param)[e]
+    return out
+
+
+def router_counts(model, batches):
+    """Tokens per expert of block 0, counted from the router's own output in a dense forward."""
+    counts = torch.zeros(EXPERTS, dtype=torch.long)
+
+    def hook(module, args, output):
+        index = output[2]
+        counts.add_(torch.bincount(index.reshape(-1), minlength=EXPERTS))
+
+    handle = model.model.layers[0].mlp.gate.register_forward_hook(hook)
+    with torch.no_grad():
+        for ids in batches:
+            model(ids, use_cache=False)
+    handle.remove()
+    return counts
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_expert_token_counts_match_the_router_and_every_expert_is_exact(kind):
+    model = make_moe(kind)
+    batches = calib_batches()
+    expected = router_counts(model, batches)
+    assert int(expected[UNUSED]) == 0 and int(expected.min()) == 0 and int(expected.max()) > int(expected[:4].min())
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="dynamic"))
+    pruner.prune(model, batches)
+    report = pruner.report
+    block0 = {e.expert: e for e in report.experts if e.block == 0}
+    assert {e: r.tokens for e, r in block0.items()} == {e: int(n) for e, n in enumerate(expected)}
+    unused = block0[UNUSED]
+    assert unused.fallback and unused.solver == "magnitude"
+    assert not any(r.fallback for e, r in block0.items() if r.tokens >= 16)
+    assert f"[{UNUSED}] (0 tokens, magnitude)" in report.summary()
+    for name, w in expert_weights(model).items():
+        assert int((w == 0).sum()) == w.numel() // 2, name
+    assert {r.name.split(".experts.")[1] for r in report.layers if ".experts." in r.name} == {
+        f"{p}[{e}]" for p in ("gate_up_proj", "down_proj") for e in range(EXPERTS)}
+    assert not any("gate.weight" in r.name or r.name.endswith("mlp.gate") for r in report.layers)  # router dense
+    assert torch.isfinite(model(torch.randint(0, VOCAB, (1, 8))).logits).all()
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_two_four_along_the_input_dimension_of_every_expert(method):
+    model = make_moe("qwen3_moe")
+    D2Pruner(D2PruneConfig(mask_structure="2:4", method=method)).prune(model, calib_batches())
+    assert_nm_pattern(expert_weights(model))  # groups of 4 consecutive inputs (the last dim of [E, out, in])
+
+
+def test_sparsity_zero_keeps_the_logits_and_save_reload_keeps_expert_zeros(tmp_path):
+    import transformers
+
+    model = make_moe("mixtral")
+    ids = torch.randint(0, VOCAB, (2, 10))
+    before = model(ids).logits
+    D2Pruner(D2PruneConfig(sparsity=0.0)).prune(model, calib_batches())
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-5)
+    D2Pruner(D2PruneConfig(sparsity=0.5, method="wanda")).prune(model, calib_batches())
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for name, w in expert_weights(reloaded).items():
+        assert int((w == 0).sum()) == w.numel() // 2, name
+
+
+def test_expert_statistics_are_those_of_the_routed_tokens():
+    """The Hessian of an expert's first matrix is built from exactly the tokens routed to it (checked against a
+    replay from the router's output) and the down projection's from `act(gate) * up` of those tokens."""
+    from optimum_d2prune.hooks import calibration_context
+    from optimum_d2prune.moe import ExpertStatisticsCollector
+
+    model = make_moe("qwen3_moe")
+    mlp = model.model.layers[0].mlp
+    seen = {}
+
+    def keep_input(module, args):
+        seen["x"] = args[0].reshape(-1, args[0].shape[-1])
+
+    def keep_index(module, args, output):
+        seen["index"] = output[2]
+
+    h1 = mlp.register_forward_pre_hook(keep_input)
+    h2 = mlp.gate.register_forward_hook(keep_index)
+    collector = ExpertStatisticsCollector({"experts": mlp.experts}, "hessian", torch.device("cpu"), 24)
+    with calibration_context(model):
+        model(calib_batches(num=1)[0])
+    collector.remove()
+    h1.remove()
+    h2.remove()
+    x, index = seen["x"], seen["index"]
+    for e in range(EXPERTS):
+        rows = (index == e).any(-1)
+        assert collector.tokens[("experts", e)] == int(rows.sum())
+        if not rows.any():
+            assert "experts.gate_up_proj[%d]" % e not in collector.stats
+            continue
+        xe = x[rows]
+        torch.testing.assert_close(collector.stats[f"experts.gate_up_proj[{e}]"].inputs.gram(), xe.T @ xe)
+        gate, up = (xe @ mlp.experts.gate_up_proj[e].T).chunk(2, -1)
+        h = mlp.experts.act_fn(gate) * up
+        torch.testing.assert_close(collector.stats[f"experts.down_proj[{e}]"].inputs.gram(), h.T @ h,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_targets_can_leave_the_experts_dense():
+    model = make_moe("qwen3_moe")
+    D2Pruner(D2PruneConfig(sparsity=0.5, method="wanda", ignore=[r"experts"])).prune(model, calib_batches())
+    assert all(int((w == 0).sum()) == 0 for w in expert_weights(model).values())
+    engine = PruningEngine(D2PruneConfig(), get_adapter(model))
+    names = [t.name for t in engine.plan(model)[2][0]]
+    assert any(n.endswith("down_proj[4]") for n in names)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "gpt-oss"])
+def test_expert_replay_reproduces_the_experts_module(kind):
+    """The per-expert replay used for statistics (first matrix, the module's own gating, down matrix; transposed
+    and biased layouts included) recombines to exactly what the experts module computes."""
+    from families import make_family
+    from optimum_d2prune.moe import _hidden_act, _linear, expert_parameters
+
+    model = make_family("gpt-oss") if kind == "gpt-oss" else make_moe(kind)
+    experts = model.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 64, generator=g)
+    num = getattr(experts, expert_parameters(experts)[0]).shape[0]
+    index = torch.stack([torch.randperm(num, generator=g)[:2] for _ in range(10)])
+    weights = torch.rand(10, 2, generator=g)
+    with torch.no_grad():
+        expected = experts(hidden, index, weights)
+        first, second = expert_parameters(experts)
+        out = torch.zeros_like(hidden)
+        for t in range(10):
+            for k in range(2):
+                e = int(index[t, k])
+                h = _hidden_act(experts, first, _linear(experts, first, e, hidden[t : t + 1]))
+                out[t] += weights[t, k] * _linear(experts, second, e, h)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
