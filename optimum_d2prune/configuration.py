@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
 from .masks import SparsityPattern
+from .solvers.registry import METHOD_REGISTRY
 
-METHODS = ("d2prune", "sparsegpt", "wanda", "magnitude")
+#: registered pruning methods (`solvers/methods.py` and any solver file that registers one)
+METHODS = tuple(METHOD_REGISTRY)
 ATTENTION_UPDATES = ("dynamic", "all", "none", "q", "k", "v")
 DYNAMIC_STRATEGIES = ("auto", "layer", "global")
 #: calibration length at which the dual-Taylor scale was tuned; `activation_scale="auto"` keeps the strength of the
@@ -113,8 +115,8 @@ class D2PruneConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+        if self.method not in METHOD_REGISTRY:
+            raise ValueError(f"`method` must be one of {tuple(METHOD_REGISTRY)}, got {self.method!r}.")
         # parse (and so validate) the mask structure; N:M fixes the sparsity to N/M
         pattern = SparsityPattern.parse(self.mask_structure, self.sparsity)
         self.mask_structure = pattern.structure
