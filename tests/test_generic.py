@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_nm_pattern, calib_batches
-from families import CAUSAL_FAMILIES, EAGER_ONLY, VOCAB, make_family
+from optimum_d2prune.testing.families import CAUSAL_FAMILIES, EAGER_ONLY, VOCAB, make_family
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import AttentionInputs, GenericAdapter, get_adapter
 from optimum_d2prune.engine import PruningEngine
@@ -199,7 +199,7 @@ def _tiny_vision(kind):
     return getattr(transformers, cls)(config).eval()
 
 
-@pytest.mark.parametrize("name", ["llama", "opt", "qwen3", "vit", "deit"])
+@pytest.mark.parametrize("name", ["llama", "opt", "qwen3", "vit", "deit", "mistral", "qwen3-mixed"])
 def test_hand_written_adapters_equal_the_generic_path(name):
     """Each hand-written adapter (kept because it is faster) gives the generic path's probabilities, on dense and
     on candidate q/k weights, padding included; both equal `output_attentions=True`."""
@@ -211,7 +211,7 @@ def test_hand_written_adapters_equal_the_generic_path(name):
         run = lambda **kw: model(pixel_values=pixels, **kw)  # noqa: E731
         valid = None
     else:
-        model = make_tiny(name)
+        model = make_family(name) if name in ("mistral", "qwen3-mixed") else make_tiny(name)
         ids, mask = padded_inputs()
         run = lambda **kw: model(ids, attention_mask=mask, use_cache=False, **kw)  # noqa: E731
         valid = mask.bool()

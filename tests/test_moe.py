@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_nm_pattern, calib_batches
-from families import TEXT, VOCAB
+from optimum_d2prune.testing.families import TEXT, VOCAB
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import get_adapter
 from optimum_d2prune.engine import PruningEngine
@@ -162,7 +162,7 @@ def test_targets_can_leave_the_experts_dense():
 def test_expert_replay_reproduces_the_experts_module(kind):
     """The per-expert replay used for statistics (first matrix, the module's own gating, down matrix; transposed
     and biased layouts included) recombines to exactly what the experts module computes."""
-    from families import make_family
+    from optimum_d2prune.testing.families import make_family
     from optimum_d2prune.moe import _hidden_act, _linear, expert_parameters
 
     model = make_family("gpt-oss") if kind == "gpt-oss" else make_moe(kind)
