@@ -52,6 +52,11 @@ def candidate_weights(
     return {p: (non_updated if p == chosen else updated)[p].weight for p in SCORE_PROJECTIONS}
 
 
+def scores_attention(attention_update: str, kl_weight: float) -> bool:
+    """Whether a block's attention inputs must be captured: only the dynamic choice with a KL term reads them."""
+    return attention_update == "dynamic" and kl_weight > 0
+
+
 def split_sequences(inputs: AttentionInputs) -> Iterator[AttentionInputs]:
     """One `AttentionInputs` per sequence of a captured batch, so that only one sequence's `[heads, T, T]`
     probabilities (reference and one candidate) are alive at a time.

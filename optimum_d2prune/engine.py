@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .architectures import PROJECTIONS, PRUNABLE_TYPES, ArchitectureAdapter, AttentionInputs
 from .architectures.base import Rows, read_rows, write_rows
-from .attention import AttentionScorer, plan_attention_updates
+from .attention import AttentionScorer, plan_attention_updates, scores_attention
 from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint
 from .configuration import D2PruneConfig
 from .distributed import DistributedContext
@@ -288,7 +288,7 @@ class PruningEngine:
         stop_after: Optional[nn.Module],
     ) -> None:
         """Collect statistics for `targets` (stopping the block's forward after `stop_after`), then prune them."""
-        dynamic = aware and self.attention_update == "dynamic"
+        scored = aware and scores_attention(self.attention_update, self.config.kl_weight)
         level = max((update_solver.statistics, non_update_solver.statistics), key=_LEVEL_RANK.__getitem__)
         modules = {t.module_name: t.module for t in targets if t.expert is None}
         experts = {t.module_name: t.module for t in targets if t.expert is not None}
@@ -297,10 +297,11 @@ class PruningEngine:
         attention_inputs: list[AttentionInputs] = []
         if level != "none":
             collector = StatisticsCollector(modules, level, _module_device(block), seq_len)
-            expert_collector = ExpertStatisticsCollector(experts, level, _module_device(block), seq_len)
+            expert_collector = ExpertStatisticsCollector(experts, level, _module_device(block), seq_len,
+                                                         all_experts=self.dist.active)
             capture = (
                 AttentionInputCapture(self.adapter.attention_module(block), self.config.kl_num_samples)
-                if dynamic and self.config.kl_weight > 0
+                if scored
                 else None
             )
             hooks = HookManager()
@@ -323,15 +324,15 @@ class PruningEngine:
                 if capture is not None:
                     capture.remove()
             stats = {**collector.stats, **expert_collector.stats}
-            tokens = expert_collector.tokens
             self.dist.all_reduce_statistics(stats)
+            tokens = expert_collector.token_counts(experts)
             if capture is not None:
                 attention_inputs = [AttentionInputs(a, k, m) for a, k, m in capture.inputs]
         try:
             plan = plan_attention_updates(
                 self.attention_update if aware else "all", index, {t.projection: t for t in targets if t.projection},
                 lambda t: _target_stats(stats, t), update_solver, non_update_solver, self.pattern,
-                AttentionScorer(self.adapter, self.adapter.attention_module(block) if dynamic else None,
+                AttentionScorer(self.adapter, self.adapter.attention_module(block) if scored else None,
                                 attention_inputs, self.config.kl_weight, self._reduce_floats(stats)),
             )
             unupdated, outputs, record = plan.unupdated, plan.outputs, plan.record

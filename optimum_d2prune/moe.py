@@ -81,7 +81,10 @@ class ExpertStatisticsCollector:
     (`token_mask`, False on padding) are left out. `tokens[(module name, expert)]` counts the routed tokens.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], level: str, device: torch.device, seq_len: int) -> None:
+    def __init__(self, modules: dict[str, nn.Module], level: str, device: torch.device, seq_len: int,
+                 all_experts: bool = False) -> None:
+        """`all_experts`: allocate every expert's statistics up front (data-parallel ranks must all hold the same
+        keys to all-reduce them); otherwise an expert's are created when it first receives a token."""
         self.level = level
         self.device = device
         self.seq_len = seq_len
@@ -90,9 +93,29 @@ class ExpertStatisticsCollector:
         self.token_mask: Optional[torch.Tensor] = None
         self._hooks = HookManager()
         for name, module in modules.items():
-            for e in range(getattr(module, expert_parameters(module)[0]).shape[0]):
+            params = expert_parameters(module)
+            for e in range(getattr(module, params[0]).shape[0]):
                 self.tokens[(name, e)] = 0
+                if all_experts:  # with zero output sums too, so that every rank reduces the same tensors
+                    for param in params:
+                        rows, columns = expert_matrix(module, param, e).shape
+                        stat = self._stat(expert_key(name, param, e), columns)
+                        stat.y_sq = torch.zeros(rows, dtype=torch.float32, device=device)
             self._hooks.add(module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))
+
+    def _stat(self, key: str, columns: int) -> LinearStatistics:
+        stat = self.stats.get(key)
+        if stat is None:
+            stat = self.stats[key] = LinearStatistics(InputStatistics(columns, self.level, self.device), self.seq_len)
+        return stat
+
+    def token_counts(self, modules: dict[str, nn.Module]) -> dict[tuple[str, int], int]:
+        """Routed tokens per expert, read from the (possibly all-reduced) statistics."""
+        counts = {}
+        for (name, e), local in self.tokens.items():
+            stat = self.stats.get(expert_key(name, expert_parameters(modules[name])[0], e))
+            counts[(name, e)] = stat.inputs.num_tokens if stat is not None else local
+        return counts
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -124,11 +147,7 @@ class ExpertStatisticsCollector:
             y = _linear(module, first, e, x)
             h = _hidden_act(module, first, y)
             for param, inputs, outputs in ((first, x, y), (second, h, _linear(module, second, e, h))):
-                key = expert_key(name, param, e)
-                stat = self.stats.get(key)
-                if stat is None:
-                    stat = self.stats[key] = LinearStatistics(
-                        InputStatistics(inputs.shape[-1], self.level, self.device), self.seq_len)
+                stat = self._stat(expert_key(name, param, e), inputs.shape[-1])
                 stat.inputs.add(inputs)
                 stat.add_output(outputs)
 

@@ -387,3 +387,20 @@ def test_vision_generic_path(kind, tmp_path):
     D2Pruner(D2PruneConfig(mask_structure="2:4", method="sparsegpt")).prune(model, _images(),
                                                                            adapter=GenericAdapter())
     assert_nm_pattern(_vision_targets(model))
+
+
+def test_flash_style_padding_mask_is_converted_for_eager():
+    """A `[B, T]` padding mask (what flash attention receives) gives the same probabilities as the 4D mask."""
+    model = make_family("qwen2")
+    ids, mask = padded_inputs()
+    attention, inputs = _capture(model, 1, lambda: model(ids, attention_mask=mask, use_cache=False))
+    adapter = get_adapter(model, generic=True)
+    block = adapter.blocks(model)[1]
+    refs = adapter.projections(block)
+    dense = {p: adapter_rows(block, refs[p]) for p in ("q", "k")}
+    reference = adapter.attention_probs(attention, inputs, dense)
+    flat = AttentionInputs(inputs.args, {**inputs.kwargs, "attention_mask": mask})
+    probs = adapter.attention_probs(attention, flat, dense)
+    keep = mask.bool()
+    torch.testing.assert_close(probs[0], reference[0])
+    torch.testing.assert_close(probs[1][:, keep[1]][..., keep[1]], reference[1][:, keep[1]][..., keep[1]])

@@ -182,3 +182,24 @@ def test_expert_replay_reproduces_the_experts_module(kind):
                 h = _hidden_act(experts, first, _linear(experts, first, e, hidden[t : t + 1]))
                 out[t] += weights[t, k] * _linear(experts, second, e, h)[0]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_all_experts_allocated_up_front_give_the_same_statistics():
+    """Data-parallel ranks allocate every expert's statistics (same keys everywhere); the sums are unchanged."""
+    from optimum_d2prune.hooks import calibration_context
+    from optimum_d2prune.moe import ExpertStatisticsCollector
+
+    model = make_moe("qwen3_moe")
+    experts = {"experts": model.model.layers[0].mlp.experts}
+    lazy = ExpertStatisticsCollector(experts, "hessian", torch.device("cpu"), 24)
+    eager = ExpertStatisticsCollector(experts, "hessian", torch.device("cpu"), 24, all_experts=True)
+    with calibration_context(model):
+        model(calib_batches(num=1)[0])
+    lazy.remove()
+    eager.remove()
+    assert len(eager.stats) == 2 * EXPERTS and len(lazy.stats) == 2 * (EXPERTS - 1)  # expert 4 gets no token
+    for key, stat in lazy.stats.items():
+        torch.testing.assert_close(eager.stats[key].inputs.gram(), stat.inputs.gram())
+        torch.testing.assert_close(eager.stats[key].y_sq, stat.y_sq)
+    assert eager.token_counts(experts) == lazy.token_counts(experts) == lazy.tokens
+    assert eager.token_counts(experts)[("experts", UNUSED)] == 0

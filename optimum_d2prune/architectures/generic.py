@@ -292,12 +292,14 @@ def _bound_arguments(attention: nn.Module, inputs: AttentionInputs) -> dict[str,
 
 def _additive_mask(mask: Optional[torch.Tensor], attention: nn.Module, hidden: torch.Tensor) -> Optional[torch.Tensor]:
     dtype = hidden.dtype if hidden.is_floating_point() else torch.float32
-    if mask is None:
+    causal = bool(getattr(attention, "is_causal", False))
+    if mask is None or mask.dim() == 2:  # SDPA's causal shortcut, or a flash-attention padding mask [B, T]
         length = hidden.shape[1]
-        if not getattr(attention, "is_causal", False) or length < 2:
+        if mask is None and (not causal or length < 2):
             return None
-        allowed = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
-        mask = allowed[None, None]
+        allowed = torch.ones(length, length, dtype=torch.bool, device=hidden.device)
+        allowed = (allowed.tril() if causal else allowed)[None, None]
+        mask = allowed if mask is None else allowed & mask[:, None, None, :].bool().to(hidden.device)
     if mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=dtype, device=mask.device)
         return torch.where(mask, zero, torch.finfo(dtype).min)
