@@ -149,10 +149,13 @@ def capture_block_arguments(
         return record
 
     saved = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's offloading wrapper
+    saved_hooks = [{name: getattr(block, name) for name in _BLOCK_HOOK_DICTS} for block in blocks]
     per_batch: list[list[tuple[tuple, dict[str, Any]]]] = []
     try:
         for index, block in enumerate(blocks):
             block.forward = make_recorder(index)
+            for name in _BLOCK_HOOK_DICTS:  # no block code runs in this pass, not even the blocks' own hooks
+                setattr(block, name, type(getattr(block, name))())
         for batch in batches:
             recorded = []
             try:
@@ -167,15 +170,22 @@ def capture_block_arguments(
         logger.debug("Per-block arguments not captured (%s); every block gets block 0's.", err)
         return None
     finally:
-        for block, original in zip(blocks, saved):
+        for block, original, hooks in zip(blocks, saved, saved_hooks):
             if original is None:
                 block.__dict__.pop("forward", None)
             else:
                 block.forward = original
+            for name, value in hooks.items():
+                setattr(block, name, value)
     if all(_same(arguments[0], other) for arguments in per_batch for other in arguments[1:]):
         return None
     logger.info("Blocks receive different arguments (e.g. sliding-window and full-attention masks): kept per block.")
     return per_batch
+
+
+#: the hook registries of an `nn.Module` that `__call__` runs around `forward`
+_BLOCK_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                     "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
 def _same(a: Any, b: Any) -> bool:

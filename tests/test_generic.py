@@ -404,3 +404,21 @@ def test_flash_style_padding_mask_is_converted_for_eager():
     keep = mask.bool()
     torch.testing.assert_close(probs[0], reference[0])
     torch.testing.assert_close(probs[1][:, keep[1]][..., keep[1]], reference[1][:, keep[1]][..., keep[1]])
+
+
+def test_recording_pass_runs_no_block_code_and_restores_hooks():
+    """The per-block argument pass runs neither the blocks nor their hooks, and leaves both as they were."""
+    from optimum_d2prune.hooks import calibration_context, capture_block_arguments
+
+    model = make_family("gemma3-text")
+    blocks = get_adapter(model).blocks(model)
+    calls = []
+    handle = blocks[1].register_forward_pre_hook(lambda *a: calls.append(1))
+    forward = blocks[1].forward
+    with calibration_context(model):
+        assert capture_block_arguments(model, blocks, [{"input_ids": padded_inputs()[0]}], torch.device("cpu"))
+    assert calls == [] and blocks[1].forward == forward and "forward" not in vars(blocks[1])
+    with torch.no_grad():
+        model(padded_inputs()[0])
+    assert calls == [1]
+    handle.remove()

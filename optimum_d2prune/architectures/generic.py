@@ -284,7 +284,7 @@ def _bound_arguments(attention: nn.Module, inputs: AttentionInputs) -> dict[str,
     for name, value in kwargs.items():  # a KV cache would grow with every call: probabilities need none
         if isinstance(value, Cache):
             kwargs[name] = None
-    if "attention_mask" in signature.parameters or extra is not None or "attention_mask" in kwargs:
+    if "attention_mask" in signature.parameters or "attention_mask" in kwargs:
         hidden = inputs.hidden_states
         kwargs["attention_mask"] = _additive_mask(kwargs.get("attention_mask"), attention, hidden)
     return kwargs
