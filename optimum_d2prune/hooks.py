@@ -137,6 +137,7 @@ def capture_block_arguments(
     """
     recorded: list[tuple[tuple, dict[str, Any]]] = []
     last = len(blocks) - 1
+    form = [0]  # index into _PASS_THROUGH_FORMS: what a pass-through block returns
 
     def make_recorder(index: int) -> Callable[..., Any]:
         def record(*args: Any, **kwargs: Any) -> Any:
@@ -144,9 +145,18 @@ def capture_block_arguments(
             recorded.append((rest_args, rest_kwargs))
             if index == last:
                 raise _StopForward
-            return hidden
+            return _PASS_THROUGH_FORMS[form[0]](hidden)
 
         return record
+
+    def record_batch(batch: dict[str, torch.Tensor]) -> list[tuple[tuple, dict[str, Any]]]:
+        recorded.clear()
+        try:
+            inputs = {key: value.to(input_device) for key, value in batch.items()}
+            model(**inputs) if forward is None else forward(model, inputs)
+        except _StopForward:
+            pass
+        return list(recorded)
 
     saved = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's offloading wrapper
     saved_hooks = [{name: getattr(block, name) for name in _BLOCK_HOOK_DICTS} for block in blocks]
@@ -156,19 +166,23 @@ def capture_block_arguments(
             block.forward = make_recorder(index)
             for name in _BLOCK_HOOK_DICTS:  # no block code runs in this pass, not even the blocks' own hooks
                 setattr(block, name, type(getattr(block, name))())
-        for batch in batches:
-            recorded = []
+        # the glue between blocks unpacks their output: find the output form it accepts on the first batch
+        for form[0] in range(len(_PASS_THROUGH_FORMS)):
             try:
-                inputs = {key: value.to(input_device) for key, value in batch.items()}
-                model(**inputs) if forward is None else forward(model, inputs)
-            except _StopForward:
-                pass
-            if len(recorded) != len(blocks):
+                first = record_batch(batches[0])
+            except Exception as err:  # noqa: BLE001 - the glue rejected this form; try the next one
+                logger.debug("Pass-through form %d rejected: %s", form[0], err)
+                continue
+            if len(first) == len(blocks):
+                break
+        else:
+            logger.debug("Per-block arguments not captured; every block gets block 0's.")
+            return None
+        per_batch.append(first)
+        for batch in batches[1:]:
+            per_batch.append(record_batch(batch))
+            if len(per_batch[-1]) != len(blocks):
                 return None
-            per_batch.append(recorded)
-    except Exception as err:  # a model whose glue code between blocks needs real block outputs
-        logger.debug("Per-block arguments not captured (%s); every block gets block 0's.", err)
-        return None
     finally:
         for block, original, hooks in zip(blocks, saved, saved_hooks):
             if original is None:
@@ -182,6 +196,11 @@ def capture_block_arguments(
     logger.info("Blocks receive different arguments (e.g. sliding-window and full-attention masks): kept per block.")
     return per_batch
 
+
+#: what a pass-through block may return, tried in order: the hidden states, or a tuple led by them (the glue of
+#: some models unpacks `hidden, *rest = block(...)`, e.g. Swin stages return three values)
+_PASS_THROUGH_FORMS: tuple[Callable[[torch.Tensor], Any], ...] = (
+    lambda h: h, lambda h: (h,), lambda h: (h, None), lambda h: (h, None, None))
 
 #: the hook registries of an `nn.Module` that `__call__` runs around `forward`
 _BLOCK_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",

@@ -345,7 +345,7 @@ def _class_logits(model, pixels):
 
 
 def _vision_targets(model):
-    engine = PruningEngine(D2PruneConfig(), get_adapter(model, generic=True))
+    engine = PruningEngine(D2PruneConfig(method="wanda"), get_adapter(model, generic=True))
     return {t.name: t.weight() for block in engine.plan(model)[2] for t in block}
 
 
@@ -422,3 +422,55 @@ def test_recording_pass_runs_no_block_code_and_restores_hooks():
         model(padded_inputs()[0])
     assert calls == [1]
     handle.remove()
+
+
+def test_swin_stages_through_the_generic_path(tmp_path):
+    """Swin: the blocks found are the stages (patch merging between them is inside a stage); each stage gets its
+    own input resolution; baselines and `attention_update='all'` run; the dynamic choice (one attention per block)
+    is refused with the clear error; the generic probabilities of a windowed attention equal `output_attentions`."""
+    import transformers
+
+    from optimum_d2prune.architectures.generic import find_qkv
+    from optimum_d2prune.testing.families import make_family
+
+    pixels = torch.randn(2, 3, 16, 16)
+    images = [torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    model = make_family("swin")
+    before = _class_logits(model, pixels)
+    D2Pruner(D2PruneConfig(sparsity=0.0, method="sparsegpt")).prune(model, images)
+    torch.testing.assert_close(_class_logits(model, pixels), before, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"holds 2 attention modules.*attention_update='all'"):
+        D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, images)
+
+    attention = model.swin.encoder.layers[0].blocks[1].attention  # shifted windows, with a mask
+    _, refs = find_qkv(attention)
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen["inputs"] = AttentionInputs(args, dict(kwargs))
+
+    handle = attention.register_forward_pre_hook(keep, with_kwargs=True)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, output_attentions=True).attentions[0].float()
+    model.config._attn_implementation = "sdpa"
+    handle.remove()
+    dense = {p: attention.get_submodule(refs[p].module).weight.float() for p in ("q", "k")}
+    probs = GenericAdapter().attention_probs(attention, seen["inputs"], dense)
+    torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-5)
+
+    for method, structure in (("sparsegpt", "unstructured"), ("wanda", "2:4"), ("d2prune", "unstructured")):
+        model = make_family("swin")
+        extra = {"attention_update": "all"} if method == "d2prune" else {}
+        config = D2PruneConfig(sparsity=0.5, method=method, mask_structure=structure, **extra)
+        D2Pruner(config).prune(model, images)
+        weights = _vision_targets(model)
+        assert len(weights) == 2 * 2 * 6 + 1  # 2 stages x 2 blocks x 6 Linears + the first stage's patch merging
+        if structure == "2:4":
+            assert_nm_pattern(weights)
+        else:
+            for name, w in weights.items():
+                assert int((w == 0).sum()) == w.numel() // 2, name
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.SwinForImageClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_class_logits(reloaded, pixels), _class_logits(model, pixels))

@@ -65,7 +65,7 @@ SEPARATE_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q",
 #: fused q/k/v projection names and their row layout: "blocked" = `[q; k; v]`, "grouped" = per key/value head
 #: `[its q heads; k; v]` (GPT-NeoX / Falcon `query_key_value`)
 FUSED_QKV = {"qkv_proj": "blocked", "c_attn": "blocked", "qkv": "blocked", "Wqkv": "blocked", "W_pack": "blocked",
-             "in_proj": "blocked", "query_key_value": "grouped"}
+             "query_key_value": "grouped"}
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -143,6 +143,17 @@ def find_block_list(model: nn.Module, paths: tuple[str, ...] = BLOCK_PATHS) -> O
     return best
 
 
+def attention_paths(root: nn.Module) -> list[str]:
+    """Paths (relative to `root`) of every module with q/k/v children, separate or fused, of a prunable type."""
+    found = []
+    for path, module in root.named_modules():
+        children = dict(module.named_children())
+        if any(all(isinstance(children.get(n), PRUNABLE_TYPES) for n in names) for names in SEPARATE_QKV) or any(
+                isinstance(children.get(n), PRUNABLE_TYPES) for n in FUSED_QKV):
+            found.append(path)
+    return found
+
+
 def find_qkv(root: nn.Module, config: Any = None) -> tuple[str, dict[str, ProjectionRef]]:
     """`(attention module path, {"q"/"k"/"v": ref})` relative to `root`, or `("", {})` if none is found.
 
@@ -193,8 +204,12 @@ class GenericAdapter(ArchitectureAdapter):
         return found
 
     def _qkv(self, root: nn.Module) -> tuple[str, dict[str, ProjectionRef]]:
+        """The block's attention module and q/k/v; none when the block holds several attention modules (e.g. a Swin
+        stage): the attention-aware choice is made per block, for one attention."""
         if self.qkv_names:
             return self.attention_path, {p: ProjectionRef(n) for p, n in self.qkv_names.items()}
+        if len(attention_paths(root)) > 1:
+            return "", {}
         return find_qkv(root, self.config)
 
     def projections(self, block: nn.Module) -> dict[str, ProjectionRef]:
@@ -208,9 +223,13 @@ class GenericAdapter(ArchitectureAdapter):
 
     def missing_qkv_error(self, block: nn.Module) -> UnsupportedArchitectureError:
         separate = ", ".join("/".join(names) for names in SEPARATE_QKV)
+        several = attention_paths(block)
+        what = (f"Each block ({type(block).__name__}) holds {len(several)} attention modules ({', '.join(several)}), "
+                "but the attention-aware choice is made for one attention per block." if len(several) > 1 else
+                f"Found no q/k/v projections in the blocks ({type(block).__name__}): looked for separate {separate} "
+                f"or fused {', '.join(FUSED_QKV)} layers. D²Prune's attention-aware choice needs them.")
         return UnsupportedArchitectureError(
-            f"Found no q/k/v projections in the blocks ({type(block).__name__}): looked for separate {separate} or "
-            f"fused {', '.join(FUSED_QKV)} layers. D²Prune's attention-aware choice needs them. Prune with "
+            f"{what} Prune with "
             "`attention_update='all'` or a baseline method (`sparsegpt`, `wanda`, `magnitude`: they need only the "
             "block list), choose the layers with `targets`, or register a small adapter that sets `qkv_names` "
             "(see docs/architectures.md)."

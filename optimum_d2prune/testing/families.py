@@ -42,6 +42,14 @@ def _image_classifier(prefix: str) -> nn.Module:
     return getattr(transformers, f"{prefix}ForImageClassification")(config)
 
 
+def _swin() -> nn.Module:
+    import transformers
+
+    config = transformers.SwinConfig(image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2],
+                                     num_heads=[2, 4], window_size=4, num_labels=6)
+    return transformers.SwinForImageClassification(config)
+
+
 @dataclass(frozen=True)
 class Family:
     """One tested family: its display name, a builder of a tiny random model, and what the config exercises."""
@@ -90,6 +98,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("vit", lambda: _image_classifier("ViT"), "bidirectional, cls token", kind="image"),
     Family("deit", lambda: _image_classifier("DeiT"), "cls + distillation tokens", kind="image"),
     Family("dinov2", lambda: _image_classifier("Dinov2"), "layer scale", kind="image"),
+    Family("swin", lambda: _swin(), "windowed and shifted attention; stages (with patch merging) as blocks",
+           kind="image"),
 )}
 
 #: families the causal-LM tests of the generic path run on (MoE families have their own tests)
