@@ -2,6 +2,7 @@
 path: are the masks, the q/k/v choices and the perplexity the same, and what does the generic path cost?
 
     python benchmarks/generic_vs_adapter.py --samples 8 --seq-len 256 --out benchmarks/results/generic_vs_adapter.json
+    python benchmarks/generic_vs_adapter.py --probs-only      # time one attention_probs call, both paths
 
 Calibration: C4 sample from ../shared/data; perplexity: WikiText-2 test windows of `--seq-len` tokens.
 """
@@ -27,14 +28,51 @@ from optimum_d2prune.models import load_causal_lm
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def time_attention_probs(seq_len: int, repeats: int = 20) -> dict[str, float]:
+    """Milliseconds per `attention_probs` call (one sequence) on a SmolLM2-shaped LLaMA layer (random weights:
+    the cost does not depend on them): the hand-written adapter vs the generic call of the eager module."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optimum_d2prune.architectures import AttentionInputs
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=4096)
+    model = LlamaForCausalLM(config).eval()
+    attention = model.model.layers[0].self_attn
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen["inputs"] = AttentionInputs(args, dict(kwargs))
+
+    handle = attention.register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randint(0, 1000, (1, seq_len)), use_cache=False)
+    handle.remove()
+    weights = {"q": attention.q_proj.weight.float(), "k": attention.k_proj.weight.float()}
+    out = {}
+    for name, adapter in (("adapter", get_adapter(model)), ("generic", GenericAdapter())):
+        adapter.validate(model)
+        with torch.no_grad():
+            adapter.attention_probs(attention, seen["inputs"], weights)  # warm-up
+            tic = time.perf_counter()
+            for _ in range(repeats):
+                adapter.attention_probs(attention, seen["inputs"], weights)
+        out[name] = round((time.perf_counter() - tic) / repeats * 1e3, 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--probs-only", action="store_true", help="Only time attention_probs (no real model).")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.probs_only:
+        print(json.dumps({f"ms_per_call_seq{n}": time_attention_probs(n) for n in (256, 1024)}))
+        return
     model, tokenizer = load_causal_lm("smollm2")
     dense = copy.deepcopy(model.state_dict())
     calib = get_calibration_dataset(DATA / "c4_train_sample.jsonl", tokenizer, args.samples, args.seq_len)
