@@ -107,13 +107,13 @@ def find_targets(
             found.append(PruneTarget(full, full, module, None, refs[0][0] if refs else None))
     for local_name, module in block.named_modules():  # fused MoE experts: one target per expert matrix
         full = f"{prefix}.{local_name}"
-        for param in expert_parameters(module):
-            if config.targets is not None and not any(re.search(p, f"{full}.{param}") for p in config.targets):
-                continue
-            if any(re.search(p, f"{full}.{param}") for p in config.ignore):
-                continue
-            found += [PruneTarget(expert_key(full, param, e), full, module, param=param, expert=e)
-                      for e in range(getattr(module, param).shape[0])]
+        params = [param for param in expert_parameters(module)
+                  if (config.targets is None or any(re.search(p, f"{full}.{param}") for p in config.targets))
+                  and not any(re.search(p, f"{full}.{param}") for p in config.ignore)]
+        experts = getattr(module, params[0]).shape[0] if params else 0
+        # expert by expert (its first matrix, then its second): one expert's statistics are alive at a time
+        found += [PruneTarget(expert_key(full, param, e), full, module, param=param, expert=e)
+                  for e in range(experts) for param in params]
     return found
 
 
@@ -294,6 +294,7 @@ class PruningEngine:
         experts = {t.module_name: t.module for t in targets if t.expert is not None}
         stats = {}
         tokens: dict[tuple[str, int], int] = {}
+        expert_collector: Optional[ExpertStatisticsCollector] = None
         attention_inputs: list[AttentionInputs] = []
         if level != "none":
             collector = StatisticsCollector(modules, level, _module_device(block), seq_len)
@@ -336,6 +337,8 @@ class PruningEngine:
                                 attention_inputs, self.config.kl_weight, self._reduce_floats(stats)),
             )
             unupdated, outputs, record = plan.unupdated, plan.outputs, plan.record
+            if expert_collector is not None and expert_collector.deferred:  # built on demand, one expert at a time
+                stats = _ExpertStats(stats, expert_collector)
             if record is not None:
                 report.attention.append(record)
             for position, t in enumerate(targets):
@@ -356,6 +359,8 @@ class PruningEngine:
         finally:
             for s in stats.values():
                 s.inputs.free()
+            if expert_collector is not None:
+                expert_collector.free()
 
     def _expert_solver(self, index: int, target: PruneTarget, solver: Solver, tokens: dict[tuple[str, int], int],
                        report: PruneReport) -> Solver:
@@ -434,7 +439,23 @@ def _sequential_groups(block: nn.Module, targets: list[PruneTarget], batch: Capt
     return groups
 
 
+class _ExpertStats(dict):
+    """The block's statistics plus deferred per-expert ones, built when a target asks for them (`get`)."""
+
+    def __init__(self, stats: dict, experts: ExpertStatisticsCollector) -> None:
+        super().__init__(stats)
+        self.experts = experts
+
+    def target(self, target: "PruneTarget"):
+        if target.expert is None:
+            return self.get(target.stats_key)
+        return self.experts.statistics(target.module_name, target.param, target.expert)
+
+
 def _target_stats(stats: dict, target: PruneTarget):
+    if isinstance(stats, _ExpertStats):
+        s = stats.target(target)
+        return None if s is None else s.rows(target.rows)
     s = stats.get(target.stats_key)
     return None if s is None else s.rows(target.rows)
 

@@ -12,8 +12,8 @@ sets `is_transposed`), with the common interface `forward(hidden_states, top_k_i
 - `expert_solver` picks the criterion for an expert that received too few tokens for a Hessian.
 
 Routers (`gate`, not a Linear in these classes) stay dense; shared experts are ordinary Linears.
-Memory: the per-expert Hessians of the experts modules of one block exist together while that block is pruned
-(E x (H² + I²) floats per module), and are freed before the next block.
+Memory: the experts module's inputs of the calibration batch and one expert's Hessians at a time (see
+`ExpertStatisticsCollector`).
 """
 
 from __future__ import annotations
@@ -79,18 +79,29 @@ class ExpertStatisticsCollector:
 
     A forward pre-hook on each experts module reads `hidden_states [N, H]` and `top_k_index [N, k]`; padded tokens
     (`token_mask`, False on padding) are left out. `tokens[(module name, expert)]` counts the routed tokens.
+
+    Two modes:
+    - deferred (the default): the hook keeps the module's inputs and routing; `statistics(...)` builds one expert's
+      statistics when the engine first asks for them, from the weights as they are then (dense: the engine prunes
+      an expert's first matrix before its second), and frees the previous expert's. Memory: the experts module's
+      inputs (`N x H`) plus one expert's Hessians, instead of every expert's (`E x (H² + I²)`);
+    - `all_experts=True` (data-parallel ranks, which must all-reduce the same tensors): every expert's statistics
+      are allocated up front and accumulated during the forward; they are all in `stats`.
     """
 
     def __init__(self, modules: dict[str, nn.Module], level: str, device: torch.device, seq_len: int,
                  all_experts: bool = False) -> None:
-        """`all_experts`: allocate every expert's statistics up front (data-parallel ranks must all hold the same
-        keys to all-reduce them); otherwise an expert's are created when it first receives a token."""
         self.level = level
         self.device = device
         self.seq_len = seq_len
+        self.deferred = not all_experts
         self.stats: dict[str, LinearStatistics] = {}
         self.tokens: dict[tuple[str, int], int] = {}
         self.token_mask: Optional[torch.Tensor] = None
+        self._modules = modules
+        self._inputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in modules}
+        self._built: dict[str, LinearStatistics] = {}  # deferred mode: the statistics of one expert
+        self._built_for: Optional[tuple[str, int]] = None
         self._hooks = HookManager()
         for name, module in modules.items():
             params = expert_parameters(module)
@@ -99,14 +110,14 @@ class ExpertStatisticsCollector:
                 if all_experts:  # with zero output sums too, so that every rank reduces the same tensors
                     for param in params:
                         rows, columns = expert_matrix(module, param, e).shape
-                        stat = self._stat(expert_key(name, param, e), columns)
+                        stat = self._stat(self.stats, expert_key(name, param, e), columns)
                         stat.y_sq = torch.zeros(rows, dtype=torch.float32, device=device)
             self._hooks.add(module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))
 
-    def _stat(self, key: str, columns: int) -> LinearStatistics:
-        stat = self.stats.get(key)
+    def _stat(self, store: dict[str, LinearStatistics], key: str, columns: int) -> LinearStatistics:
+        stat = store.get(key)
         if stat is None:
-            stat = self.stats[key] = LinearStatistics(InputStatistics(columns, self.level, self.device), self.seq_len)
+            stat = store[key] = LinearStatistics(InputStatistics(columns, self.level, self.device), self.seq_len)
         return stat
 
     def token_counts(self, modules: dict[str, nn.Module]) -> dict[tuple[str, int], int]:
@@ -117,6 +128,26 @@ class ExpertStatisticsCollector:
             counts[(name, e)] = stat.inputs.num_tokens if stat is not None else local
         return counts
 
+    def statistics(self, name: str, param: str, expert: int) -> Optional[LinearStatistics]:
+        """The statistics of one expert matrix (None if the expert received no token)."""
+        key = expert_key(name, param, expert)
+        if not self.deferred:
+            return self.stats.get(key)
+        if self._built_for != (name, expert):
+            self.release()
+            module = self._modules[name]
+            for hidden, index in self._inputs[name]:
+                self._accumulate_expert(self._built, name, module, expert, hidden, index)
+            self._built_for = (name, expert)
+        return self._built.get(key)
+
+    def release(self) -> None:
+        """Free the statistics built in deferred mode."""
+        for stat in self._built.values():
+            stat.inputs.free()
+        self._built.clear()
+        self._built_for = None
+
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
@@ -126,36 +157,52 @@ class ExpertStatisticsCollector:
             if hidden is None or index is None:
                 raise RuntimeError(f"Could not read `hidden_states`/`top_k_index` of the experts module {name}.")
             hidden = hidden.detach().reshape(-1, hidden.shape[-1])
-            index = index.reshape(hidden.shape[0], -1)
+            index = index.detach().reshape(hidden.shape[0], -1)
             mask = self.token_mask
             if mask is not None and mask.numel() == hidden.shape[0] and not bool(mask.all()):
                 keep = mask.reshape(-1).to(hidden.device)
                 hidden, index = hidden[keep], index[keep]
-            self._accumulate(name, module, hidden, index)
+            num = getattr(module, expert_parameters(module)[0]).shape[0]
+            counts = torch.bincount(index.reshape(-1)[index.reshape(-1) < num], minlength=num)
+            for e, count in enumerate(counts.tolist()):
+                self.tokens[(name, e)] += count
+            if self.deferred:
+                self._inputs[name].append((hidden.to(self.device), index.to(self.device)))
+            else:
+                for e in range(num):
+                    self._accumulate_expert(self.stats, name, module, e, hidden, index)
 
         return hook
 
-    def _accumulate(self, name: str, module: nn.Module, hidden: torch.Tensor, index: torch.Tensor) -> None:
+    def _accumulate_expert(self, store: dict[str, LinearStatistics], name: str, module: nn.Module, e: int,
+                           hidden: torch.Tensor, index: torch.Tensor) -> None:
+        """Add the tokens of `hidden` routed to expert `e` to its two matrices' statistics in `store`."""
+        rows = (index == e).any(-1)
+        if not bool(rows.any()):
+            return
         first, second = expert_parameters(module)
-        for e in range(getattr(module, first).shape[0]):
-            rows = (index == e).any(-1)
-            count = int(rows.sum())
-            if count == 0:
-                continue
-            self.tokens[(name, e)] += count
-            x = hidden[rows]
-            y = _linear(module, first, e, x)
-            h = _hidden_act(module, first, y)
-            for param, inputs, outputs in ((first, x, y), (second, h, _linear(module, second, e, h))):
-                stat = self._stat(expert_key(name, param, e), inputs.shape[-1])
-                stat.inputs.add(inputs)
-                stat.add_output(outputs)
+        x = hidden[rows]
+        y = _linear(module, first, e, x)
+        h = _hidden_act(module, first, y)
+        for param, inputs, outputs in ((first, x, y), (second, h, _linear(module, second, e, h))):
+            stat = self._stat(store, expert_key(name, param, e), inputs.shape[-1])
+            stat.inputs.add(inputs)
+            stat.add_output(outputs)
 
     def end_batch(self) -> None:
         """Nothing to release between batches (each hook call is self-contained)."""
 
     def remove(self) -> None:
         self._hooks.remove()
+
+    def free(self) -> None:
+        """Drop everything: kept inputs, built and accumulated statistics."""
+        self.release()
+        for stat in self.stats.values():
+            stat.inputs.free()
+        self.stats.clear()
+        for inputs in self._inputs.values():
+            inputs.clear()
 
 
 def expert_solver(solver: Solver, tokens: Optional[int], min_tokens: int) -> Solver:

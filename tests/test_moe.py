@@ -139,13 +139,13 @@ def test_expert_statistics_are_those_of_the_routed_tokens():
         rows = (index == e).any(-1)
         assert collector.tokens[("experts", e)] == int(rows.sum())
         if not rows.any():
-            assert "experts.gate_up_proj[%d]" % e not in collector.stats
+            assert collector.statistics("experts", "gate_up_proj", e) is None
             continue
         xe = x[rows]
-        torch.testing.assert_close(collector.stats[f"experts.gate_up_proj[{e}]"].inputs.gram(), xe.T @ xe)
+        torch.testing.assert_close(collector.statistics("experts", "gate_up_proj", e).inputs.gram(), xe.T @ xe)
         gate, up = (xe @ mlp.experts.gate_up_proj[e].T).chunk(2, -1)
         h = mlp.experts.act_fn(gate) * up
-        torch.testing.assert_close(collector.stats[f"experts.down_proj[{e}]"].inputs.gram(), h.T @ h,
+        torch.testing.assert_close(collector.statistics("experts", "down_proj", e).inputs.gram(), h.T @ h,
                                    rtol=1e-4, atol=1e-5)
 
 
@@ -197,9 +197,41 @@ def test_all_experts_allocated_up_front_give_the_same_statistics():
         model(calib_batches(num=1)[0])
     lazy.remove()
     eager.remove()
-    assert len(eager.stats) == 2 * EXPERTS and len(lazy.stats) == 2 * (EXPERTS - 1)  # expert 4 gets no token
-    for key, stat in lazy.stats.items():
-        torch.testing.assert_close(eager.stats[key].inputs.gram(), stat.inputs.gram())
-        torch.testing.assert_close(eager.stats[key].y_sq, stat.y_sq)
+    assert len(eager.stats) == 2 * EXPERTS and not lazy.stats  # deferred: nothing accumulated yet
+    for e in range(EXPERTS):
+        for param in ("gate_up_proj", "down_proj"):
+            stat = lazy.statistics("experts", param, e)
+            if e == UNUSED:  # no token: no statistics (deferred), zero sums (allocated up front)
+                assert stat is None and eager.statistics("experts", param, e).inputs.num_tokens == 0
+                continue
+            torch.testing.assert_close(eager.statistics("experts", param, e).inputs.gram(), stat.inputs.gram())
+            torch.testing.assert_close(eager.statistics("experts", param, e).y_sq, stat.y_sq)
     assert eager.token_counts(experts) == lazy.token_counts(experts) == lazy.tokens
     assert eager.token_counts(experts)[("experts", UNUSED)] == 0
+
+
+def test_deferred_statistics_hold_one_expert_at_a_time_and_match_the_eager_ones(monkeypatch):
+    """Without data parallelism an expert's Hessians are built when it is pruned, one expert at a time, from the
+    kept inputs; the result is the same model as accumulating every expert's statistics during the forward."""
+    from optimum_d2prune import moe
+
+    alive = []
+    original = moe.ExpertStatisticsCollector.statistics
+
+    def spy(self, name, param, expert):
+        out = original(self, name, param, expert)
+        alive.append(len({k.rsplit("[", 1)[1] for k in self._built}))  # experts with built statistics
+        return out
+
+    monkeypatch.setattr(moe.ExpertStatisticsCollector, "statistics", spy)
+    deferred = make_moe("mixtral")
+    D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt")).prune(deferred, calib_batches())
+    assert alive and max(alive) == 1
+
+    eager = make_moe("mixtral")
+    real_init = moe.ExpertStatisticsCollector.__init__
+    monkeypatch.setattr(moe.ExpertStatisticsCollector, "__init__",
+                        lambda self, *a, **k: real_init(self, *a, **{**k, "all_experts": True}))
+    D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt")).prune(eager, calib_batches())
+    for (name, a), b in zip(expert_weights(deferred).items(), expert_weights(eager).values()):
+        torch.testing.assert_close(a, b, msg=name)
