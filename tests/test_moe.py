@@ -235,3 +235,46 @@ def test_deferred_statistics_hold_one_expert_at_a_time_and_match_the_eager_ones(
     D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt")).prune(eager, calib_batches())
     for (name, a), b in zip(expert_weights(deferred).items(), expert_weights(eager).values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+DIST_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import calib_batches
+from test_moe import make_moe
+from optimum_d2prune import D2PruneConfig, D2Pruner
+
+model = make_moe("qwen3_moe")
+pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt"))
+pruner.prune(model, calib_batches(num=6))
+if int(os.environ.get("RANK", "0")) == 0:
+    torch.save({{"state": model.state_dict(),
+                "tokens": [(e.block, e.expert, e.tokens, e.solver) for e in pruner.report.experts]}}, sys.argv[1])
+"""
+
+
+def test_two_gloo_ranks_match_one_process_on_experts(tmp_path):
+    """Data parallelism: every rank allocates every expert's statistics, they are all-reduced (an expert may get
+    tokens on one rank only), and the token counts and the pruned experts equal a single process's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(DIST_SCRIPT.format(tests=str(Path(__file__).resolve().parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = {"single": [sys.executable, str(script), str(tmp_path / "single.pt")],
+            "multi": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                      "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path / "multi.pt")]}
+    for name, args in runs.items():
+        result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
+    a, b = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "multi.pt")
+    assert a["tokens"] == b["tokens"] and any(t[2] == 0 for t in a["tokens"])
+    for key, value in a["state"].items():
+        torch.testing.assert_close(b["state"][key], value, rtol=0, atol=1e-5, msg=key)
