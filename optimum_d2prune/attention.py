@@ -52,6 +52,17 @@ def candidate_weights(
     return {p: (non_updated if p == chosen else updated)[p].weight for p in SCORE_PROJECTIONS}
 
 
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
 def scores_attention(attention_update: str, kl_weight: float) -> bool:
     """Whether a block's attention inputs must be captured: only the dynamic choice with a KL term reads them."""
     return attention_update == "dynamic" and kl_weight > 0
@@ -62,10 +73,12 @@ def split_sequences(inputs: AttentionInputs) -> Iterator[AttentionInputs]:
     probabilities (reference and one candidate) are alive at a time.
 
     Tensors of two or more dimensions whose first dimension is the batch size are sliced; everything else
-    (broadcast masks and position embeddings of batch 1, scalars, 1D positions) is shared.
+    (broadcast masks and position embeddings of batch 1, scalars, 1D positions) is shared. A batch that carries a
+    tensor with another leading size (Swin's per-window masks, shared by the images) is kept whole.
     """
     size = inputs.hidden_states.shape[0]
-    if size == 1:
+    leading = {v.shape[0] for v in _tensors((inputs.args, inputs.kwargs)) if v.dim() >= 2}
+    if size == 1 or leading - {1, size}:  # e.g. Swin: one mask per window position, shared by every image
         yield inputs
         return
 

@@ -58,6 +58,7 @@ class PruneTarget:
     module: nn.Module
     rows: Rows = None
     projection: Optional[str] = None  # "q"/"k"/"v" when it is an attention projection
+    attention: int = 0  # which attention module of the block (`adapter.attention_groups`) it belongs to
     param: Optional[str] = None  # for an expert matrix: the 3D parameter of the experts module...
     expert: Optional[int] = None  # ...and the expert's index in it
 
@@ -87,10 +88,10 @@ def find_targets(
     config: D2PruneConfig, adapter: ArchitectureAdapter, block: nn.Module, prefix: str
 ) -> list[PruneTarget]:
     """The Linears (and Conv1Ds) of a block selected by `targets`/`ignore` (regexes searched in full module names)."""
-    projections = adapter.projections(block)
-    by_module: dict[str, list[tuple[str, Rows]]] = {}
-    for p, ref in projections.items():
-        by_module.setdefault(ref.module, []).append((p, ref.rows))
+    by_module: dict[str, list[tuple[str, Rows, int]]] = {}
+    for number, (_, projections) in enumerate(adapter.attention_groups(block)):
+        for p, ref in projections.items():
+            by_module.setdefault(ref.module, []).append((p, ref.rows, number))
     found = []
     for local_name, module in block.named_modules():
         if not isinstance(module, PRUNABLE_TYPES):
@@ -101,10 +102,11 @@ def find_targets(
         if any(re.search(p, full) for p in config.ignore):
             continue
         refs = by_module.get(local_name, [])
-        if any(rows is not None for _, rows in refs):  # fused projection: one target per row block
-            found += [PruneTarget(f"{full}[{p}]", full, module, rows, p) for p, rows in refs]
+        if any(rows is not None for _, rows, _ in refs):  # fused projection: one target per row block
+            found += [PruneTarget(f"{full}[{p}]", full, module, rows, p, number) for p, rows, number in refs]
         else:
-            found.append(PruneTarget(full, full, module, None, refs[0][0] if refs else None))
+            found.append(PruneTarget(full, full, module, None, refs[0][0] if refs else None,
+                                     refs[0][2] if refs else 0))
     for local_name, module in block.named_modules():  # fused MoE experts: one target per expert matrix
         full = f"{prefix}.{local_name}"
         params = [param for param in expert_parameters(module)
@@ -143,7 +145,7 @@ class PruningEngine:
                 self.pattern.check_shape(t.name, t.in_features)
         if self.config.uses_attention_awareness and not any(t.projection for b in targets for t in b):
             missing = getattr(self.adapter, "missing_qkv_error", None)
-            if missing is not None and not self.adapter.projections(blocks[0]):
+            if missing is not None and not self.adapter.attention_groups(blocks[0]):
                 raise missing(blocks[0])
         return blocks, prefix, targets
 
@@ -246,8 +248,7 @@ class PruningEngine:
     def _awareness(self, targets: list[PruneTarget]) -> bool:
         if not self.config.uses_attention_awareness:
             return False
-        present = {t.projection for t in targets if t.projection}
-        if present != set(PROJECTIONS):
+        if not _complete_attentions(targets):
             logger.warning("q/k/v are not all targeted in this block; attention awareness is skipped for it.")
             return False
         return True
@@ -270,7 +271,7 @@ class PruningEngine:
         for number, group in enumerate(groups):
             last = number == len(groups) - 1
             stop_after = None if last else group[-1].module
-            group_aware = aware and {t.projection for t in group if t.projection} == set(PROJECTIONS)
+            group_aware = aware and _complete_attentions(group)
             self._prune_group(index, block, group, captured, seq_len, update_solver, non_update_solver, report,
                               group_aware, stop_after)
 
@@ -295,23 +296,23 @@ class PruningEngine:
         stats = {}
         tokens: dict[tuple[str, int], int] = {}
         expert_collector: Optional[ExpertStatisticsCollector] = None
-        attention_inputs: list[AttentionInputs] = []
+        captures: dict[int, AttentionInputCapture] = {}
+        attentions: list = []
+        attention_inputs: dict[int, list[AttentionInputs]] = {}
         if level != "none":
             collector = StatisticsCollector(modules, level, _module_device(block), seq_len)
             expert_collector = ExpertStatisticsCollector(experts, level, _module_device(block), seq_len,
                                                          all_experts=self.dist.active)
-            capture = (
-                AttentionInputCapture(self.adapter.attention_module(block), self.config.kl_num_samples)
-                if scored
-                else None
-            )
+            attentions = self.adapter.attention_groups(block) if scored else []
+            captures = {number: AttentionInputCapture(attentions[number][0], self.config.kl_num_samples)
+                        for number in sorted({t.attention for t in targets if t.projection}) if scored}
             hooks = HookManager()
             if stop_after is not None:
                 hooks.add(stop_after.register_forward_hook(_raise_stop))
             try:
                 for batch in captured:
                     collector.token_mask = expert_collector.token_mask = batch.token_mask
-                    if capture is not None:
+                    for capture in captures.values():
                         capture.token_mask = batch.token_mask
                     try:
                         block(batch.hidden_states, *batch.args, **batch.kwargs)
@@ -322,27 +323,36 @@ class PruningEngine:
                 hooks.remove()
                 collector.remove()
                 expert_collector.remove()
-                if capture is not None:
+                for capture in captures.values():
                     capture.remove()
             stats = {**collector.stats, **expert_collector.stats}
             self.dist.all_reduce_statistics(stats)
             tokens = expert_collector.token_counts(experts)
-            if capture is not None:
-                attention_inputs = [AttentionInputs(a, k, m) for a, k, m in capture.inputs]
+            attention_inputs = {number: [AttentionInputs(a, k, m) for a, k, m in capture.inputs]
+                                for number, capture in captures.items()}
         try:
-            plan = plan_attention_updates(
-                self.attention_update if aware else "all", index, {t.projection: t for t in targets if t.projection},
-                lambda t: _target_stats(stats, t), update_solver, non_update_solver, self.pattern,
-                AttentionScorer(self.adapter, self.adapter.attention_module(block) if scored else None,
-                                attention_inputs, self.config.kl_weight, self._reduce_floats(stats)),
-            )
-            unupdated, outputs, record = plan.unupdated, plan.outputs, plan.record
+            unupdated: set[tuple[int, str]] = set()  # (attention module, projection) left without update
+            outputs: dict[tuple[str, bool], SolverOutput] = {}
+            numbers = sorted({t.attention for t in targets if t.projection})
+            for number in numbers:
+                plan = plan_attention_updates(
+                    self.attention_update if aware else "all", index,
+                    {t.projection: t for t in targets if t.projection and t.attention == number},
+                    lambda t: _target_stats(stats, t), update_solver, non_update_solver, self.pattern,
+                    AttentionScorer(self.adapter, attentions[number][0] if scored else None,
+                                    attention_inputs.get(number, []), self.config.kl_weight,
+                                    self._reduce_floats(stats)),
+                )
+                unupdated |= {(number, p) for p in plan.unupdated}
+                outputs.update(plan.outputs)
+                if plan.record is not None:
+                    if len(numbers) > 1:
+                        plan.record.attention = number
+                    report.attention.append(plan.record)
             if expert_collector is not None and expert_collector.deferred:  # built on demand, one expert at a time
                 stats = _ExpertStats(stats, expert_collector)
-            if record is not None:
-                report.attention.append(record)
             for position, t in enumerate(targets):
-                solver = non_update_solver if t.projection in unupdated else update_solver
+                solver = non_update_solver if (t.attention, t.projection) in unupdated else update_solver
                 if t.expert is not None:
                     solver = self._expert_solver(index, t, solver, tokens, report)
                 tic = time.perf_counter()
@@ -393,6 +403,15 @@ class PruningEngine:
     def _reduce_floats(self, stats: dict) -> Callable[[list[float]], list[float]]:
         device = next(iter(stats.values())).inputs.device if stats else torch.device("cpu")
         return lambda values: self.dist.all_reduce_floats(values, device)
+
+
+def _complete_attentions(targets: list[PruneTarget]) -> bool:
+    """Whether the targets hold q, k and v of every attention module they touch (and touch at least one)."""
+    present: dict[int, set[str]] = {}
+    for t in targets:
+        if t.projection:
+            present.setdefault(t.attention, set()).add(t.projection)
+    return bool(present) and all(p == set(PROJECTIONS) for p in present.values())
 
 
 def _raise_stop(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

@@ -32,6 +32,7 @@ class AttentionRecord:
     errors: dict[str, float] = field(default_factory=dict)  # candidate -> summed q/k/v relative error
     kls: dict[str, float] = field(default_factory=dict)  # candidate -> KL(pruned ‖ dense) of attention
     objectives: dict[str, float] = field(default_factory=dict)
+    attention: Optional[int] = None  # which attention module of the block, when it holds several (Swin stages)
 
 
 @dataclass
@@ -108,8 +109,9 @@ class PruneReport:
             "|---:|:---:|---|---|---|---|",
         ]
         for a in self.attention:
+            block = a.block if a.attention is None else f"{a.block}.{a.attention}"
             lines.append(
-                f"| {a.block} | {a.chosen} | {a.strategy} | {_triple(a.objectives)} | {_triple(a.errors)} "
+                f"| {block} | {a.chosen} | {a.strategy} | {_triple(a.objectives)} | {_triple(a.errors)} "
                 f"| {_triple(a.kls)} |"
             )
         return "\n".join(lines)

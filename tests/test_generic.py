@@ -426,8 +426,8 @@ def test_recording_pass_runs_no_block_code_and_restores_hooks():
 
 def test_swin_stages_through_the_generic_path(tmp_path):
     """Swin: the blocks found are the stages (patch merging between them is inside a stage); each stage gets its
-    own input resolution; baselines and `attention_update='all'` run; the dynamic choice (one attention per block)
-    is refused with the clear error; the generic probabilities of a windowed attention equal `output_attentions`."""
+    own input resolution; a stage holds two attention modules and the dynamic choice is made for each; the generic
+    probabilities of a windowed, shifted attention equal `output_attentions`."""
     import transformers
 
     from optimum_d2prune.architectures.generic import find_qkv
@@ -439,8 +439,14 @@ def test_swin_stages_through_the_generic_path(tmp_path):
     before = _class_logits(model, pixels)
     D2Pruner(D2PruneConfig(sparsity=0.0, method="sparsegpt")).prune(model, images)
     torch.testing.assert_close(_class_logits(model, pixels), before, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match=r"holds 2 attention modules.*attention_update='all'"):
-        D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, images)
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="dynamic", dynamic_strategy="layer"))
+    pruner.prune(make_family("swin"), images)
+    records = pruner.report.attention
+    assert [(a.block, a.attention) for a in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(a.chosen in ("q", "k", "v") and max(a.kls.values()) > 0 for a in records)
+    unupdated = [r.name for r in pruner.report.layers if not r.updated]
+    assert len(unupdated) == 4 and len({n.rsplit(".", 2)[0] for n in unupdated}) == 4  # one per attention
+    assert "| 0.1 |" in pruner.report.attention_table()
 
     attention = model.swin.encoder.layers[0].blocks[1].attention  # shifted windows, with a mask
     _, refs = find_qkv(attention)
@@ -474,3 +480,27 @@ def test_swin_stages_through_the_generic_path(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = transformers.SwinForImageClassification.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(_class_logits(reloaded, pixels), _class_logits(model, pixels))
+
+
+def test_per_sequence_split_gives_the_whole_batch_kl():
+    """The KL term is computed one sequence at a time (memory); the sum over sequences equals the batch's."""
+    from optimum_d2prune.attention import attention_kl, split_sequences
+
+    model = make_family("qwen2")
+    ids, mask = padded_inputs()
+    attention, captured = _capture(model, 1, lambda: model(ids, attention_mask=mask, use_cache=False))
+    inputs = AttentionInputs(captured.args, captured.kwargs, mask.bool())
+    adapter = get_adapter(model, generic=True)
+    block = adapter.blocks(model)[1]
+    refs = adapter.projections(block)
+    dense = {p: adapter_rows(block, refs[p]) for p in ("q", "k")}
+    candidate = _pruned_qk(block, refs)
+
+    def kl(one):
+        reference = adapter.attention_probs(attention, one, dense).clamp_min(1e-12).log()
+        return attention_kl(adapter.attention_probs(attention, one, candidate), reference, one.token_mask)
+
+    parts = [kl(one) for one in split_sequences(inputs)]
+    total, rows = kl(inputs)
+    assert len(parts) == 2 and sum(n for _, n in parts) == rows == 4 * (12 + 9)
+    assert sum(t for t, _ in parts) == pytest.approx(total, rel=1e-5) and total > 0

@@ -98,6 +98,12 @@ class ArchitectureAdapter(ABC):
     def attention_module(self, block: nn.Module) -> nn.Module:
         return get_submodule(block, self.attention_path)
 
+    def attention_groups(self, block: nn.Module) -> list[tuple[nn.Module, dict[str, ProjectionRef]]]:
+        """Every attention module of a block with its q/k/v (refs relative to the block); the q/k/v choice is made
+        for each. One for most families (a Swin stage holds several)."""
+        refs = self.projections(block)
+        return [(self.attention_module(block), refs)] if refs else []
+
     def forward_model(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
         """Call the model on one prepared batch (`input_ids`/`attention_mask` or `pixel_values`)."""
         return model(**inputs)

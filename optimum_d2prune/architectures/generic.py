@@ -204,13 +204,22 @@ class GenericAdapter(ArchitectureAdapter):
         return found
 
     def _qkv(self, root: nn.Module) -> tuple[str, dict[str, ProjectionRef]]:
-        """The block's attention module and q/k/v; none when the block holds several attention modules (e.g. a Swin
-        stage): the attention-aware choice is made per block, for one attention."""
+        """The block's (first) attention module and its q/k/v."""
         if self.qkv_names:
             return self.attention_path, {p: ProjectionRef(n) for p, n in self.qkv_names.items()}
-        if len(attention_paths(root)) > 1:
-            return "", {}
         return find_qkv(root, self.config)
+
+    def attention_groups(self, block: nn.Module) -> list[tuple[nn.Module, dict[str, ProjectionRef]]]:
+        """Every module of the block with q/k/v children (a Swin stage holds one per inner block)."""
+        if self.qkv_names:
+            return super().attention_groups(block)
+        groups = []
+        for path in attention_paths(block):
+            module = block.get_submodule(path) if path else block
+            _, refs = find_qkv(module, self.config)
+            prefix = f"{path}." if path else ""
+            groups.append((module, {p: ProjectionRef(prefix + r.module, r.rows) for p, r in refs.items()}))
+        return groups
 
     def projections(self, block: nn.Module) -> dict[str, ProjectionRef]:
         return self._qkv(block)[1]
@@ -223,13 +232,9 @@ class GenericAdapter(ArchitectureAdapter):
 
     def missing_qkv_error(self, block: nn.Module) -> UnsupportedArchitectureError:
         separate = ", ".join("/".join(names) for names in SEPARATE_QKV)
-        several = attention_paths(block)
-        what = (f"Each block ({type(block).__name__}) holds {len(several)} attention modules ({', '.join(several)}), "
-                "but the attention-aware choice is made for one attention per block." if len(several) > 1 else
-                f"Found no q/k/v projections in the blocks ({type(block).__name__}): looked for separate {separate} "
-                f"or fused {', '.join(FUSED_QKV)} layers. D²Prune's attention-aware choice needs them.")
         return UnsupportedArchitectureError(
-            f"{what} Prune with "
+            f"Found no q/k/v projections in the blocks ({type(block).__name__}): looked for separate {separate} "
+            f"or fused {', '.join(FUSED_QKV)} layers. D²Prune's attention-aware choice needs them. Prune with "
             "`attention_update='all'` or a baseline method (`sparsegpt`, `wanda`, `magnitude`: they need only the "
             "block list), choose the layers with `targets`, or register a small adapter that sets `qkv_names` "
             "(see docs/architectures.md)."

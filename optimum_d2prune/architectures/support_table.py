@@ -41,8 +41,8 @@ def _row(name: str, model: nn.Module, exercises: str) -> str:
     fused_qkv = {r.module for r in refs.values() if r.rows is not None}
     qkv = ", ".join(dict.fromkeys(refs[p].module for p in ("q", "k", "v") if p in refs))
     several = attention_paths(block)
-    if not refs and len(several) > 1:
-        qkv = f"{len(several)} attentions per block: {', '.join(several)}"
+    if len(several) > 1:
+        qkv = f"{len(several)} attentions per block ({', '.join(several)}), each {qkv.replace(several[0] + '.', '')}"
     fused = sorted(f"`{n.rsplit('.', 1)[-1]}`" for n in fused_qkv)
     fused += sorted({f"`{n.rsplit('.', 1)[-1]}`" for n, m in block.named_modules()
                      if isinstance(m, PRUNABLE_TYPES) and "gate_up" in n.rsplit(".", 1)[-1]})
@@ -55,13 +55,10 @@ def _row(name: str, model: nn.Module, exercises: str) -> str:
         params = expert_parameters(m)
         moe = f"`{n}.{{{','.join(params)}}}` x {getattr(m, params[0]).shape[0]}"
     generic = isinstance(adapter, GenericAdapter)
-    if not refs and len(several) > 1:
-        generic = False
     attention = "generic (the model's eager attention)" if generic else (
         f"hand-written (`{type(adapter).__name__}`), equal to generic (tested)")
-    if not refs and len(several) > 1:
-        attention = ("generic probabilities tested; the dynamic choice is refused (one attention per block): "
-                     "baselines and `attention_update='all'`")
+    if len(several) > 1:
+        attention += "; the q/k/v choice is made for each attention module of a block"
     layer_types = set(getattr(getattr(model, "config", None), "layer_types", None) or [])
     notes = exercises + ("; per-block masks captured" if len(layer_types) > 1 else "")
     return (f"| {name} | `{model_type_of(model)}` | `{prefix}` | `{qkv}` | {', '.join(fused) or '-'} | {attention} "
