@@ -209,6 +209,8 @@ def expert_solver(solver: Solver, tokens: Optional[int], min_tokens: int) -> Sol
     """The solver for one expert matrix: `solver` when the expert received at least `min_tokens` tokens (or when
     the run collects no statistics), else Wanda's criterion on the few tokens it has, or magnitude (data-free) for an
     expert that received none."""
-    if tokens is None or tokens >= min_tokens or solver.statistics == "none":
+    if tokens is None or solver.statistics == "none":
         return solver
-    return WandaSolver() if tokens > 0 else MagnitudeSolver()
+    if tokens == 0:  # no statistics at all, whatever the threshold
+        return MagnitudeSolver()
+    return solver if tokens >= min_tokens else WandaSolver()

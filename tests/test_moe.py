@@ -278,3 +278,24 @@ def test_two_gloo_ranks_match_one_process_on_experts(tmp_path):
     assert a["tokens"] == b["tokens"] and any(t[2] == 0 for t in a["tokens"])
     for key, value in a["state"].items():
         torch.testing.assert_close(b["state"][key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_experts_below_the_token_threshold_fall_back_to_wanda_and_are_reported():
+    model = make_moe("qwen3_moe")
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", min_expert_tokens=10**6))
+    pruner.prune(model, calib_batches())
+    records = pruner.report.experts
+    assert records and all(r.fallback for r in records)
+    assert {r.solver for r in records if r.tokens} == {"wanda"}
+    assert {r.solver for r in records if not r.tokens} == {"magnitude"}
+    solvers = {r.name: r.solver for r in pruner.report.layers if ".experts." in r.name}
+    assert set(solvers.values()) == {"wanda", "magnitude"}
+    assert "(fallback)" in pruner.report.expert_table()
+    for name, w in expert_weights(model).items():
+        assert int((w == 0).sum()) == w.numel() // 2, name
+    no_threshold = D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", min_expert_tokens=0))
+    no_threshold.prune(make_moe("qwen3_moe"), calib_batches())  # an expert without tokens still gets magnitude
+    assert {(r.tokens > 0, r.solver) for r in no_threshold.report.experts} == {(True, "sparsegpt"),
+                                                                                (False, "magnitude")}
+    with pytest.raises(ValueError, match="min_expert_tokens"):
+        D2PruneConfig(min_expert_tokens=-1)
