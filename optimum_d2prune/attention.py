@@ -13,16 +13,21 @@ OBS solve of one projection, three mask-only solves and four attention-probabili
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from .architectures import PROJECTIONS, ArchitectureAdapter, AttentionInputs
+from .masks import SparsityPattern
 from .report import AttentionRecord
-from .solvers import SolverOutput
+from .solvers import Solver, SolverOutput
 
 _EPS = 1e-12  # probability floor inside the logarithms (masked entries are exactly 0)
+
+#: the projections that shape the attention probabilities (v only enters the attention output)
+SCORE_PROJECTIONS = ("q", "k")
 
 
 def attention_kl(
@@ -47,7 +52,52 @@ def candidate_weights(
     chosen: str, updated: dict[str, SolverOutput], non_updated: dict[str, SolverOutput]
 ) -> dict[str, torch.Tensor]:
     """q/k weights of the block when `chosen` is the projection left without update."""
-    return {p: (non_updated if p == chosen else updated)[p].weight for p in ("q", "k")}
+    return {p: (non_updated if p == chosen else updated)[p].weight for p in SCORE_PROJECTIONS}
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def scores_attention(attention_update: str, kl_weight: float) -> bool:
+    """Whether a block's attention inputs must be captured: only the dynamic choice with a KL term reads them."""
+    return attention_update == "dynamic" and kl_weight > 0
+
+
+def split_sequences(inputs: AttentionInputs) -> Iterator[AttentionInputs]:
+    """One `AttentionInputs` per sequence of a captured batch, so that only one sequence's `[heads, T, T]`
+    probabilities (reference and one candidate) are alive at a time.
+
+    Tensors of two or more dimensions whose first dimension is the batch size are sliced; everything else
+    (broadcast masks and position embeddings of batch 1, scalars, 1D positions) is shared. A batch that carries a
+    tensor with another leading size (Swin's per-window masks, shared by the images) is kept whole.
+    """
+    size = inputs.hidden_states.shape[0]
+    leading = {v.shape[0] for v in _tensors((inputs.args, inputs.kwargs)) if v.dim() >= 2}
+    if size == 1 or leading - {1, size}:  # e.g. Swin: one mask per window position, shared by every image
+        yield inputs
+        return
+
+    def take(value: Any, i: int) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[i : i + 1] if value.dim() >= 2 and value.shape[0] == size else value
+        if isinstance(value, tuple):
+            return tuple(take(v, i) for v in value)
+        if isinstance(value, list):
+            return [take(v, i) for v in value]
+        return value
+
+    for i in range(size):
+        mask = inputs.token_mask
+        yield AttentionInputs(take(inputs.args, i), {k: take(v, i) for k, v in inputs.kwargs.items()},
+                              None if mask is None else mask[i : i + 1])
 
 
 def choose_unupdated_projection(
@@ -70,7 +120,7 @@ def choose_unupdated_projection(
     }
     kl_sums = dict.fromkeys(PROJECTIONS, 0.0)
     rows = 0
-    for batch_inputs in inputs:
+    for batch_inputs in (one for batch in inputs for one in split_sequences(batch)):
         log_reference = adapter.attention_probs(attention, batch_inputs, dense).clamp_min(_EPS).log()
         for c in PROJECTIONS:
             probs = adapter.attention_probs(attention, batch_inputs, candidate_weights(c, updated, non_updated))
@@ -84,3 +134,62 @@ def choose_unupdated_projection(
     objectives = {c: errors[c] + kl_weight * kls[c] for c in PROJECTIONS}
     chosen = min(PROJECTIONS, key=lambda c: objectives[c])
     return AttentionRecord(block=block, chosen=chosen, strategy="layer", errors=errors, kls=kls, objectives=objectives)
+
+
+@dataclass
+class AttentionScorer:
+    """What the KL term needs: the adapter, the block's attention module and its captured inputs (module None:
+    the choice is made on reconstruction error alone)."""
+
+    adapter: ArchitectureAdapter
+    attention: Optional[nn.Module]
+    inputs: list[AttentionInputs]
+    kl_weight: float
+    reduce: Optional[Callable[[list[float]], list[float]]] = None
+
+
+@dataclass
+class AttentionPlan:
+    """How a block's q/k/v are pruned: the projections left without update, solver outputs already computed while
+    choosing (keyed by `(target name, updates_weights)`), and the record for the report."""
+
+    unupdated: set[str] = field(default_factory=set)
+    outputs: dict[tuple[str, bool], SolverOutput] = field(default_factory=dict)
+    record: Optional[AttentionRecord] = None
+
+
+def plan_attention_updates(
+    attention_update: str,
+    block: int,
+    qkv: dict[str, Any],
+    stats_of: Callable[[Any], Any],
+    update_solver: Solver,
+    non_update_solver: Solver,
+    pattern: SparsityPattern,
+    scorer: AttentionScorer,
+) -> AttentionPlan:
+    """Decide which of q/k/v is pruned without weight update in one block (METHOD.md §4).
+
+    `attention_update` is "all" (every projection updated), "none" (none updated), "q"/"k"/"v" (fixed) or
+    "dynamic": the candidates are solved here (one OBS solve without refinement and one mask-only solve per
+    projection), scored by `choose_unupdated_projection`, and the two projections kept updated are refined.
+    `qkv` maps "q"/"k"/"v" to prune targets (`.name`, `.weight()`), `stats_of(target)` gives their statistics.
+    """
+    if attention_update == "all" or not qkv:
+        return AttentionPlan()
+    if attention_update == "none":
+        return AttentionPlan(set(PROJECTIONS))
+    if attention_update in PROJECTIONS:
+        return AttentionPlan({attention_update}, record=AttentionRecord(block, attention_update, "fixed"))
+    candidate_solver = update_solver.without_refinement()  # refine only the two projections kept updated
+    updated = {p: candidate_solver.prune(t.weight(), stats_of(t), pattern) for p, t in qkv.items()}
+    non_updated = {p: non_update_solver.prune(t.weight(), stats_of(t), pattern) for p, t in qkv.items()}
+    dense = {p: qkv[p].weight().detach().float() for p in SCORE_PROJECTIONS}
+    record = choose_unupdated_projection(scorer.adapter, scorer.attention, scorer.inputs, dense, updated,
+                                         non_updated, scorer.kl_weight, block, reduce=scorer.reduce)
+    for p in PROJECTIONS:
+        if p != record.chosen:
+            updated[p] = update_solver.refine(qkv[p].weight(), updated[p], stats_of(qkv[p]))
+    outputs = {(qkv[p].name, True): updated[p] for p in PROJECTIONS}
+    outputs.update({(qkv[p].name, False): non_updated[p] for p in PROJECTIONS})
+    return AttentionPlan({record.chosen}, outputs, record)

@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
 from .masks import SparsityPattern
+from .solvers.registry import METHOD_REGISTRY
 
-METHODS = ("d2prune", "sparsegpt", "wanda", "magnitude")
-#: methods whose weight-update layers use the OBS solver (N:M groups must tile its column blocks)
-OBS_METHODS = ("d2prune", "sparsegpt")
 NONFINITE_ACTIONS = ("raise", "skip")
+#: registered pruning methods (`solvers/methods.py` and any solver file that registers one)
+METHODS = tuple(METHOD_REGISTRY)
 ATTENTION_UPDATES = ("dynamic", "all", "none", "q", "k", "v")
 DYNAMIC_STRATEGIES = ("auto", "layer", "global")
 #: calibration length at which the dual-Taylor scale was tuned; `activation_scale="auto"` keeps the strength of the
@@ -117,10 +117,15 @@ class D2PruneConfig:
             "activations between blocks always raise."
         },
     )
+    min_expert_tokens: int = field(
+        default=16,
+        metadata={"help": "MoE: an expert that received fewer calibration tokens is pruned with Wanda's criterion "
+                          "(magnitude if it received none) instead of the method's solver; the report lists them."},
+    )
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+        if self.method not in METHOD_REGISTRY:
+            raise ValueError(f"`method` must be one of {tuple(METHOD_REGISTRY)}, got {self.method!r}.")
         # parse (and so validate) the mask structure; N:M fixes the sparsity to N/M
         pattern = SparsityPattern.parse(self.mask_structure, self.sparsity)
         self.mask_structure = pattern.structure
@@ -144,14 +149,6 @@ class D2PruneConfig:
             self.activation_scale = float(self.activation_scale)
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"`block_size` must be a positive integer, got {self.block_size!r}.")
-        if pattern.is_nm and self.method in OBS_METHODS and self.block_size % pattern.m:
-            # the OBS solver picks N of every M inputs inside each column block: refuse now, not after some blocks
-            suggestion = max(pattern.m, self.block_size // pattern.m * pattern.m)
-            raise ValueError(
-                f"`block_size` ({self.block_size}) is not a multiple of M={pattern.m} for {pattern.structure}: the "
-                f"{self.method} solver needs whole groups of M inputs in each column block; set `block_size` to a "
-                f"multiple of {pattern.m} (e.g. {suggestion})."
-            )
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_ACTIONS}, got {self.on_nonfinite!r}.")
         if self.refine_steps is not None and (
@@ -186,6 +183,23 @@ class D2PruneConfig:
             setattr(self, name, list(patterns))
         if self.targets is not None and not self.targets:
             raise ValueError("`targets` is empty: pass None to prune every Linear of the blocks.")
+        if not isinstance(self.min_expert_tokens, int) or self.min_expert_tokens < 0:
+            raise ValueError(f"`min_expert_tokens` must be a non-negative integer, got {self.min_expert_tokens!r}.")
+        if pattern.is_nm:
+            self._check_solver_blocks(pattern)
+
+    def _check_solver_blocks(self, pattern: SparsityPattern) -> None:
+        """Solvers that work in column blocks (OBS) pick N of every M inputs inside each block: refuse an M that does
+        not divide the block now, not after some blocks were pruned."""
+        for solver in METHOD_REGISTRY[self.method](self, REFERENCE_SEQ_LEN):
+            size = getattr(solver, "block_size", None)
+            if size and size % pattern.m:
+                suggestion = max(pattern.m, size // pattern.m * pattern.m)
+                raise ValueError(
+                    f"`block_size` ({size}) is not a multiple of M={pattern.m} for {pattern.structure}: the "
+                    f"{self.method} solver needs whole groups of M inputs in each column block; set `block_size` to "
+                    f"a multiple of {pattern.m} (e.g. {suggestion})."
+                )
 
     # ------------------------------------------------------------------ views
     @property

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import PROJECTIONS, ArchitectureAdapter, AttentionInputs
-from .attention import choose_unupdated_projection
+from .architectures import PROJECTIONS, PRUNABLE_TYPES, ArchitectureAdapter, AttentionInputs
+from .architectures.base import Rows, read_rows, write_rows
+from .attention import AttentionScorer, plan_attention_updates, scores_attention
 from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint, targeted_weights
 from .configuration import D2PruneConfig
 from .distributed import DistributedContext
@@ -30,13 +31,15 @@ from .hooks import (
     StatisticsCollector,
     _StopForward,
     calibration_context,
+    capture_block_arguments,
     capture_block_inputs,
 )
 from .masks import SparsityPattern
 from .memory import PeakMemory
+from .moe import ExpertStatisticsCollector, expert_key, expert_matrix, expert_parameters, expert_solver
 from .offload import execution_device as _execution_device
 from .offload import onloaded
-from .report import AttentionRecord, LayerRecord, PruneReport
+from .report import ExpertRecord, LayerRecord, PruneReport
 from .solvers import Solver, SolverOutput, solvers_for
 
 logger = logging.getLogger(__name__)
@@ -46,35 +49,53 @@ _LEVEL_RANK = {"none": 0, "diag": 1, "hessian": 2}
 
 @dataclass
 class PruneTarget:
-    """One matrix to prune: a Linear, or one row block (q, k or v) of a fused Linear."""
+    """One matrix to prune: a Linear (or GPT-2 `Conv1D`), or one row block (q, k or v) of a fused one.
 
-    name: str  # full module name, plus "[q]"/"[k]"/"[v]" for a row block
+    `weight()` is always `[out, in]`: a Conv1D's stored `[in, out]` weight is seen transposed.
+    """
+
+    name: str  # full module name, plus "[q]"/"[k]"/"[v]" for a row block, or ".param[e]" for an expert matrix
     module_name: str
-    module: nn.Linear
-    rows: Optional[slice] = None
+    module: nn.Module
+    rows: Rows = None
     projection: Optional[str] = None  # "q"/"k"/"v" when it is an attention projection
+    attention: int = 0  # which attention module of the block (`adapter.attention_groups`) it belongs to
+    param: Optional[str] = None  # for an expert matrix: the 3D parameter of the experts module...
+    expert: Optional[int] = None  # ...and the expert's index in it
+
+    @property
+    def in_features(self) -> int:
+        return self.weight().shape[1]
+
+    @property
+    def stats_key(self) -> str:
+        """Key of this target's statistics: the module (shared by its row blocks), or the expert matrix."""
+        return self.module_name if self.expert is None else self.name
 
     def weight(self) -> torch.Tensor:
-        w = self.module.weight
-        return w if self.rows is None else w[self.rows]
+        if self.expert is not None:
+            return expert_matrix(self.module, self.param, self.expert)
+        return read_rows(self.module, self.rows)
 
     def write(self, new_weight: torch.Tensor) -> None:
-        w = self.module.weight
-        target = w.data if self.rows is None else w.data[self.rows]
-        target.copy_(new_weight.to(device=w.device, dtype=w.dtype))
+        if self.expert is not None:
+            w = expert_matrix(self.module, self.param, self.expert).data
+            w.copy_(new_weight.to(device=w.device, dtype=w.dtype))
+        else:
+            write_rows(self.module, self.rows, new_weight)
 
 
 def find_targets(
     config: D2PruneConfig, adapter: ArchitectureAdapter, block: nn.Module, prefix: str
 ) -> list[PruneTarget]:
-    """The Linears of a block selected by `targets`/`ignore` (regexes searched in full module names)."""
-    projections = adapter.projections(block)
-    by_module: dict[str, list[tuple[str, Optional[slice]]]] = {}
-    for p, ref in projections.items():
-        by_module.setdefault(ref.module, []).append((p, ref.rows))
+    """The Linears (and Conv1Ds) of a block selected by `targets`/`ignore` (regexes searched in full module names)."""
+    by_module: dict[str, list[tuple[str, Rows, int]]] = {}
+    for number, (_, projections) in enumerate(adapter.attention_groups(block)):
+        for p, ref in projections.items():
+            by_module.setdefault(ref.module, []).append((p, ref.rows, number))
     found = []
     for local_name, module in block.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, PRUNABLE_TYPES):
             continue
         full = f"{prefix}.{local_name}"
         if config.targets is not None and not any(re.search(p, full) for p in config.targets):
@@ -82,10 +103,20 @@ def find_targets(
         if any(re.search(p, full) for p in config.ignore):
             continue
         refs = by_module.get(local_name, [])
-        if any(rows is not None for _, rows in refs):  # fused projection: one target per row block
-            found += [PruneTarget(f"{full}[{p}]", full, module, rows, p) for p, rows in refs]
+        if any(rows is not None for _, rows, _ in refs):  # fused projection: one target per row block
+            found += [PruneTarget(f"{full}[{p}]", full, module, rows, p, number) for p, rows, number in refs]
         else:
-            found.append(PruneTarget(full, full, module, None, refs[0][0] if refs else None))
+            found.append(PruneTarget(full, full, module, None, refs[0][0] if refs else None,
+                                     refs[0][2] if refs else 0))
+    for local_name, module in block.named_modules():  # fused MoE experts: one target per expert matrix
+        full = f"{prefix}.{local_name}"
+        params = [param for param in expert_parameters(module)
+                  if (config.targets is None or any(re.search(p, f"{full}.{param}") for p in config.targets))
+                  and not any(re.search(p, f"{full}.{param}") for p in config.ignore)]
+        experts = getattr(module, params[0]).shape[0] if params else 0
+        # expert by expert (its first matrix, then its second): one expert's statistics are alive at a time
+        found += [PruneTarget(expert_key(full, param, e), full, module, param=param, expert=e)
+                  for e in range(experts) for param in params]
     return found
 
 
@@ -112,7 +143,11 @@ class PruningEngine:
             raise ValueError("No Linear layer matches `targets`/`ignore`: nothing to prune.")
         for block_targets in targets:
             for t in block_targets:
-                self.pattern.check_shape(t.name, t.module.in_features)
+                self.pattern.check_shape(t.name, t.in_features)
+        if self.config.uses_attention_awareness and not any(t.projection for b in targets for t in b):
+            missing = getattr(self.adapter, "missing_qkv_error", None)
+            if missing is not None and not self.adapter.attention_groups(blocks[0]):
+                raise missing(blocks[0])
         return blocks, prefix, targets
 
     # ------------------------------------------------------------------ running
@@ -147,8 +182,12 @@ class PruningEngine:
         try:
             captured = capture_block_inputs(model, blocks[0], batches, _input_device(model), device,
                                             self.adapter.forward_model)
+            arguments = capture_block_arguments(model, blocks, batches, _input_device(model),
+                                                self.adapter.forward_model)
         finally:
             restore()
+        for batch, block_arguments in zip(captured, arguments or []):
+            batch.block_arguments = block_arguments
         seq_len = captured[0].hidden_states.shape[1]
         update_solver, non_update_solver = solvers_for(self.config, seq_len)
         first = self._resume(checkpoint, blocks, targets, captured, report, device)
@@ -156,6 +195,8 @@ class PruningEngine:
                         initial=first, total=len(blocks), disable=self.dist.rank > 0)
         for index in progress:
             check_hidden_states([b.hidden_states for b in captured], index)
+            for batch in captured:
+                batch.use_block(index)
             with onloaded(blocks[index], device):
                 self._prune_block(index, blocks[index], targets[index], captured, seq_len, update_solver,
                                   non_update_solver, report)
@@ -210,8 +251,7 @@ class PruningEngine:
     def _awareness(self, targets: list[PruneTarget]) -> bool:
         if not self.config.uses_attention_awareness:
             return False
-        present = {t.projection for t in targets if t.projection}
-        if present != set(PROJECTIONS):
+        if not _complete_attentions(targets):
             logger.warning("q/k/v are not all targeted in this block; attention awareness is skipped for it.")
             return False
         return True
@@ -234,7 +274,7 @@ class PruningEngine:
         for number, group in enumerate(groups):
             last = number == len(groups) - 1
             stop_after = None if last else group[-1].module
-            group_aware = aware and {t.projection for t in group if t.projection} == set(PROJECTIONS)
+            group_aware = aware and _complete_attentions(group)
             self._prune_group(index, block, group, captured, seq_len, update_solver, non_update_solver, report,
                               group_aware, stop_after)
 
@@ -252,25 +292,30 @@ class PruningEngine:
         stop_after: Optional[nn.Module],
     ) -> None:
         """Collect statistics for `targets` (stopping the block's forward after `stop_after`), then prune them."""
-        dynamic = aware and self.attention_update == "dynamic"
+        scored = aware and scores_attention(self.attention_update, self.config.kl_weight)
         level = max((update_solver.statistics, non_update_solver.statistics), key=_LEVEL_RANK.__getitem__)
-        modules = {t.module_name: t.module for t in targets}
+        modules = {t.module_name: t.module for t in targets if t.expert is None}
+        experts = {t.module_name: t.module for t in targets if t.expert is not None}
         stats = {}
-        attention_inputs: list[AttentionInputs] = []
+        tokens: dict[tuple[str, int], int] = {}
+        expert_collector: Optional[ExpertStatisticsCollector] = None
+        captures: dict[int, AttentionInputCapture] = {}
+        attentions: list = []
+        attention_inputs: dict[int, list[AttentionInputs]] = {}
         if level != "none":
             collector = StatisticsCollector(modules, level, _module_device(block), seq_len)
-            capture = (
-                AttentionInputCapture(self.adapter.attention_module(block), self.config.kl_num_samples)
-                if dynamic and self.config.kl_weight > 0
-                else None
-            )
+            expert_collector = ExpertStatisticsCollector(experts, level, _module_device(block), seq_len,
+                                                         all_experts=self.dist.active)
+            attentions = self.adapter.attention_groups(block) if scored else []
+            captures = {number: AttentionInputCapture(attentions[number][0], self.config.kl_num_samples)
+                        for number in sorted({t.attention for t in targets if t.projection}) if scored}
             hooks = HookManager()
             if stop_after is not None:
                 hooks.add(stop_after.register_forward_hook(_raise_stop))
             try:
                 for batch in captured:
-                    collector.token_mask = batch.token_mask
-                    if capture is not None:
+                    collector.token_mask = expert_collector.token_mask = batch.token_mask
+                    for capture in captures.values():
                         capture.token_mask = batch.token_mask
                     try:
                         block(batch.hidden_states, *batch.args, **batch.kwargs)
@@ -280,22 +325,42 @@ class PruningEngine:
             finally:
                 hooks.remove()
                 collector.remove()
-                if capture is not None:
+                expert_collector.remove()
+                for capture in captures.values():
                     capture.remove()
-            stats = collector.stats
+            stats = {**collector.stats, **expert_collector.stats}
             self.dist.all_reduce_statistics(stats)
-            if capture is not None:
-                attention_inputs = [AttentionInputs(a, k, m) for a, k, m in capture.inputs]
+            tokens = expert_collector.token_counts(experts)
+            attention_inputs = {number: [AttentionInputs(a, k, m) for a, k, m in capture.inputs]
+                                for number, capture in captures.items()}
         try:
             kept = screen_targets(index, targets, stats, self.config.on_nonfinite, report)
             if len(kept) < len(targets):  # a skipped q/k/v leaves nothing to choose between
-                targets, aware, dynamic = kept, False, False
-            unupdated, outputs, record = self._choose(index, block, targets, stats, update_solver,
-                                                      non_update_solver, attention_inputs, aware, dynamic)
-            if record is not None:
-                report.attention.append(record)
+                targets, aware = kept, False
+            unupdated: set[tuple[int, str]] = set()  # (attention module, projection) left without update
+            outputs: dict[tuple[str, bool], SolverOutput] = {}
+            numbers = sorted({t.attention for t in targets if t.projection})
+            for number in numbers:
+                plan = plan_attention_updates(
+                    self.attention_update if aware else "all", index,
+                    {t.projection: t for t in targets if t.projection and t.attention == number},
+                    lambda t: _target_stats(stats, t), update_solver, non_update_solver, self.pattern,
+                    AttentionScorer(self.adapter, attentions[number][0] if scored else None,
+                                    attention_inputs.get(number, []), self.config.kl_weight,
+                                    self._reduce_floats(stats)),
+                )
+                unupdated |= {(number, p) for p in plan.unupdated}
+                outputs.update(plan.outputs)
+                if plan.record is not None:
+                    if len(numbers) > 1:
+                        plan.record.attention = number
+                    report.attention.append(plan.record)
+            if expert_collector is not None and expert_collector.deferred:  # built on demand, one expert at a time
+                stats = _ExpertStats(stats, expert_collector)
             for position, t in enumerate(targets):
-                solver = non_update_solver if t.projection in unupdated else update_solver
+                solver = non_update_solver if (t.attention, t.projection) in unupdated else update_solver
+                if t.expert is not None:
+                    solver = self._expert_solver(index, t, solver, tokens, report)
                 tic = time.perf_counter()
                 out = outputs.get((t.name, solver.updates_weights))
                 if out is None:
@@ -310,6 +375,18 @@ class PruningEngine:
         finally:
             for s in stats.values():
                 s.inputs.free()
+            if expert_collector is not None:
+                expert_collector.free()
+
+    def _expert_solver(self, index: int, target: PruneTarget, solver: Solver, tokens: dict[tuple[str, int], int],
+                       report: PruneReport) -> Solver:
+        """The solver for one expert matrix (a fallback when its expert received too few tokens), reported."""
+        count = tokens.get((target.module_name, target.expert))
+        chosen = expert_solver(solver, count, self.config.min_expert_tokens)
+        if target.param == expert_parameters(target.module)[0]:  # one record per expert
+            report.experts.append(ExpertRecord(index, target.module_name, target.expert, count,
+                                               chosen.name, chosen is not solver))
+        return chosen
 
     def _solve_once(self, position: int, target: PruneTarget, solver: Solver, stats: dict) -> SolverOutput:
         """Solve on the owning rank (every rank when not distributed) and give the result to all ranks."""
@@ -329,48 +406,18 @@ class PruningEngine:
             out = SolverOutput(weight, weight == 0, meta[0], None if meta[1] < 0 else int(meta[1]))
         return out
 
-    def _choose(
-        self,
-        index: int,
-        block: nn.Module,
-        targets: list[PruneTarget],
-        stats: dict,
-        update_solver: Solver,
-        non_update_solver: Solver,
-        attention_inputs: list[AttentionInputs],
-        aware: bool,
-        dynamic: bool,
-    ) -> tuple[set[str], dict[tuple[str, bool], SolverOutput], Optional[AttentionRecord]]:
-        """Projections left without update in this block, precomputed solver outputs, and the record."""
-        if not aware:
-            return set(), {}, None
-        if self.attention_update == "none":
-            return set(PROJECTIONS), {}, None
-        if not dynamic:
-            fixed = self.attention_update if self.attention_update in PROJECTIONS else None
-            record = AttentionRecord(index, fixed, "fixed") if fixed else None
-            return ({fixed} if fixed else set()), {}, record
-        qkv = {t.projection: t for t in targets if t.projection}
-        candidate_solver = update_solver.without_refinement()  # refine only the two projections kept updated
-        updated = {p: candidate_solver.prune(t.weight(), _target_stats(stats, t), self.pattern) for p, t in qkv.items()}
-        non_updated = {
-            p: non_update_solver.prune(t.weight(), _target_stats(stats, t), self.pattern) for p, t in qkv.items()
-        }
-        dense = {p: qkv[p].weight().detach().float() for p in ("q", "k")}
-        attention = self.adapter.attention_module(block)
-        record = choose_unupdated_projection(self.adapter, attention, attention_inputs, dense, updated, non_updated,
-                                             self.config.kl_weight, index, reduce=self._reduce_floats(stats))
-        for p in PROJECTIONS:
-            if p != record.chosen:
-                updated[p] = update_solver.refine(qkv[p].weight(), updated[p], _target_stats(stats, qkv[p]))
-        outputs = {(qkv[p].name, True): updated[p] for p in PROJECTIONS}
-        outputs.update({(qkv[p].name, False): non_updated[p] for p in PROJECTIONS})
-        return {record.chosen}, outputs, record
-
-
     def _reduce_floats(self, stats: dict) -> Callable[[list[float]], list[float]]:
         device = next(iter(stats.values())).inputs.device if stats else torch.device("cpu")
         return lambda values: self.dist.all_reduce_floats(values, device)
+
+
+def _complete_attentions(targets: list[PruneTarget]) -> bool:
+    """Whether the targets hold q, k and v of every attention module they touch (and touch at least one)."""
+    present: dict[int, set[str]] = {}
+    for t in targets:
+        if t.projection:
+            present.setdefault(t.attention, set()).add(t.projection)
+    return bool(present) and all(p == set(PROJECTIONS) for p in present.values())
 
 
 def _raise_stop(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -417,8 +464,24 @@ def _sequential_groups(block: nn.Module, targets: list[PruneTarget], batch: Capt
     return groups
 
 
+class _ExpertStats(dict):
+    """The block's statistics plus deferred per-expert ones, built when a target asks for them (`get`)."""
+
+    def __init__(self, stats: dict, experts: ExpertStatisticsCollector) -> None:
+        super().__init__(stats)
+        self.experts = experts
+
+    def target(self, target: "PruneTarget"):
+        if target.expert is None:
+            return self.get(target.stats_key)
+        return self.experts.statistics(target.module_name, target.param, target.expert)
+
+
 def _target_stats(stats: dict, target: PruneTarget):
-    s = stats.get(target.module_name)
+    if isinstance(stats, _ExpertStats):
+        s = stats.target(target)
+        return None if s is None else s.rows(target.rows)
+    s = stats.get(target.stats_key)
     return None if s is None else s.rows(target.rows)
 
 

@@ -66,6 +66,7 @@ def measure_sparsity(weight: torch.Tensor) -> float:
 
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     """Number of groups of `m` consecutive inputs (per output row) with fewer than `n` zeros."""
+    weight = weight.reshape(-1, weight.shape[-1])  # fused experts [E, out, in]: every expert's rows
     rows, cols = weight.shape
     if cols % m:
         return rows * (cols // m + 1)
@@ -74,14 +75,26 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
 
 
 def _module_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The pruned matrix `[out, in]` of a module (GPT-2's Conv1D stores it transposed), or `[E, out, in]` for a
+    fused MoE experts parameter (`...experts.gate_up_proj`)."""
+    from .architectures.base import matrix
+
     try:
         module = model.get_submodule(name)
     except AttributeError:
-        raise KeyError(name) from None
+        parent_name, _, param = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:
+            raise KeyError(name) from None
+        value = getattr(parent, param, None)
+        if not isinstance(value, torch.Tensor) or value.dim() != 3:
+            raise KeyError(name) from None
+        return (value.transpose(1, 2) if getattr(parent, "is_transposed", False) else value).detach()
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise KeyError(name)
-    return weight.detach()
+    return matrix(module).detach()
 
 
 def _is_gguf_quantization(quantization_config: Any) -> bool:
@@ -328,7 +341,8 @@ def _planned_modules(model: nn.Module, config: D2PruneConfig) -> list[str]:
     from .engine import PruningEngine
 
     _, _, targets = PruningEngine(config, get_adapter(model)).plan(model)
-    return list(dict.fromkeys(t.module_name for block in targets for t in block))
+    return list(dict.fromkeys(t.module_name if t.expert is None else f"{t.module_name}.{t.param}"
+                              for block in targets for t in block))
 
 
 def save_pruned(

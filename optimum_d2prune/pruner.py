@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .architectures import PROJECTIONS, get_adapter
+from .architectures import PROJECTIONS, ArchitectureAdapter, get_adapter
 from .configuration import D2PruneConfig
 from .distributed import distributed_session
 from .engine import PruneTarget, PruningEngine
@@ -54,16 +54,24 @@ class D2Pruner:
             raise TypeError(f"`config` must be a D2PruneConfig, got {type(self.config).__name__}.")
         self.report: Optional[PruneReport] = None
 
-    def prune(self, model: nn.Module, calib_loader: Iterable[Batch]) -> nn.Module:
+    def prune(
+        self, model: nn.Module, calib_loader: Iterable[Batch], adapter: Optional[ArchitectureAdapter] = None
+    ) -> nn.Module:
         """Prune `model` in place on the calibration batches and return it.
 
         Args:
-            model: a supported transformers causal LM (LLaMA/Mistral, OPT, Qwen3) or vision transformer.
+            model: a transformers model whose blocks can be found (causal LMs, vision transformers; see
+                docs/architectures.md), or a timm VisionTransformer.
             calib_loader: an iterable of batches: a LongTensor `[B, T]` (or `[T]`) of input ids, a dict with
                 `input_ids` and optional `attention_mask`, a float tensor `[B, 3, H, W]` or a dict with
                 `pixel_values`. A `torch.utils.data.DataLoader` works as is.
+            adapter: the architecture adapter to use (default: the model's hand-written one if its family has
+                one, else `GenericAdapter`, which finds the blocks and q/k/v by name).
         """
-        adapter = get_adapter(model)
+        if adapter is None:
+            adapter = get_adapter(model)
+        else:
+            adapter.validate(model)
         batches = prepare_batches(calib_loader)
         engine = PruningEngine(self.config, adapter)
         plan = engine.plan(model)  # every check happens before the model is touched

@@ -32,6 +32,20 @@ class AttentionRecord:
     errors: dict[str, float] = field(default_factory=dict)  # candidate -> summed q/k/v relative error
     kls: dict[str, float] = field(default_factory=dict)  # candidate -> KL(pruned ‖ dense) of attention
     objectives: dict[str, float] = field(default_factory=dict)
+    attention: Optional[int] = None  # which attention module of the block, when it holds several (Swin stages)
+
+
+@dataclass
+class ExpertRecord:
+    """One routed expert of a mixture-of-experts block: the calibration tokens the router sent to it, and the
+    solver its matrices got (`fallback`: too few tokens for the configured one)."""
+
+    block: int
+    module: str
+    expert: int
+    tokens: Optional[int]  # None when the run collected no statistics (magnitude)
+    solver: str
+    fallback: bool = False
 
 
 @dataclass
@@ -42,6 +56,7 @@ class PruneReport:
     pattern: str
     layers: list[LayerRecord] = field(default_factory=list)
     attention: list[AttentionRecord] = field(default_factory=list)
+    experts: list[ExpertRecord] = field(default_factory=list)
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
@@ -95,10 +110,21 @@ class PruneReport:
             "|---:|:---:|---|---|---|---|",
         ]
         for a in self.attention:
+            block = a.block if a.attention is None else f"{a.block}.{a.attention}"
             lines.append(
-                f"| {a.block} | {a.chosen} | {a.strategy} | {_triple(a.objectives)} | {_triple(a.errors)} "
+                f"| {block} | {a.chosen} | {a.strategy} | {_triple(a.objectives)} | {_triple(a.errors)} "
                 f"| {_triple(a.kls)} |"
             )
+        return "\n".join(lines)
+
+    def expert_table(self) -> str:
+        if not self.experts:
+            return ""
+        lines = ["| block | experts module | expert | routed tokens | solver |", "|---:|---|---:|---:|---|"]
+        for e in self.experts:
+            note = " (fallback)" if e.fallback else ""
+            lines.append(f"| {e.block} | {e.module} | {e.expert} | {e.tokens if e.tokens is not None else 'n/a'} "
+                         f"| {e.solver}{note} |")
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -116,13 +142,17 @@ class PruneReport:
             parts.append("un-updated projection per block: " + ", ".join(f"{p}={n}" for p, n in counts.items()))
         if self.skipped:
             parts.append(f"{len(self.skipped)} module(s) left unpruned (NaN/Inf): " + ", ".join(self.skipped))
+        if self.experts:
+            fallback = [f"{e.module}[{e.expert}] ({e.tokens} tokens, {e.solver})" for e in self.experts if e.fallback]
+            parts.append(f"experts: {len(self.experts)} routed experts, {len(fallback)} with too few calibration "
+                         "tokens" + (": " + ", ".join(fallback) if fallback else ""))
         if self.global_search:
             scores = ", ".join(f"{k}={v:.4g}" for k, v in self.global_search.items())
             parts.append(f"global search, held-out {self.global_metric} per candidate (un-updated projection): {scores}")
         return "\n".join(parts)
 
     def __str__(self) -> str:
-        sections = [self.summary(), self.layer_table(), self.attention_table()]
+        sections = [self.summary(), self.layer_table(), self.attention_table(), self.expert_table()]
         return "\n\n".join(s for s in sections if s)
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from torch import nn
 from .base import (
     MODEL_TYPE_TO_ADAPTER,
     PROJECTIONS,
+    PRUNABLE_TYPES,
     ArchitectureAdapter,
     AttentionInputs,
     ProjectionRef,
@@ -18,14 +19,19 @@ from .base import (
 )
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
+    if _module.name not in ("base", "generic", "support_table"):
         importlib.import_module(f"{__name__}.{_module.name}")
+
+from .generic import GenericAdapter, UnsupportedArchitectureError  # noqa: E402
 
 __all__ = [
     "MODEL_TYPE_TO_ADAPTER",
     "PROJECTIONS",
+    "PRUNABLE_TYPES",
     "ArchitectureAdapter",
     "AttentionInputs",
+    "GenericAdapter",
+    "UnsupportedArchitectureError",
     "ProjectionRef",
     "get_adapter",
     "model_type_of",
@@ -46,17 +52,14 @@ def model_type_of(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def get_adapter(model: nn.Module) -> ArchitectureAdapter:
-    """The adapter for `model`, or a `ValueError` that says how to add one."""
-    model_type = model_type_of(model)
-    adapter_cls = MODEL_TYPE_TO_ADAPTER.get(model_type)
-    if adapter_cls is None:
-        raise ValueError(
-            f"Architecture {model_type!r} is not supported (supported: {sorted(MODEL_TYPE_TO_ADAPTER)}). To add it, "
-            "create one file in optimum_d2prune/architectures/ with a class decorated by "
-            f"`@register_adapter({model_type!r})` that sets `block_paths` and the q/k/v names and implements "
-            "`attention_probs` (see architectures/llama.py)."
-        )
-    adapter = adapter_cls()
+def get_adapter(model: nn.Module, generic: bool = False) -> ArchitectureAdapter:
+    """The adapter for `model`: the hand-written one of its family where there is one (faster attention
+    probabilities), else the generic adapter (blocks and q/k/v found by name, the model's own attention).
+
+    `generic=True` forces the generic path. Raises `UnsupportedArchitectureError` (a `ValueError`) that says what
+    was missing and how to provide it.
+    """
+    adapter_cls = None if generic else MODEL_TYPE_TO_ADAPTER.get(model_type_of(model))
+    adapter = adapter_cls() if adapter_cls is not None else GenericAdapter()
     adapter.validate(model)
     return adapter

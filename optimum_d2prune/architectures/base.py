@@ -10,15 +10,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 MODEL_TYPE_TO_ADAPTER: dict[str, type["ArchitectureAdapter"]] = {}
 
 PROJECTIONS = ("q", "k", "v")
+
+#: module types whose weight the engine prunes as a matrix `[out, in]` (GPT-2's `Conv1D` stores it transposed)
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+#: the output rows of one projection inside a fused layer: a contiguous block, or explicit row indices
+Rows = Optional[Union[slice, torch.Tensor]]
 
 
 def register_adapter(*model_types: str) -> Callable[[type["ArchitectureAdapter"]], type["ArchitectureAdapter"]]:
@@ -38,7 +45,7 @@ class ProjectionRef:
     """One attention projection: a Linear (by name, relative to the block) and, for fused layers, its row block."""
 
     module: str
-    rows: Optional[slice] = None
+    rows: Rows = None
 
 
 @dataclass
@@ -91,6 +98,12 @@ class ArchitectureAdapter(ABC):
     def attention_module(self, block: nn.Module) -> nn.Module:
         return get_submodule(block, self.attention_path)
 
+    def attention_groups(self, block: nn.Module) -> list[tuple[nn.Module, dict[str, ProjectionRef]]]:
+        """Every attention module of a block with its q/k/v (refs relative to the block); the q/k/v choice is made
+        for each. One for most families (a Swin stage holds several)."""
+        refs = self.projections(block)
+        return [(self.attention_module(block), refs)] if refs else []
+
     def forward_model(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
         """Call the model on one prepared batch (`input_ids`/`attention_mask` or `pixel_values`)."""
         return model(**inputs)
@@ -103,7 +116,32 @@ class ArchitectureAdapter(ABC):
         fp32, rows of the projection only) instead of the module's own. Masked entries are exactly 0."""
 
 
-def projection_output(module: nn.Linear, weight: torch.Tensor, x: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
+def matrix(module: nn.Module) -> torch.Tensor:
+    """The weight of a prunable module as `[out_features, in_features]` (a view: Conv1D stores `[in, out]`)."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def in_features(module: nn.Module) -> int:
+    return matrix(module).shape[1]
+
+
+def read_rows(module: nn.Module, rows: Rows = None) -> torch.Tensor:
+    """Rows `rows` of the module's `[out, in]` matrix (a view for a slice, a copy for index rows)."""
+    w = matrix(module)
+    return w if rows is None else w[rows]
+
+
+def write_rows(module: nn.Module, rows: Rows, value: torch.Tensor) -> None:
+    """Write `value` into rows `rows` of the module's `[out, in]` matrix, in the module's dtype and device."""
+    w = matrix(module).data
+    value = value.to(device=w.device, dtype=w.dtype)
+    if rows is None:
+        w.copy_(value)
+    else:
+        w[rows] = value
+
+
+def projection_output(module: nn.Module, weight: torch.Tensor, x: torch.Tensor, rows: Rows) -> torch.Tensor:
     """`x @ weightᵀ + bias[rows]` in fp32."""
     bias = module.bias
     if bias is not None:
