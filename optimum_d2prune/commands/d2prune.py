@@ -27,7 +27,7 @@ from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("d2prune", "sparsegpt", "wanda", "magnitude")
+METHODS = ("d2prune", "sparsegpt", "wanda", "magnitude")  # the built-in ones (the parser imports no torch)
 DTYPES = ("float32", "float16", "bfloat16")
 CALIBRATION_HUB = ("c4", "wikitext2", "self")
 EVAL_BUILTIN = ("self", "wikitext2", "none")
@@ -63,7 +63,9 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     level = prune.add_mutually_exclusive_group()
     level.add_argument("--sparsity", type=float, default=None, help="Unstructured fraction of zeros (default 0.5).")
     level.add_argument("--mask-structure", default=None, help='Semi-structured N:M pattern, e.g. "2:4" or "4:8".')
-    prune.add_argument("--method", choices=METHODS, default="d2prune", help="Pruning method (default d2prune).")
+    prune.add_argument("--method", default="d2prune",
+                       help=f"Pruning method: {', '.join(METHODS)} or any method registered with "
+                            "`optimum_d2prune.solvers.register_method` (default d2prune).")
     prune.add_argument("--attention-update", default=None,
                        help='Which projection is pruned without weight update: "dynamic" (default), q, k, v, all, none.')
     prune.add_argument("--dynamic-strategy", choices=("auto", "layer", "global"), default=None,
