@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .offload import onloaded
-from .report import AttentionRecord, LayerRecord, PruneReport
+from .report import AttentionRecord, ExpertRecord, LayerRecord, PruneReport
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ class BlockCheckpoint:
             "layers": [asdict(r) for r in report.layers],
             "attention": [asdict(a) for a in report.attention],
             "skipped": dict(report.skipped),
+            "experts": [asdict(e) for e in report.experts],
         }
         state["digest"] = _state_digest(state)
         tmp = self.directory / f".{self.state_file}.tmp"
@@ -206,3 +207,4 @@ def restore_report(state: dict[str, Any], report: PruneReport) -> None:
     report.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["layers"]]
     report.attention = [AttentionRecord(**a) for a in state["attention"]]
     report.skipped = dict(state.get("skipped", {}))
+    report.experts = [ExpertRecord(**e) for e in state.get("experts", [])]

@@ -299,3 +299,14 @@ def test_experts_below_the_token_threshold_fall_back_to_wanda_and_are_reported()
                                                                                 (False, "magnitude")}
     with pytest.raises(ValueError, match="min_expert_tokens"):
         D2PruneConfig(min_expert_tokens=-1)
+
+
+def test_resumed_run_keeps_the_expert_records(tmp_path):
+    """The per-expert records (token counts, fallbacks) of finished blocks survive a resume from `checkpoint_dir`."""
+    batches = calib_batches(num=2, batch=2, length=16)
+    config = D2PruneConfig(method="sparsegpt", checkpoint_dir=str(tmp_path / "ckpt"))
+    first = D2Pruner(config)
+    first.prune(make_moe("qwen3_moe"), batches)
+    resumed = D2Pruner(config)  # same model, data and config: every block is restored from the checkpoint
+    resumed.prune(make_moe("qwen3_moe"), batches)
+    assert first.report.experts and resumed.report.experts == first.report.experts
