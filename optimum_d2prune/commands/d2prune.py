@@ -42,7 +42,8 @@ standard transformers checkpoint with d2prune_config.json, a model card and repo
 
 With no data options, calibration text is sampled from the model itself and perplexity is measured before and
 after pruning on held-out text sampled the same way (no dataset, no network). Sizes default to the paper's
-128 x 2048 calibration tokens on CUDA and 32 x 512 on CPU (SmolLM2-135M: about 4 minutes on 2 cores).
+128 x 2048 calibration tokens on CUDA and 32 x 512 on CPU (SmolLM2-135M: about 5 minutes on 2 CPU cores, half
+of it generating the text).
 
 examples:
   optimum-cli d2prune --model smollm2 --output-dir smollm2-d2prune-50
