@@ -48,21 +48,11 @@ def test_generic_probs_equal_output_attentions_with_padding(family):
     ids, mask = padded_inputs()
     adapter = get_adapter(model, generic=True)
     for index, block in enumerate(adapter.blocks(model)):  # both blocks: layer types may alternate
-        attention = adapter.attention_module(block)
-        seen = {}
-
-        def keep(module, args, kwargs):
-            seen["inputs"] = AttentionInputs(args, dict(kwargs))
-
-        handle = attention.register_forward_pre_hook(keep, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                model(ids, attention_mask=mask, use_cache=False)  # SDPA: the probabilities must come from the captured call alone
-        finally:
-            handle.remove()
+        # SDPA: the probabilities must come from the captured call alone
+        attention, inputs = _capture(model, index, lambda: model(ids, attention_mask=mask, use_cache=False))
         refs = adapter.projections(block)
         dense = {p: adapter_rows(block, refs[p]) for p in ("q", "k")}
-        probs = adapter.attention_probs(attention, seen["inputs"], dense)
+        probs = adapter.attention_probs(attention, inputs, dense)
         implementation = model.config._attn_implementation
         model.config._attn_implementation = "eager"
         with torch.no_grad():
