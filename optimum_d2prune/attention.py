@@ -100,6 +100,41 @@ def split_sequences(inputs: AttentionInputs) -> Iterator[AttentionInputs]:
                               None if mask is None else mask[i : i + 1])
 
 
+def _cloned(value: Any) -> Any:
+    """A copy of the tensors in `value`, so that a kept sequence does not pin its whole batch in memory."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cloned(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    return value
+
+
+class AttentionInputCapture:
+    """Keeps the inputs of an attention module for exactly the first `max_sequences` calibration sequences (the KL
+    term), one copied sequence at a time: memory does not depend on the loader's batch size."""
+
+    def __init__(self, attention: nn.Module, max_sequences: int) -> None:
+        self.max_sequences = max_sequences
+        self.inputs: list[AttentionInputs] = []
+        self.token_mask: Optional[torch.Tensor] = None
+        self._count = 0
+        self._handle = attention.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._count >= self.max_sequences:
+            return
+        for one in split_sequences(AttentionInputs(args, dict(kwargs), self.token_mask)):
+            if self._count >= self.max_sequences:
+                break
+            self._count += one.hidden_states.shape[0]
+            self.inputs.append(AttentionInputs(_cloned(one.args), _cloned(one.kwargs), _cloned(one.token_mask)))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 def choose_unupdated_projection(
     adapter: ArchitectureAdapter,
     attention: nn.Module,
@@ -110,23 +145,32 @@ def choose_unupdated_projection(
     kl_weight: float,
     block: int,
     reduce: Optional[Callable[[list[float]], list[float]]] = None,
+    chunk_bytes: int = 64 * 2**20,
 ) -> AttentionRecord:
     """Evaluate the objective for the three candidates and return the record of the best one.
 
-    `reduce` sums the KL sums and row counts over data-parallel ranks (identity when not distributed).
+    The KL is accumulated one sequence and one slice of heads at a time, the slice sized so that one `[h, T, T]`
+    fp32 tensor takes at most `chunk_bytes` (a few such tensors are alive at once). `reduce` sums the KL sums
+    and row counts over data-parallel ranks (identity when not distributed).
     """
     errors = {
         c: sum((non_updated if p == c else updated)[p].error for p in PROJECTIONS) for c in PROJECTIONS
     }
     kl_sums = dict.fromkeys(PROJECTIONS, 0.0)
     rows = 0
-    for batch_inputs in (one for batch in inputs for one in split_sequences(batch)):
-        log_reference = adapter.attention_probs(attention, batch_inputs, dense).clamp_min(_EPS).log()
-        for c in PROJECTIONS:
-            probs = adapter.attention_probs(attention, batch_inputs, candidate_weights(c, updated, non_updated))
-            total, n = attention_kl(probs, log_reference, batch_inputs.token_mask)
-            kl_sums[c] += total
-        rows += n
+    for sequence in (one for batch in inputs for one in split_sequences(batch)):
+        reference = adapter.attention_scores(attention, sequence, dense)
+        candidates = {c: adapter.attention_scores(attention, sequence, candidate_weights(c, updated, non_updated))
+                      for c in PROJECTIONS}
+        length = sequence.hidden_states.shape[1]
+        per_head = sequence.hidden_states.shape[0] * length * length * 4
+        for heads in reference.chunks(max(1, chunk_bytes // per_head)):
+            log_reference = reference.probs(heads).clamp_min(_EPS).log()
+            for c in PROJECTIONS:
+                total, n = attention_kl(candidates[c].probs(heads), log_reference, sequence.token_mask)
+                kl_sums[c] += total
+            rows += n
+            del log_reference
     if reduce is not None:
         *sums, rows = reduce([kl_sums[c] for c in PROJECTIONS] + [float(rows)])
         kl_sums = dict(zip(PROJECTIONS, sums))
@@ -146,6 +190,7 @@ class AttentionScorer:
     inputs: list[AttentionInputs]
     kl_weight: float
     reduce: Optional[Callable[[list[float]], list[float]]] = None
+    chunk_bytes: int = 64 * 2**20
 
 
 @dataclass
@@ -186,7 +231,8 @@ def plan_attention_updates(
     non_updated = {p: non_update_solver.prune(t.weight(), stats_of(t), pattern) for p, t in qkv.items()}
     dense = {p: qkv[p].weight().detach().float() for p in SCORE_PROJECTIONS}
     record = choose_unupdated_projection(scorer.adapter, scorer.attention, scorer.inputs, dense, updated,
-                                         non_updated, scorer.kl_weight, block, reduce=scorer.reduce)
+                                         non_updated, scorer.kl_weight, block, reduce=scorer.reduce,
+                                         chunk_bytes=scorer.chunk_bytes)
     for p in PROJECTIONS:
         if p != record.chosen:
             updated[p] = update_solver.refine(qkv[p].weight(), updated[p], stats_of(qkv[p]))

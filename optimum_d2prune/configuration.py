@@ -87,6 +87,16 @@ class D2PruneConfig:
     kl_num_samples: int = field(
         default=4, metadata={"help": "Calibration sequences used to compute attention probabilities for the KL term."}
     )
+    kl_chunk_mib: int = field(
+        default=64,
+        metadata={"help": "Memory bound of the KL term: attention probabilities are computed for as many heads at a "
+                          "time as fit one [heads, T, T] fp32 tensor of this many MiB (a few are alive at once)."},
+    )
+    offload_activations: bool = field(
+        default=False,
+        metadata={"help": "Keep the calibration activations between blocks on the CPU (pinned) and stream them to "
+                          "the device one batch at a time: device memory then holds one batch, not all of them."},
+    )
     sequential: bool = field(
         default=False,
         metadata={
@@ -157,6 +167,10 @@ class D2PruneConfig:
             raise ValueError(f"`refine_steps` must be None or an integer >= 0, got {self.refine_steps!r}.")
         if not isinstance(self.kl_num_samples, int) or self.kl_num_samples < 1:
             raise ValueError(f"`kl_num_samples` must be a positive integer, got {self.kl_num_samples!r}.")
+        if not isinstance(self.kl_chunk_mib, int) or isinstance(self.kl_chunk_mib, bool) or self.kl_chunk_mib < 1:
+            raise ValueError(f"`kl_chunk_mib` must be a positive integer (MiB), got {self.kl_chunk_mib!r}.")
+        if not isinstance(self.offload_activations, bool):
+            raise ValueError(f"`offload_activations` must be a bool, got {self.offload_activations!r}.")
         if self.attention_update not in ATTENTION_UPDATES:
             raise ValueError(f"`attention_update` must be one of {ATTENTION_UPDATES}, got {self.attention_update!r}.")
         if self.dynamic_strategy not in DYNAMIC_STRATEGIES:

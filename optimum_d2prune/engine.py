@@ -19,13 +19,12 @@ from tqdm.auto import tqdm
 
 from .architectures import PROJECTIONS, PRUNABLE_TYPES, ArchitectureAdapter, AttentionInputs
 from .architectures.base import Rows, read_rows, write_rows
-from .attention import AttentionScorer, plan_attention_updates, scores_attention
+from .attention import AttentionInputCapture, AttentionScorer, plan_attention_updates, scores_attention
 from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint, targeted_weights
 from .configuration import D2PruneConfig
 from .distributed import DistributedContext
 from .finite import check_hidden_states, screen_targets
 from .hooks import (
-    AttentionInputCapture,
     CapturedBatch,
     HookManager,
     StatisticsCollector,
@@ -132,6 +131,7 @@ class PruningEngine:
         self.pattern: SparsityPattern = config.pattern
         self.attention_update = attention_update or config.attention_update
         self.dist = DistributedContext()  # set from the process group in `run`
+        self.memory: Optional[PeakMemory] = None  # the running measurement (per-phase peaks)
 
     # ---------------------------------------------------------------- planning
     def plan(self, model: nn.Module) -> tuple[nn.ModuleList, str, list[list[PruneTarget]]]:
@@ -167,6 +167,7 @@ class PruningEngine:
         checkpoint = self._checkpoint(model, batches, targeted_weights(blocks, targets, device))
         local_batches = self.dist.shard(batches)
         with PeakMemory(device) as memory, calibration_context(model):
+            self.memory = memory
             if self._data_free():
                 self._prune_without_data(blocks, targets, report, device)
             else:
@@ -174,14 +175,20 @@ class PruningEngine:
         report.seconds = time.perf_counter() - start
         report.peak_memory_bytes, report.peak_memory_kind = memory.peak_bytes, memory.kind
         report.memory_increase_bytes = memory.increase_bytes
+        report.phase_memory_bytes = memory.phase_increases()
         return report
 
     def _prune_with_data(self, model, blocks, targets, batches, checkpoint, report, device) -> None:
         """Capture block-0 inputs, then per block: statistics -> solve -> propagate (and checkpoint)."""
         restore = _move_outside(model, blocks, device) if self.config.device else (lambda: None)
         try:
-            captured = capture_block_inputs(model, blocks[0], batches, _input_device(model), device,
-                                            self.adapter.forward_model)
+            with self.memory.phase("inputs"):
+                store = torch.device("cpu") if self.config.offload_activations else device
+                captured = capture_block_inputs(model, blocks[0], batches, _input_device(model), store,
+                                                self.adapter.forward_model)
+                if store != device and torch.cuda.is_available():  # pinned: the copies to the device overlap
+                    for batch in captured:
+                        batch.hidden_states = batch.hidden_states.pin_memory()
             arguments = capture_block_arguments(model, blocks, batches, _input_device(model),
                                                 self.adapter.forward_model)
         finally:
@@ -200,7 +207,8 @@ class PruningEngine:
             with onloaded(blocks[index], device):
                 self._prune_block(index, blocks[index], targets[index], captured, seq_len, update_solver,
                                   non_update_solver, report)
-                _propagate(blocks[index], captured)
+                with self.memory.phase("propagate"):
+                    _propagate(blocks[index], captured, device)
             if checkpoint is not None:
                 checkpoint.save(index, targets[index], [b.hidden_states for b in captured], report,
                                 write_weights=self.dist.rank == 0)
@@ -270,7 +278,7 @@ class PruningEngine:
         if not targets:
             return
         aware = self._awareness(targets)
-        groups = _sequential_groups(block, targets, captured[0]) if self.config.sequential else [targets]
+        groups = _sequential_groups(block, targets, captured[0], _module_device(block)) if self.config.sequential else [targets]
         for number, group in enumerate(groups):
             last = number == len(groups) - 1
             stop_after = None if last else group[-1].module
@@ -313,15 +321,9 @@ class PruningEngine:
             if stop_after is not None:
                 hooks.add(stop_after.register_forward_hook(_raise_stop))
             try:
-                for batch in captured:
-                    collector.token_mask = expert_collector.token_mask = batch.token_mask
-                    for capture in captures.values():
-                        capture.token_mask = batch.token_mask
-                    try:
-                        block(batch.hidden_states, *batch.args, **batch.kwargs)
-                    except _StopForward:
-                        pass
-                    collector.end_batch()
+                with self.memory.phase("statistics"):
+                    _run_for_statistics(block, captured, collector, expert_collector, captures.values(),
+                                        _module_device(block))
             finally:
                 hooks.remove()
                 collector.remove()
@@ -331,8 +333,7 @@ class PruningEngine:
             stats = {**collector.stats, **expert_collector.stats}
             self.dist.all_reduce_statistics(stats)
             tokens = expert_collector.token_counts(experts)
-            attention_inputs = {number: [AttentionInputs(a, k, m) for a, k, m in capture.inputs]
-                                for number, capture in captures.items()}
+            attention_inputs = {number: capture.inputs for number, capture in captures.items()}
         try:
             kept = screen_targets(index, targets, stats, self.config.on_nonfinite, report)
             if len(kept) < len(targets):  # a skipped q/k/v leaves nothing to choose between
@@ -341,42 +342,66 @@ class PruningEngine:
             outputs: dict[tuple[str, bool], SolverOutput] = {}
             numbers = sorted({t.attention for t in targets if t.projection})
             for number in numbers:
-                plan = plan_attention_updates(
-                    self.attention_update if aware else "all", index,
-                    {t.projection: t for t in targets if t.projection and t.attention == number},
-                    lambda t: _target_stats(stats, t), update_solver, non_update_solver, self.pattern,
-                    AttentionScorer(self.adapter, attentions[number][0] if scored else None,
-                                    attention_inputs.get(number, []), self.config.kl_weight,
-                                    self._reduce_floats(stats)),
-                )
+                with self.memory.phase("attention choice"):
+                    plan = self._plan_attention(index, number, targets, stats, update_solver, non_update_solver,
+                                                aware, scored, attentions, attention_inputs)
                 unupdated |= {(number, p) for p in plan.unupdated}
                 outputs.update(plan.outputs)
                 if plan.record is not None:
                     if len(numbers) > 1:
                         plan.record.attention = number
                     report.attention.append(plan.record)
+            attention_inputs.clear()  # the KL term is computed: its captured sequences are no longer needed
+            captures.clear()
             if expert_collector is not None and expert_collector.deferred:  # built on demand, one expert at a time
                 stats = _ExpertStats(stats, expert_collector)
-            for position, t in enumerate(targets):
-                solver = non_update_solver if (t.attention, t.projection) in unupdated else update_solver
-                if t.expert is not None:
-                    solver = self._expert_solver(index, t, solver, tokens, report)
-                tic = time.perf_counter()
-                out = outputs.get((t.name, solver.updates_weights))
-                if out is None:
-                    out = self._solve_once(position, t, solver, stats)
-                else:
-                    t.write(out.weight)
-                zeros = float((t.weight() == 0).float().mean())
-                report.layers.append(LayerRecord(index, t.name, solver.name, solver.updates_weights,
-                                                 tuple(t.weight().shape), zeros, out.error, out.flipped,
-                                                 time.perf_counter() - tic))
-                logger.debug("block %d %s: %s sparsity %.4f error %.4g", index, t.name, solver.name, zeros, out.error)
+            last_use = _last_use(targets, stats)
+            with self.memory.phase("solve"):
+                self._solve_targets(index, targets, stats, outputs, unupdated, last_use, tokens, update_solver,
+                                    non_update_solver, report)
         finally:
             for s in stats.values():
                 s.inputs.free()
             if expert_collector is not None:
                 expert_collector.free()
+
+    def _solve_targets(self, index: int, targets: list[PruneTarget], stats: dict,
+                       outputs: dict[tuple[str, bool], SolverOutput], unupdated: set[tuple[int, str]],
+                       last_use: dict[int, list], tokens: dict[tuple[str, int], int], update_solver: Solver,
+                       non_update_solver: Solver, report: PruneReport) -> None:
+        """Prune the targets in order (reusing the outputs computed for the q/k/v choice), freeing each input
+        stream's statistics after its last reader."""
+        for position, t in enumerate(targets):
+            solver = non_update_solver if (t.attention, t.projection) in unupdated else update_solver
+            if t.expert is not None:
+                solver = self._expert_solver(index, t, solver, tokens, report)
+            tic = time.perf_counter()
+            out = outputs.pop((t.name, solver.updates_weights), None)
+            outputs.pop((t.name, not solver.updates_weights), None)
+            if out is None:
+                out = self._solve_once(position, t, solver, stats)
+            else:
+                t.write(out.weight)
+            for inputs in last_use.pop(position, ()):  # its sum and factor are no longer needed
+                inputs.free()
+            zeros = float((t.weight() == 0).float().mean())
+            report.layers.append(LayerRecord(index, t.name, solver.name, solver.updates_weights,
+                                             tuple(t.weight().shape), zeros, out.error, out.flipped,
+                                             time.perf_counter() - tic))
+            logger.debug("block %d %s: %s sparsity %.4f error %.4g", index, t.name, solver.name, zeros, out.error)
+
+    def _plan_attention(self, index: int, number: int, targets: list[PruneTarget], stats: dict,
+                        update_solver: Solver, non_update_solver: Solver, aware: bool, scored: bool,
+                        attentions: list, attention_inputs: dict[int, list[AttentionInputs]]):
+        """The q/k/v plan of attention module `number` of the block (`attention.plan_attention_updates`)."""
+        return plan_attention_updates(
+            self.attention_update if aware else "all", index,
+            {t.projection: t for t in targets if t.projection and t.attention == number},
+            lambda t: _target_stats(stats, t), update_solver, non_update_solver, self.pattern,
+            AttentionScorer(self.adapter, attentions[number][0] if scored else None,
+                            attention_inputs.get(number, []), self.config.kl_weight,
+                            self._reduce_floats(stats), self.config.kl_chunk_mib * 2**20),
+        )
 
     def _expert_solver(self, index: int, target: PruneTarget, solver: Solver, tokens: dict[tuple[str, int], int],
                        report: PruneReport) -> Solver:
@@ -420,11 +445,27 @@ def _complete_attentions(targets: list[PruneTarget]) -> bool:
     return bool(present) and all(p == set(PROJECTIONS) for p in present.values())
 
 
+def _run_for_statistics(block: nn.Module, captured: list[CapturedBatch], collector: StatisticsCollector,
+                        expert_collector: ExpertStatisticsCollector, captures: Iterable[AttentionInputCapture],
+                        device: torch.device) -> None:
+    """One pass of the block over the calibration batches with the statistics hooks attached."""
+    for batch in captured:
+        collector.token_mask = expert_collector.token_mask = batch.token_mask
+        for capture in captures:
+            capture.token_mask = batch.token_mask
+        try:
+            block(batch.hidden_states.to(device, non_blocking=True), *batch.args, **batch.kwargs)
+        except _StopForward:
+            pass
+        collector.end_batch()
+
+
 def _raise_stop(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
     raise _StopForward
 
 
-def _sequential_groups(block: nn.Module, targets: list[PruneTarget], batch: CapturedBatch) -> list[list[PruneTarget]]:
+def _sequential_groups(block: nn.Module, targets: list[PruneTarget], batch: CapturedBatch,
+                       device: torch.device) -> list[list[PruneTarget]]:
     """Targets grouped in execution order, one group per input stream (q/k/v together, gate/up together).
 
     Found by one forward of the first calibration batch; each group is later calibrated on the outputs of the
@@ -443,7 +484,7 @@ def _sequential_groups(block: nn.Module, targets: list[PruneTarget], batch: Capt
     with HookManager() as hooks:
         for t in {t.module_name: t for t in targets}.values():
             hooks.add(t.module.register_forward_hook(make_hook(t.module_name)))
-        block(batch.hidden_states, *batch.args, **batch.kwargs)
+        block(batch.hidden_states.to(device), *batch.args, **batch.kwargs)
     by_module: dict[str, list[PruneTarget]] = {}
     for t in targets:
         by_module.setdefault(t.module_name, []).append(t)
@@ -477,6 +518,20 @@ class _ExpertStats(dict):
         return self.experts.statistics(target.module_name, target.param, target.expert)
 
 
+def _last_use(targets: list[PruneTarget], stats: dict) -> dict[int, list]:
+    """For each target position, the input statistics no later target reads (freed once it is solved, so a block
+    holds one Hessian factor at a time rather than one per input stream)."""
+    last: dict[int, tuple[int, object]] = {}
+    for position, t in enumerate(targets):
+        s = stats.get(t.stats_key) if t.expert is None else None
+        if s is not None:
+            last[id(s.inputs)] = (position, s.inputs)
+    by_position: dict[int, list] = {}
+    for position, inputs in last.values():
+        by_position.setdefault(position, []).append(inputs)
+    return by_position
+
+
 def _target_stats(stats: dict, target: PruneTarget):
     if isinstance(stats, _ExpertStats):
         s = stats.target(target)
@@ -485,11 +540,14 @@ def _target_stats(stats: dict, target: PruneTarget):
     return None if s is None else s.rows(target.rows)
 
 
-def _propagate(block: nn.Module, captured: list[CapturedBatch]) -> None:
-    """Replace each batch's hidden states with the (pruned) block's output."""
+def _propagate(block: nn.Module, captured: list[CapturedBatch], device: torch.device) -> None:
+    """Replace each batch's hidden states with the (pruned) block's output, kept where the inputs were stored
+    (the CPU with `offload_activations`: one batch at a time on the device)."""
     for batch in captured:
-        out = block(batch.hidden_states, *batch.args, **batch.kwargs)
-        batch.hidden_states = out[0] if isinstance(out, (tuple, list)) else out
+        store = batch.hidden_states.device
+        out = block(batch.hidden_states.to(device, non_blocking=True), *batch.args, **batch.kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        batch.hidden_states = out.to(store) if out.device != store else out
 
 
 def _input_device(model: nn.Module) -> torch.device:

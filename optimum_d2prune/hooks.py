@@ -286,24 +286,3 @@ class StatisticsCollector:
             stat.inputs.free()
             stat.y_sq = None
         self.stats.clear()
-
-
-class AttentionInputCapture:
-    """Keeps the inputs of an attention module for the first `max_sequences` calibration sequences (KL term)."""
-
-    def __init__(self, attention: nn.Module, max_sequences: int) -> None:
-        self.max_sequences = max_sequences
-        self.inputs: list[tuple[tuple, dict[str, Any], Optional[torch.Tensor]]] = []
-        self.token_mask: Optional[torch.Tensor] = None
-        self._count = 0
-        self._hooks = HookManager()
-        self._hooks.add(attention.register_forward_pre_hook(self._hook, with_kwargs=True))
-
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if self._count < self.max_sequences:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._count += hidden.shape[0]
-            self.inputs.append((args, dict(kwargs), self.token_mask))
-
-    def remove(self) -> None:
-        self._hooks.remove()

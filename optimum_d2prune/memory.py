@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from typing import Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from .configuration import D2PruneConfig
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -33,6 +38,9 @@ class PeakMemory:
         self.interval = interval
         self.start_bytes = 0
         self.peak_bytes = 0
+        #: peak of each phase marked with `phase(name)`, measured like `peak_bytes` (absolute)
+        self.phase_peaks: dict[str, int] = {}
+        self._phase: Optional[str] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -46,7 +54,40 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak_bytes = max(self.peak_bytes, current_rss())
+            self._record(current_rss())
+
+    def _record(self, value: int) -> None:
+        self.peak_bytes = max(self.peak_bytes, value)
+        phase = self._phase
+        if phase is not None:
+            self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), value)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Attribute the peak inside this region to `name` as well (phases of one name accumulate their max)."""
+        outer = self._phase
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._record(current_rss())
+        self._phase = name
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device)
+                self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), peak)
+                self.peak_bytes = max(self.peak_bytes, before, peak)
+            else:
+                self._record(current_rss())
+            self._phase = outer
+
+    def phase_increases(self) -> dict[str, int]:
+        """Each phase's peak minus the memory at entry of the measured region."""
+        return {name: max(0, peak - self.start_bytes) for name, peak in self.phase_peaks.items()}
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -62,8 +103,180 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
         else:
             self._stop.set()
             self._thread.join()
             self.peak_bytes = max(self.peak_bytes, current_rss())
+
+
+# ---------------------------------------------------------------------------------------------- the memory model
+PHASES = ("inputs", "statistics", "attention choice", "solve", "propagate")
+_F32 = 4
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated peak bytes of each phase of a pruning run, above what was in use before it started (on CPU the
+    loaded model; on an accelerator nothing: `resident` is the model part that lives there during the run)."""
+
+    phases: dict[str, int]
+    resident: int
+    components: dict[str, int]
+
+    @property
+    def peak(self) -> int:
+        return self.resident + max(self.phases.values())
+
+    def table(self) -> str:
+        rows = [f"| {name} | {value / 2**30:.2f} |" for name, value in self.phases.items()]
+        return "\n".join(["| phase | GiB |", "|---|---:|", *rows, f"| peak incl. resident weights | "
+                          f"{self.peak / 2**30:.2f} |"])
+
+
+def _shape(model_config: Any) -> dict[str, int]:
+    """Hidden, intermediate and head sizes of a decoder config (text config of multimodal ones)."""
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    expert_size = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", 4 * hidden)
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    return {"hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads,
+            "head_dim": head_dim, "experts": experts, "expert_size": expert_size,
+            "layers": config.num_hidden_layers, "vocab": getattr(config, "vocab_size", 0)}
+
+
+def estimate(
+    model_config: Any,
+    config: "D2PruneConfig",
+    num_samples: int,
+    seq_len: int,
+    device: Union[str, torch.device] = "cpu",
+    batch_size: int = 1,
+    dtype: torch.dtype = torch.float32,
+    model_on_device: Optional[bool] = None,
+) -> MemoryEstimate:
+    """Peak memory of each phase of pruning a LLaMA-style decoder (attention q/k/v/o, gated MLP or MoE experts).
+
+    The terms follow the engine: calibration activations `N·T·d` (model dtype; on the CPU with
+    `offload_activations`), the statistics of one block (fp32 `cols²` sums of each input stream, q/k/v, o,
+    gate/up, down; MoE: one expert's at a time), one Hessian factor (`cols²`, the sum becomes the damped H in place),
+    the solve's working copies (`rows·cols` fp32 and bool), one batch's forward through a block, and for
+    D²Prune's KL term the copied sequences, four sets of per-head queries/keys and a few `kl_chunk_mib` chunks.
+    `model_on_device`: whether the model already lives on `device` (default: True on CPU, False elsewhere; then one
+    block and the weights outside the blocks are counted as `resident`).
+    """
+    device = torch.device(device)
+    s = _shape(model_config)
+    d, inter, hd = s["hidden"], s["intermediate"], s["head_dim"]
+    q_rows, kv_rows = s["heads"] * hd, s["kv_heads"] * hd
+    act = torch.tensor([], dtype=dtype).element_size()
+    tokens, batch_tokens = num_samples * seq_len, batch_size * seq_len
+    mlp = s["expert_size"] if s["experts"] else inter
+    block_params = d * (q_rows + 2 * kv_rows) + q_rows * d + 3 * d * mlp * max(s["experts"], 1)
+    outside = 2 * s["vocab"] * d
+    on_device = device.type == "cpu" if model_on_device is None else model_on_device
+    resident = 0 if on_device else (block_params + outside) * act
+    activations = 0 if (config.offload_activations and device.type != "cpu") else tokens * d * act
+    if config.offload_activations and device.type != "cpu":
+        activations = 2 * batch_tokens * d * act  # the batch streamed in and its output
+    widest = mlp if s["experts"] else inter
+    # one batch through a block: residual, norms, q/k/v/o; MLP: act(gate), up, their product (+ the hooks' y²)
+    forward = batch_tokens * (4 * d + q_rows + 2 * kv_rows) * act + 3 * batch_tokens * widest * max(act, _F32)
+    hook = batch_tokens * widest * _F32
+    sums = (3 * d * d + mlp * mlp) * _F32
+    uses_kl = config.uses_attention_awareness and config.attention_update == "dynamic" and config.kl_weight > 0
+    kl_inputs = min(config.kl_num_samples, num_samples) * seq_len * (d + 2 * hd) * _F32 if uses_kl else 0
+    stats = activations + sums + kl_inputs + forward + hook
+
+    def solve_work(rows: int, cols: int) -> int:  # weight copies (fp32 + bool mask) and row-chunked temporaries
+        return rows * cols * (2 * _F32 + 1) + 8 * (1 << 22) * _F32
+
+    qkv = (q_rows + 2 * kv_rows) * d
+    candidates = 2 * qkv * (_F32 + 1) if config.uses_attention_awareness else 0
+    chunk = config.kl_chunk_mib * 2**20
+    per_head = seq_len * seq_len * _F32
+    heads_chunk = max(1, chunk // per_head)
+    group = max(1, s["heads"] // s["kv_heads"])
+    heads_chunk = max(group, heads_chunk // group * group)
+    kl = 4 * seq_len * (q_rows + kv_rows) * _F32 + 6 * min(heads_chunk, s["heads"]) * per_head if uses_kl else 0
+    attention = activations + sums + kl_inputs + d * d * _F32 + candidates + max(kl, solve_work(q_rows, d))
+    if not config.uses_attention_awareness:
+        attention = 0
+    solve = activations + max(
+        sums + d * d * _F32 + solve_work(q_rows, d),  # q/k/v
+        (d * d + mlp * mlp) * _F32 + d * d * _F32 + solve_work(mlp, d),  # gate/up
+        mlp * mlp * _F32 * 2 + solve_work(d, mlp),  # down: its sum (the damped H) and its factor
+    )
+    propagate = activations + forward + batch_tokens * d * act
+    phases = {"inputs": activations + batch_tokens * d * act, "statistics": stats, "attention choice": attention,
+              "solve": solve, "propagate": propagate}
+    components = {"activations": activations, "statistics sums": sums, "block forward (one batch)": forward + hook,
+                  "KL inputs": kl_inputs, "KL chunk": kl, "q/k/v candidates": candidates,
+                  "largest factor": mlp * mlp * _F32, "resident weights": resident}
+    return MemoryEstimate({k: v for k, v in phases.items() if v}, resident, components)
+
+
+class MemoryBudgetError(ValueError):
+    """The estimated peak of a pruning run exceeds the memory available on its device."""
+
+
+def available_bytes(device: Union[str, torch.device]) -> Optional[int]:
+    """Free memory of an accelerator (`mem_get_info`), or the host's MemAvailable for the CPU; None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_fits(
+    model_config: Any,
+    config: "D2PruneConfig",
+    num_samples: int,
+    seq_len: int,
+    device: Union[str, torch.device],
+    model_bytes: int = 0,
+    batch_size: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> MemoryEstimate:
+    """The estimate of a run whose model (`model_bytes`, still elsewhere) is about to move to `device`; raises
+    `MemoryBudgetError` with the estimate and what would make it fit when it exceeds the free memory."""
+    device = torch.device(device)
+    est = estimate(model_config, config, num_samples, seq_len, device, batch_size, dtype, model_on_device=True)
+    moving = model_bytes if device.type != "cpu" else 0
+    need = moving + est.peak
+    free = available_bytes(device)
+    if free is None or need <= free:
+        return est
+    hints = []
+    samples = num_samples
+    while samples > 1:
+        samples //= 2
+        smaller = estimate(model_config, config, samples, seq_len, device, batch_size, dtype, model_on_device=True)
+        if moving + smaller.peak <= free:
+            hints.append(f"--num-samples {samples} (estimated {(moving + smaller.peak) / 2**30:.1f} GiB)")
+            break
+    if device.type != "cpu" and not config.offload_activations:
+        offloaded = estimate(model_config, config.replace(offload_activations=True), num_samples, seq_len, device,
+                             batch_size, dtype, model_on_device=True)
+        hints.append(f"--offload-activations (estimated {(moving + offloaded.peak) / 2**30:.1f} GiB)")
+    if est.components.get("KL chunk", 0) and config.kl_chunk_mib > 16:
+        hints.append(f"--kl-chunk-mib {max(1, config.kl_chunk_mib // 4)}")
+    if moving:
+        hints.append("a device with more memory, or --dtype bfloat16")
+    raise MemoryBudgetError(
+        f"This run needs about {need / 2**30:.1f} GiB on {device} ({moving / 2**30:.1f} GiB of weights + a "
+        f"{est.peak / 2**30:.1f} GiB pruning peak) but {free / 2**30:.1f} GiB are free. Try: " + "; ".join(hints)
+        + ". Estimate per phase:\n" + est.table()
+    )

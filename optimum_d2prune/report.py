@@ -61,6 +61,8 @@ class PruneReport:
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
     memory_increase_bytes: int = 0  # peak minus the memory in use when the run started
+    #: the same increase per phase (inputs, statistics, attention choice, solve, propagate)
+    phase_memory_bytes: dict[str, int] = field(default_factory=dict)
     global_search: dict[str, float] = field(default_factory=dict)  # candidate -> held-out score (global strategy)
     global_metric: str = ""  # what `global_search` holds: "PPL" (language models) or "logit KL" (vision)
     skipped: dict[str, str] = field(default_factory=dict)  # module -> why it was left unpruned (non-finite values)

@@ -29,10 +29,12 @@ class InputStatistics:
     level: str
     device: torch.device
     num_tokens: int = 0
-    xtx: Optional[torch.Tensor] = None  # sum x xᵀ (hessian level; read it through `gram()`)
+    xtx: Optional[torch.Tensor] = None  # sum x xᵀ, or the damped H once factorised (read through the methods)
     x_sq: Optional[torch.Tensor] = None  # sum x² (diag level)
     _hinv_cache: dict = field(default_factory=dict, repr=False)
     _lower_stale: bool = field(default=False, repr=False)  # `xtx` holds only its upper triangle
+    #: once `damp` ran, `xtx` holds `scale · sum x xᵀ + diag(diag_add)` (the damped H) in place of the sum
+    _diag_add: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.level == "hessian":
@@ -59,29 +61,75 @@ class InputStatistics:
     def has_hessian(self) -> bool:
         return self.xtx is not None
 
+    @property
+    def scale(self) -> float:
+        """`2/N`: the factor from the sum `X Xᵀ` to the layer-wise Hessian."""
+        return 2.0 / max(self.num_tokens, 1)
+
+    @property
+    def is_damped(self) -> bool:
+        return self._diag_add is not None
+
     def gram(self) -> torch.Tensor:
-        """`sum x xᵀ` over the calibration tokens (the stored tensor, symmetric)."""
+        """`sum x xᵀ` over the calibration tokens (the stored tensor, symmetric); only before `damp`."""
         if self.xtx is None:
             raise RuntimeError("These statistics were collected without the Hessian (solver asked for 'diag').")
+        if self.is_damped:
+            raise RuntimeError("The sum was turned into the damped Hessian; use `gram_matmul`.")
         if self._lower_stale:  # mirror the accumulated upper triangle (idempotent: the upper part holds the sum)
             self.xtx.triu_()
             self.xtx.add_(self.xtx.triu(1).t())
             self._lower_stale = False
         return self.xtx
 
+    def damp(self, diag_add: torch.Tensor) -> torch.Tensor:
+        """Turn the stored sum into the damped Hessian `H + diag(diag_add)` in place and return it.
+
+        No second `cols²` copy is kept: the sum's products stay available through `gram_matmul`. Calling it again
+        with another `diag_add` (a stronger damping) only changes the diagonal.
+        """
+        if not self.is_damped:
+            self.gram().mul_(self.scale)
+            self._diag_add = torch.zeros(self.columns, dtype=torch.float32, device=self.xtx.device)
+        self.xtx.diagonal().add_(diag_add - self._diag_add)
+        self._diag_add = diag_add.clone()
+        return self.xtx
+
+    def gram_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ sum x xᵀ` (`x`: `[rows, cols]`), whichever form is stored."""
+        if not self.is_damped:
+            return x @ self.gram()
+        return (x @ self.xtx - x * self._diag_add).div_(self.scale)
+
+    def damped_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ (H + diag(diag_add))` after `damp`."""
+        if not self.is_damped:
+            raise RuntimeError("`damp` has not run: there is no damped Hessian yet.")
+        return x @ self.xtx
+
+    def damped_diagonal(self) -> torch.Tensor:
+        if not self.is_damped:
+            raise RuntimeError("`damp` has not run: there is no damped Hessian yet.")
+        return torch.diagonal(self.xtx)
+
     def hessian(self) -> torch.Tensor:
         """`H = (2/N) X Xᵀ` (a fresh fp32 tensor)."""
-        return self.gram() * (2.0 / max(self.num_tokens, 1))
+        return self.gram() * self.scale
 
     def x_sq_mean(self) -> torch.Tensor:
         """Mean of x_j² over tokens (= diag(H) / 2)."""
-        diag = torch.diagonal(self.xtx) if self.xtx is not None else self.x_sq
+        if self.xtx is not None:
+            diag = torch.diagonal(self.xtx)
+            if self.is_damped:
+                return (diag - self._diag_add) / self.scale / max(self.num_tokens, 1)
+        else:
+            diag = self.x_sq
         if diag is None:
             raise RuntimeError("These statistics hold no activation sums (solver asked for 'none').")
         return diag / max(self.num_tokens, 1)
 
     def free(self) -> None:
-        self.xtx = self.x_sq = None
+        self.xtx = self.x_sq = self._diag_add = None
         self._hinv_cache.clear()
 
 

@@ -14,6 +14,7 @@ from .base import (
     PRUNABLE_TYPES,
     ArchitectureAdapter,
     AttentionInputs,
+    AttentionScores,
     ProjectionRef,
     register_adapter,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "PRUNABLE_TYPES",
     "ArchitectureAdapter",
     "AttentionInputs",
+    "AttentionScores",
     "GenericAdapter",
     "UnsupportedArchitectureError",
     "ProjectionRef",

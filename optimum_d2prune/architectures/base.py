@@ -8,9 +8,9 @@ class; the package imports every module in it.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -108,12 +108,61 @@ class ArchitectureAdapter(ABC):
         """Call the model on one prepared batch (`input_ids`/`attention_mask` or `pixel_values`)."""
         return model(**inputs)
 
-    @abstractmethod
+    def attention_scores(
+        self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]
+    ) -> "AttentionScores":
+        """The attention of one call with the q/k weights in `weights` (`"q"`, `"k"`, fp32, rows of the projection
+        only) instead of the module's own, as probabilities computed a chunk of heads at a time.
+
+        Override this (or `attention_probs`, which then gives a single chunk of every head)."""
+        if type(self).attention_probs is ArchitectureAdapter.attention_probs:
+            raise NotImplementedError(f"{type(self).__name__} implements neither `attention_scores` nor "
+                                      "`attention_probs`.")
+        probs = self.attention_probs(attention, inputs, weights)
+        return AttentionScores(probs.shape[1], probs.shape[1], lambda heads: probs[:, heads])
+
     def attention_probs(
         self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Attention probabilities `[B, heads, T, T]` in fp32, with the q/k weights in `weights` (`"q"`, `"k"`,
-        fp32, rows of the projection only) instead of the module's own. Masked entries are exactly 0."""
+        """Attention probabilities `[B, heads, T, T]` in fp32, with the q/k weights in `weights` instead of the
+        module's own. Masked entries are exactly 0."""
+        scores = self.attention_scores(attention, inputs, weights)
+        return scores.probs(slice(0, scores.num_heads))
+
+
+@dataclass
+class AttentionScores:
+    """One attention call whose probabilities are computed for a slice of query heads at a time, so the KL term
+    holds `[B, h, T, T]` for a few heads h, never for all of them (T² × heads grows fastest with model size)."""
+
+    num_heads: int
+    group: int  # query heads per key head (grouped-query attention): slices hold whole groups
+    probs: Callable[[slice], torch.Tensor]  # heads -> fp32 probabilities [B, h, Tq, Tk], masked entries 0
+
+    def chunks(self, heads_per_chunk: int) -> Iterator[slice]:
+        """Consecutive head slices of at most `heads_per_chunk` heads (at least one whole group)."""
+        step = max(self.group, heads_per_chunk // self.group * self.group)
+        for start in range(0, self.num_heads, step):
+            yield slice(start, min(start + step, self.num_heads))
+
+
+def query_key_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    attention_mask: Optional[torch.Tensor],
+    causal: bool = True,
+    sliding_window: Optional[int] = None,
+) -> AttentionScores:
+    """`AttentionScores` from per-head queries `[B, H, Tq, D]` and keys `[B, Hkv, Tk, D]` (after the family's
+    position encoding); probabilities by `masked_softmax` of `q kᵀ · scaling`, one head slice at a time."""
+    group = q.shape[1] // k.shape[1]
+
+    def probs(heads: slice) -> torch.Tensor:
+        keys = k[:, heads.start // group : heads.stop // group].repeat_interleave(group, dim=1)  # whole groups
+        return masked_softmax(q[:, heads] @ keys.transpose(-1, -2) * scaling, attention_mask, causal, sliding_window)
+
+    return AttentionScores(q.shape[1], group, probs)
 
 
 def matrix(module: nn.Module) -> torch.Tensor:

@@ -16,17 +16,20 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
+from transformers.modeling_utils import AttentionInterface
 
 from .base import (
     PRUNABLE_TYPES,
     ArchitectureAdapter,
     AttentionInputs,
+    AttentionScores,
     ProjectionRef,
     read_rows,
     write_rows,
@@ -240,11 +243,26 @@ class GenericAdapter(ArchitectureAdapter):
             "(see docs/architectures.md)."
         )
 
-    def attention_probs(self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]):
-        """Call `attention` (eager) with q/k rows replaced by `weights` and return the probabilities it computes."""
+    def attention_scores(self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]):
+        """The module's own attention with q/k rows replaced by `weights`, a chunk of heads at a time.
+
+        The module runs up to its attention function, which a registered capture function replaces: it records
+        the queries and keys after the family's own norms and position encoding, and stops the call. The
+        probabilities are then computed by the family's eager function on slices of heads. Modules that do not
+        dispatch through transformers' attention interface are called once in eager mode for all heads.
+        """
         _, refs = find_qkv(attention, self.config) if not self.qkv_names else self._relative_refs(attention)
-        with swapped_weights(attention, {p: refs[p] for p in weights}, weights), eager_attention(attention):
+        eager = getattr(sys.modules.get(type(attention).__module__), "eager_attention_forward", None)
+        with swapped_weights(attention, {p: refs[p] for p in weights}, weights):
             kwargs = _bound_arguments(attention, inputs)
+            captured = _capture_query_key(attention, kwargs) if eager is not None else None
+            if captured is None:
+                return self._eager_scores(attention, kwargs)
+        return _chunked_eager_scores(attention, eager, *captured)
+
+    @staticmethod
+    def _eager_scores(attention: nn.Module, kwargs: dict[str, Any]) -> AttentionScores:
+        with eager_attention(attention):
             if "output_attentions" in inspect.signature(attention.forward).parameters:
                 kwargs["output_attentions"] = True
             output = attention(**kwargs)
@@ -253,9 +271,10 @@ class GenericAdapter(ArchitectureAdapter):
             raise UnsupportedArchitectureError(
                 f"{type(attention).__name__} returned no attention weights in eager mode; the generic path cannot "
                 "compute the KL term for it. Use `attention_update` in ('all', 'q', 'k', 'v') or add an adapter "
-                "with its own `attention_probs`."
+                "with its own `attention_scores`."
             )
-        return probs.float()
+        probs = probs.float()
+        return AttentionScores(probs.shape[1], probs.shape[1], lambda heads: probs[:, heads])
 
     def _relative_refs(self, attention: nn.Module) -> tuple[str, dict[str, ProjectionRef]]:
         prefix = f"{self.attention_path}." if self.attention_path else ""
@@ -278,18 +297,88 @@ def swapped_weights(root: nn.Module, refs: dict[str, ProjectionRef], weights: di
 
 
 @contextlib.contextmanager
-def eager_attention(attention: nn.Module) -> Iterator[None]:
-    """Switch the module's config to eager attention (the only implementation returning the weights)."""
+def attention_implementation(attention: nn.Module, name: str) -> Iterator[bool]:
+    """Switch the module's config to another attention implementation; yields False when it has no config."""
     config = getattr(attention, "config", None)
     current = getattr(config, "_attn_implementation", None) if config is not None else None
-    if config is None or current in (None, "eager"):
-        yield
+    if config is None or current is None or current == name:
+        yield config is not None and current == name
         return
     try:
-        config._attn_implementation = "eager"
-        yield
+        config._attn_implementation = name
+        yield True
     finally:
         config._attn_implementation = current
+
+
+def eager_attention(attention: nn.Module) -> contextlib.AbstractContextManager:
+    """Switch the module's config to eager attention (the only implementation returning the weights)."""
+    return attention_implementation(attention, "eager")
+
+
+class _QueryKeyCaptured(Exception):
+    """Raised by the capture attention function once it recorded the queries and keys (never escapes)."""
+
+
+#: the attention implementation name under which `_capture_attention` is registered
+CAPTURE_IMPLEMENTATION = "d2prune_capture"
+_CAPTURE_SLOT = "_d2prune_query_key"
+
+
+def _capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: Optional[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+    """An attention function (transformers' `AttentionInterface` signature) that records its inputs and stops."""
+    slot = module.__dict__.get(_CAPTURE_SLOT)
+    if slot is None:
+        raise RuntimeError(f"`{CAPTURE_IMPLEMENTATION}` attention is only used by the D2Prune KL term.")
+    slot.append((query, key, attention_mask, args, kwargs))
+    raise _QueryKeyCaptured
+
+
+AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_attention)
+
+
+def _capture_query_key(attention: nn.Module, kwargs: dict[str, Any]) -> Optional[tuple]:
+    """Run `attention` until its attention function; return what that function received, or None when the
+    module does not dispatch through transformers' attention interface."""
+    slot: list = []
+    attention.__dict__[_CAPTURE_SLOT] = slot
+    try:
+        with attention_implementation(attention, CAPTURE_IMPLEMENTATION) as switched:
+            if not switched:
+                return None
+            attention(**kwargs)
+    except _QueryKeyCaptured:
+        pass
+    finally:
+        del attention.__dict__[_CAPTURE_SLOT]
+    return slot[0] if slot else None
+
+
+def _chunked_eager_scores(attention: nn.Module, eager: Any, query: torch.Tensor, key: torch.Tensor,
+                          mask: Optional[torch.Tensor], args: tuple, kwargs: dict[str, Any]) -> AttentionScores:
+    """Probabilities from the family's eager function on slices of whole key-head groups, in fp32."""
+    query, key = query.detach().float(), key.detach().float()
+    heads, group = query.shape[1], query.shape[1] // key.shape[1]
+    whole: list[torch.Tensor] = []  # fallback: a family whose eager function needs every head (per-head sinks)
+
+    def run(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        _, weights = eager(attention, q, k, k, mask, *args, **{**kwargs, "dropout": 0.0})
+        return weights.float()
+
+    def probs(sl: slice) -> torch.Tensor:
+        if whole:
+            return whole[0][:, sl]
+        if sl.stop - sl.start == heads:
+            return run(query, key)
+        try:
+            return run(query[:, sl], key[:, sl.start // group : sl.stop // group])
+        except RuntimeError as err:
+            logger.debug("%s: eager attention needs all heads at once (%s).", type(attention).__name__, err)
+            whole.append(run(query, key))
+            return whole[0][:, sl]
+
+    return AttentionScores(heads, group, probs)
 
 
 def _bound_arguments(attention: nn.Module, inputs: AttentionInputs) -> dict[str, Any]:

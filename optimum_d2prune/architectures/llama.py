@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .base import ArchitectureAdapter, AttentionInputs, masked_softmax, projection_output, register_adapter
+from .base import ArchitectureAdapter, AttentionInputs, projection_output, query_key_scores, register_adapter
 
 
 @register_adapter("llama", "mistral")
@@ -20,14 +20,13 @@ class LlamaAdapter(ArchitectureAdapter):
         cos, sin = inputs.kwargs["position_embeddings"]
         return apply_rotary_pos_emb(q, k, cos.float(), sin.float())
 
-    def attention_probs(self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]):
+    def attention_scores(self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]):
         x = inputs.hidden_states
         batch, length = x.shape[:2]
         head_dim = attention.head_dim
         q = projection_output(attention.q_proj, weights["q"], x, None).view(batch, length, -1, head_dim).transpose(1, 2)
         k = projection_output(attention.k_proj, weights["k"], x, None).view(batch, length, -1, head_dim).transpose(1, 2)
         q, k = self.rotary_qk(attention, q, k, inputs)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: each kv head serves a group of q heads
-        scores = q @ k.transpose(-1, -2) * attention.scaling
         window = getattr(attention, "sliding_window", None)
-        return masked_softmax(scores, inputs.kwargs.get("attention_mask"), causal=True, sliding_window=window)
+        return query_key_scores(q, k, attention.scaling, inputs.kwargs.get("attention_mask"), causal=True,
+                                sliding_window=window)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ArchitectureAdapter, AttentionInputs, masked_softmax, projection_output, register_adapter
+from .base import ArchitectureAdapter, AttentionInputs, projection_output, query_key_scores, register_adapter
 
 
 @register_adapter("opt")
@@ -14,7 +14,7 @@ class OPTAdapter(ArchitectureAdapter):
 
     block_paths = ("model.decoder.layers", "decoder.layers")
 
-    def attention_probs(self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]):
+    def attention_scores(self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]):
         x = inputs.hidden_states
         batch, length = x.shape[:2]
         heads, head_dim = attention.num_heads, attention.head_dim
@@ -22,4 +22,4 @@ class OPTAdapter(ArchitectureAdapter):
         k = projection_output(attention.k_proj, weights["k"], x, None)
         q = q.view(batch, length, heads, head_dim).transpose(1, 2)
         k = k.view(batch, length, heads, head_dim).transpose(1, 2)
-        return masked_softmax(q @ k.transpose(-1, -2), inputs.kwargs.get("attention_mask"), causal=True)
+        return query_key_scores(q, k, 1.0, inputs.kwargs.get("attention_mask"), causal=True)

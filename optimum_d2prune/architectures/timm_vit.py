@@ -16,8 +16,8 @@ from .base import (
     ArchitectureAdapter,
     AttentionInputs,
     ProjectionRef,
-    masked_softmax,
     projection_output,
+    query_key_scores,
     register_adapter,
 )
 
@@ -69,7 +69,7 @@ class TimmViTAdapter(ArchitectureAdapter):
     def forward_model(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
         return model(inputs["pixel_values"])
 
-    def attention_probs(self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]):
+    def attention_scores(self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]):
         x = inputs.hidden_states
         batch, length = x.shape[:2]
         heads, head_dim = attention.num_heads, attention.head_dim
@@ -80,4 +80,4 @@ class TimmViTAdapter(ArchitectureAdapter):
         k = attention.k_norm(k.view(batch, length, heads, head_dim).transpose(1, 2)).float()
         mask = inputs.args[1] if len(inputs.args) > 1 else inputs.kwargs.get("attn_mask")
         causal = bool(inputs.args[2] if len(inputs.args) > 2 else inputs.kwargs.get("is_causal", False))
-        return masked_softmax(q @ k.transpose(-1, -2) * attention.scale, mask, causal=causal)
+        return query_key_scores(q, k, attention.scale, mask, causal=causal)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ArchitectureAdapter, AttentionInputs, masked_softmax, projection_output, register_adapter
+from .base import ArchitectureAdapter, AttentionInputs, projection_output, query_key_scores, register_adapter
 
 
 @register_adapter("vit", "deit")
@@ -33,11 +33,11 @@ class ViTAdapter(ArchitectureAdapter):
                     "transformers >= 5 ViT/DeiT layout (`attention.q_proj`...). Upgrade transformers."
                 )
 
-    def attention_probs(self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]):
+    def attention_scores(self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]):
         x = inputs.hidden_states
         batch, length = x.shape[:2]
         shape = (batch, length, -1, attention.head_dim)
         q = projection_output(attention.q_proj, weights["q"], x, None).view(shape).transpose(1, 2)
         k = projection_output(attention.k_proj, weights["k"], x, None).view(shape).transpose(1, 2)
         mask = inputs.args[1] if len(inputs.args) > 1 else inputs.kwargs.get("attention_mask")
-        return masked_softmax(q @ k.transpose(-1, -2) * attention.scaling, mask, causal=False)
+        return query_key_scores(q, k, attention.scaling, mask, causal=False)

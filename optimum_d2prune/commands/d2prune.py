@@ -107,6 +107,12 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     run.add_argument("--device", default=None, help='Where the model runs, e.g. "cuda", "cuda:1", "cpu" (default: '
                                                      "cuda when available).")
     run.add_argument("--dtype", choices=DTYPES, default="float32", help="Weights dtype (default float32).")
+    run.add_argument("--offload-activations", action="store_true",
+                     help="Keep calibration activations on the CPU and stream them to the device per batch.")
+    run.add_argument("--kl-chunk-mib", type=int, default=None,
+                     help="Memory bound of one attention-probability chunk of the KL term (default 64).")
+    run.add_argument("--skip-memory-check", action="store_true",
+                     help="Start even when the memory estimate exceeds the free memory of the device.")
     run.add_argument("--gguf-file", default=None, help="GGUF file inside --model (dequantized before pruning).")
     run.add_argument("--push-to-hub", default=None, metavar="REPO", help='Upload the result to "user/name".')
     run.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
@@ -190,6 +196,10 @@ def check_arguments(args: argparse.Namespace):
         kwargs["attention_update"] = args.attention_update
     if args.dynamic_strategy is not None:
         kwargs["dynamic_strategy"] = args.dynamic_strategy
+    if args.kl_chunk_mib is not None:
+        kwargs["kl_chunk_mib"] = args.kl_chunk_mib
+    if args.offload_activations:
+        kwargs["offload_activations"] = True
     config = D2PruneConfig(**kwargs)
     for name in ("num_samples", "seq_len", "eval_samples", "eval_seq_len", "eval_max_windows", "zero_shot_limit",
                  "batch_size"):
@@ -247,6 +257,27 @@ def _check_lengths(args: argparse.Namespace, model_config) -> None:
             raise ValueError(f"{flag} {value} is longer than the model's max_position_embeddings={limit}: lower it.")
 
 
+def _check_memory(args: argparse.Namespace, model, config, device: str) -> None:
+    """Print the memory estimate; refuse (before the model moves) a run that does not fit the device."""
+    from ..memory import MemoryBudgetError, check_fits
+
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        est = check_fits(model.config, config, args.num_samples, args.seq_len, device, model_bytes,
+                         dtype=next(model.parameters()).dtype)
+    except MemoryBudgetError:
+        if not args.skip_memory_check:
+            raise
+        logger.warning("The memory estimate exceeds the free memory of %s; starting anyway (--skip-memory-check).",
+                       device)
+        return
+    except (AttributeError, TypeError) as err:  # not a decoder config the model covers (e.g. a vision model)
+        logger.info("No memory estimate for %s: %s", type(model).__name__, err)
+        return
+    logger.info("Estimated pruning peak on %s: %.2f GiB above the model's weights (%s).", device, est.peak / 2**30,
+                ", ".join(f"{k} {v / 2**30:.2f}" for k, v in est.phases.items()))
+
+
 def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> Path:
     """Load, calibrate, prune, save, evaluate (and push) as the arguments say; returns the output folder."""
     start = time.perf_counter()
@@ -268,6 +299,7 @@ def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> P
     _check_sources(args, tokenizer)
     model, tokenizer = models.load_causal_lm(source, dtype=args.dtype, tokenizer=tokenizer)
     _check_lengths(args, model.config)
+    _check_memory(args, model, config, device)
     model.to(device)
     logger.info("Loaded %s (%s, %s) on %s.", source, type(model).__name__, args.dtype, device)
 

@@ -89,7 +89,7 @@ def relative_error(weight: torch.Tensor, new_weight: torch.Tensor, stats: Option
         return float("nan")
     delta = weight.detach().to(new_weight.device, torch.float32) - new_weight
     if stats.inputs.has_hessian:
-        num = ((delta @ stats.inputs.gram()) * delta).sum()
+        num = (stats.inputs.gram_matmul(delta) * delta).sum()
     else:
         num = (delta.square() * stats.inputs.x_sq).sum()
     den = stats.y_sq.sum() if stats.y_sq is not None else float("nan")

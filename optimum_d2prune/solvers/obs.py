@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from ..masks import SparsityPattern, group_zero_counts, lowest_k_mask, nm_mask
-from ..statistics import LinearStatistics
-from .base import DualTaylor, Solver, SolverOutput, relative_error
+from ..statistics import InputStatistics, LinearStatistics
+from .base import DualTaylor, Solver, SolverOutput
 
 logger = logging.getLogger(__name__)
 
@@ -19,38 +19,40 @@ MAX_DAMP_RETRIES = 6
 MASKING_MARGIN = 1e-2
 
 
-def inverse_hessian_cholesky(
-    stats: LinearStatistics, damp_percent: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of `(H + damp·mean(diag H)·I)⁻¹`, the dead-input mask and the damped `H` itself,
-    cached on the statistics.
+def inverse_hessian_cholesky(stats: LinearStatistics, damp_percent: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of `(H + damp·mean(diag H)·I)⁻¹` and the dead-input mask, cached on the statistics.
 
-    Linears that read the same input (q/k/v, gate/up) share the factorisation. If the Cholesky fails, the damping
-    is multiplied by 10 and the failure logged, up to `MAX_DAMP_RETRIES` times; then a `RuntimeError` is raised.
+    Linears that read the same input (q/k/v, gate/up) share the factorisation. Memory: the statistics' sum becomes
+    the damped `H` in place (`InputStatistics.damp`) and the factor is computed in one more buffer, in place, so a
+    stream holds two `cols²` fp32 matrices at its peak, not four. If the Cholesky fails, the damping is multiplied by
+    10 and the failure logged, up to `MAX_DAMP_RETRIES` times; then a `RuntimeError` is raised.
     """
     cache = stats.inputs._hinv_cache
     if damp_percent in cache:
         return cache[damp_percent]
-    h = stats.inputs.hessian()
+    inputs = stats.inputs
     where = f" of `{stats.name}`" if stats.name else ""
-    if not bool(torch.isfinite(h).all()):
+    diag = inputs.x_sq_mean() * 2.0  # diag(H)
+    if not bool(torch.isfinite(diag).all()):
         raise ValueError(
             f"The calibration Hessian{where} holds NaN or Inf: the layer's inputs are not finite (a NaN/Inf weight "
             "or an overflow earlier in the model). Check the model's weights, or prune in float32."
         )
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    mean_diag = torch.diagonal(h).mean()
+    dead = diag == 0
+    fix = dead.to(torch.float32)  # H_jj = 1 for never-active inputs, so that H stays invertible
+    mean_diag = (diag + fix).mean()
     damp = damp_percent
+    info = torch.empty((), dtype=torch.int32, device=diag.device)
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        damped = h.clone()
-        damped.diagonal().add_(damp * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(damped)
+        damped = inputs.damp(fix + damp * mean_diag)
+        factor = damped.clone()
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
         if info == 0:
-            hinv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if info == 0:
+            torch.cholesky_inverse(factor, out=factor)
+            torch.linalg.cholesky_ex(factor, upper=True, out=(factor, info))
+            if info == 0 and bool(torch.isfinite(torch.diagonal(factor)).all()):
                 break
+        del factor
         if attempt == MAX_DAMP_RETRIES:
             raise RuntimeError(
                 f"The Hessian{where} is not positive definite even with damping {damp:g}·mean(diag H). Use more "
@@ -58,8 +60,9 @@ def inverse_hessian_cholesky(
             )
         logger.warning("Cholesky failed with damping %g·mean(diag H); retrying with %g.", damp, damp * 10)
         damp *= 10
-    cache[damp_percent] = (upper, dead, damped)
-    return upper, dead, damped
+    cache.clear()  # the damped H now belongs to this damping
+    cache[damp_percent] = (factor, dead)
+    return factor, dead
 
 
 @dataclass
@@ -91,7 +94,7 @@ class OBSSolver(Solver):
         if pattern.is_nm and self.block_size % pattern.m:
             raise ValueError(f"`block_size` ({self.block_size}) must be a multiple of M={pattern.m} for "
                              f"{pattern.structure}.")
-        upper, dead, damped = inverse_hessian_cholesky(stats, self.damp_percent)
+        upper, dead = inverse_hessian_cholesky(stats, self.damp_percent)
         w = weight.detach().to(device=upper.device, dtype=torch.float32).clone()
         # dead inputs (never active: H_jj = 0) do not change the output whatever their weight: they are pruned
         # first, inside the mask and its exact count; those beyond the count keep their (harmless) value
@@ -129,12 +132,12 @@ class OBSSolver(Solver):
             new_block = w1 - err @ torch.triu(u, diagonal=1)
             new_block[mask[:, i1:i2]] = 0
             w[:, i1:i2] = new_block
-            w[:, i2:] -= err @ upper[i1:i2, i2:]
+            w[:, i2:].addmm_(err, upper[i1:i2, i2:], alpha=-1)  # in place: no [rows, cols] temporary
         flipped = flipped if dual else None
         if self.refine_steps:  # the error is measured after the refit only
             return self.refine(weight, SolverOutput(w, mask, float("nan"), flipped), stats)
-        w = no_worse_than_masking(weight, w, mask, stats)
-        return SolverOutput(w, mask, relative_error(weight, w, stats), flipped)
+        w, error = no_worse_than_masking(weight, w, mask, stats)
+        return SolverOutput(w, mask, error, flipped)
 
     def without_refinement(self) -> "OBSSolver":
         return replace(self, refine_steps=0)
@@ -143,33 +146,54 @@ class OBSSolver(Solver):
         """Least-squares refit of `out`'s surviving weights (see `refit_surviving_weights`)."""
         if not self.refine_steps:
             return out
-        _, dead, damped = inverse_hessian_cholesky(stats, self.damp_percent)
+        inverse_hessian_cholesky(stats, self.damp_percent)  # makes the statistics hold the damped H
         # dead inputs outside the mask have no gradient (their Hessian row is diagonal): the refit keeps them
-        w = refit_surviving_weights(weight, out.weight, out.mask, damped, self.refine_steps)
-        w = no_worse_than_masking(weight, w, out.mask, stats)
-        return SolverOutput(w, out.mask, relative_error(weight, w, stats), out.flipped)
+        w = refit_surviving_weights(weight, out.weight, out.mask, stats.inputs, self.refine_steps)
+        w, error = no_worse_than_masking(weight, w, out.mask, stats)
+        return SolverOutput(w, out.mask, error, out.flipped)
 
 
 def no_worse_than_masking(
     weight: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor, stats: LinearStatistics
-) -> torch.Tensor:
-    """`pruned`, except rows where zeroing the same mask without any update has a lower layer error.
+) -> tuple[torch.Tensor, float]:
+    """`pruned`, except rows where zeroing the same mask without any update has a lower layer error; and the
+    relative error (`relative_error`) of the result.
 
     The OBS sweep compensates each pruned column as if the errors made before it were not there, so on small or
     badly conditioned layers (e.g. 1x6 at 2:6) a row can end a few percent worse than plain masking. The error
     is a sum over rows, so the per-row choice guarantees the solve is never worse than mask-only pruning by more
-    than `MASKING_MARGIN` (relative).
+    than `MASKING_MARGIN` (relative). The per-row errors computed for the choice also give the reported error.
     """
-    dense = weight.detach().to(pruned.device, torch.float32)
-    masked = dense.masked_fill(mask, 0)
-    gram = stats.inputs.gram()
-    d_obs, d_mask = dense - pruned, dense - masked
-    # a margin keeps near-ties on the OBS result, so summation-order noise (data-parallel ranks) cannot flip rows
-    worse = ((d_obs @ gram) * d_obs).sum(1) > ((d_mask @ gram) * d_mask).sum(1) * (1 + MASKING_MARGIN)
-    if not bool(worse.any()):
-        return pruned
-    logger.debug("%s: %d row(s) kept plain masking (lower error than the OBS update).", stats.name, int(worse.sum()))
-    return torch.where(worse.unsqueeze(1), masked, pruned)
+    error = 0.0
+    kept = 0
+    for r1, r2 in row_chunks(pruned):  # bounded temporaries: a few [chunk, cols] matrices
+        dense = weight[r1:r2].detach().to(pruned.device, torch.float32)
+        d_obs = dense - pruned[r1:r2]
+        d_mask = dense * mask[r1:r2]  # what plain masking removes (`dense` may be the weight itself)
+        err_obs = (stats.inputs.gram_matmul(d_obs) * d_obs).sum(1)
+        err_mask = (stats.inputs.gram_matmul(d_mask) * d_mask).sum(1)
+        # a margin keeps near-ties on the OBS result, so summation-order noise (data-parallel ranks) cannot flip rows
+        worse = err_obs > err_mask * (1 + MASKING_MARGIN)
+        error += float(torch.where(worse, err_mask, err_obs).sum())
+        if bool(worse.any()):
+            masked = weight[r1:r2].detach().to(pruned.device, torch.float32).masked_fill(mask[r1:r2], 0)
+            pruned[r1:r2][worse] = masked[worse]
+            kept += int(worse.sum())
+    if kept:
+        logger.debug("%s: %d row(s) kept plain masking (lower error than the OBS update).", stats.name, kept)
+    den = float(stats.y_sq.sum()) if stats.y_sq is not None else float("nan")
+    return pruned, (error / den if den > 0 else 0.0)
+
+
+#: rows of a weight processed together by the row-wise steps (masking check, refit): bounds their temporaries
+ROW_CHUNK_ELEMENTS = 1 << 22
+
+
+def row_chunks(matrix: torch.Tensor) -> list[tuple[int, int]]:
+    """Row ranges of about `ROW_CHUNK_ELEMENTS` entries (16 MiB of fp32) each."""
+    rows, cols = matrix.shape
+    step = max(1, ROW_CHUNK_ELEMENTS // max(cols, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 def _obs_segment_errors(cur: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, sub: int = 32) -> torch.Tensor:
@@ -206,7 +230,11 @@ def _obs_segment_errors(cur: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, 
 
 
 def refit_surviving_weights(
-    dense: torch.Tensor, start: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, steps: int
+    dense: torch.Tensor,
+    start: torch.Tensor,
+    pruned: torch.Tensor,
+    hessian: Union[torch.Tensor, InputStatistics],
+    steps: int,
 ) -> torch.Tensor:
     """Least-squares refit of the surviving weights for a fixed mask: per row, minimise `(w - w0) H (w - w0)ᵀ`
     with the pruned entries held at zero.
@@ -214,19 +242,30 @@ def refit_surviving_weights(
     SparseGPT's sweep only moves weights to the right of each pruned column, so it stops short of this optimum.
     Solved for all rows at once by Jacobi-preconditioned conjugate gradients started from the sweep's result
     (`steps` iterations, each one `[rows, cols] @ [cols, cols]` product); every step lowers the (damped)
-    objective.
+    objective. `hessian` is the damped H, or statistics holding it (`InputStatistics.damp`).
     """
+    if isinstance(hessian, InputStatistics):
+        matmul, diagonal = hessian.damped_matmul, hessian.damped_diagonal()
+    else:
+        matmul, diagonal = (lambda x: x @ hessian), torch.diagonal(hessian)
+    out = torch.empty_like(start)
+    for r1, r2 in row_chunks(start):  # rows are independent problems: bounded temporaries
+        out[r1:r2] = _refit_rows(dense[r1:r2], start[r1:r2], pruned[r1:r2], matmul, 1.0 / diagonal, steps)
+    return out
+
+
+def _refit_rows(dense: torch.Tensor, start: torch.Tensor, pruned: torch.Tensor, matmul: Callable,
+                inv_diag: torch.Tensor, steps: int) -> torch.Tensor:
     keep = (~pruned).to(start.dtype)
     w0 = dense.detach().to(start.device, torch.float32)
     w = start.clone()
-    inv_diag = 1.0 / torch.diagonal(hessian)
-    residual = ((w0 - w) @ hessian) * keep  # negative gradient on the free entries
+    residual = matmul(w0 - w) * keep  # negative gradient on the free entries
     z = residual * inv_diag
     direction = z.clone()
     rz = (residual * z).sum(1, keepdim=True)
     tiny = torch.finfo(torch.float32).tiny
     for _ in range(steps):
-        hd = (direction @ hessian) * keep
+        hd = matmul(direction) * keep
         alpha = rz / (direction * hd).sum(1, keepdim=True).clamp_min(tiny)
         w.add_(alpha * direction)
         residual.sub_(alpha * hd)
