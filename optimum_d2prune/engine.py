@@ -7,6 +7,7 @@ hooks, once after pruning to produce the next block's inputs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -133,6 +134,10 @@ class PruningEngine:
         self.dist = DistributedContext()  # set from the process group in `run`
         self.memory: Optional[PeakMemory] = None  # the running measurement (per-phase peaks)
 
+    def _phase(self, name: str) -> contextlib.AbstractContextManager:
+        """Attribute the memory peak of a region to a phase of the running measurement (none outside `run`)."""
+        return self.memory.phase(name) if self.memory is not None else contextlib.nullcontext()
+
     # ---------------------------------------------------------------- planning
     def plan(self, model: nn.Module) -> tuple[nn.ModuleList, str, list[list[PruneTarget]]]:
         """Blocks, their name prefix and targets; raises before any work if a target cannot take the pattern."""
@@ -168,10 +173,13 @@ class PruningEngine:
         local_batches = self.dist.shard(batches)
         with PeakMemory(device) as memory, calibration_context(model):
             self.memory = memory
-            if self._data_free():
-                self._prune_without_data(blocks, targets, report, device)
-            else:
-                self._prune_with_data(model, blocks, targets, local_batches, checkpoint, report, device)
+            try:
+                if self._data_free():
+                    self._prune_without_data(blocks, targets, report, device)
+                else:
+                    self._prune_with_data(model, blocks, targets, local_batches, checkpoint, report, device)
+            finally:
+                self.memory = None
         report.seconds = time.perf_counter() - start
         report.peak_memory_bytes, report.peak_memory_kind = memory.peak_bytes, memory.kind
         report.memory_increase_bytes = memory.increase_bytes
@@ -182,7 +190,7 @@ class PruningEngine:
         """Capture block-0 inputs, then per block: statistics -> solve -> propagate (and checkpoint)."""
         restore = _move_outside(model, blocks, device) if self.config.device else (lambda: None)
         try:
-            with self.memory.phase("inputs"):
+            with self._phase("inputs"):
                 store = torch.device("cpu") if self.config.offload_activations else device
                 captured = capture_block_inputs(model, blocks[0], batches, _input_device(model), store,
                                                 self.adapter.forward_model)
@@ -207,7 +215,7 @@ class PruningEngine:
             with onloaded(blocks[index], device):
                 self._prune_block(index, blocks[index], targets[index], captured, seq_len, update_solver,
                                   non_update_solver, report)
-                with self.memory.phase("propagate"):
+                with self._phase("propagate"):
                     _propagate(blocks[index], captured, device)
             if checkpoint is not None:
                 checkpoint.save(index, targets[index], [b.hidden_states for b in captured], report,
@@ -321,7 +329,7 @@ class PruningEngine:
             if stop_after is not None:
                 hooks.add(stop_after.register_forward_hook(_raise_stop))
             try:
-                with self.memory.phase("statistics"):
+                with self._phase("statistics"):
                     _run_for_statistics(block, captured, collector, expert_collector, captures.values(),
                                         _module_device(block))
             finally:
@@ -342,7 +350,7 @@ class PruningEngine:
             outputs: dict[tuple[str, bool], SolverOutput] = {}
             numbers = sorted({t.attention for t in targets if t.projection})
             for number in numbers:
-                with self.memory.phase("attention choice"):
+                with self._phase("attention choice"):
                     plan = self._plan_attention(index, number, targets, stats, update_solver, non_update_solver,
                                                 aware, scored, attentions, attention_inputs)
                 unupdated |= {(number, p) for p in plan.unupdated}
@@ -356,7 +364,7 @@ class PruningEngine:
             if expert_collector is not None and expert_collector.deferred:  # built on demand, one expert at a time
                 stats = _ExpertStats(stats, expert_collector)
             last_use = _last_use(targets, stats)
-            with self.memory.phase("solve"):
+            with self._phase("solve"):
                 self._solve_targets(index, targets, stats, outputs, unupdated, last_use, tokens, update_solver,
                                     non_update_solver, report)
         finally:
