@@ -76,6 +76,7 @@ class OBSSolver(Solver):
     block_size: int = 128
     damp_percent: float = 0.01
     refine_steps: int = 0
+    refine_tolerance: float = 0.0  # > 0: stop the refit once converged (`refine_steps` is then the maximum)
 
     statistics = "hessian"
     updates_weights = True
@@ -145,7 +146,8 @@ class OBSSolver(Solver):
             return out
         _, dead, damped = inverse_hessian_cholesky(stats, self.damp_percent)
         # dead inputs outside the mask have no gradient (their Hessian row is diagonal): the refit keeps them
-        w = refit_surviving_weights(weight, out.weight, out.mask, damped, self.refine_steps)
+        w = refit_surviving_weights(weight, out.weight, out.mask, damped, self.refine_steps,
+                                    tolerance=self.refine_tolerance)
         w = no_worse_than_masking(weight, w, out.mask, stats)
         return SolverOutput(w, out.mask, relative_error(weight, w, stats), out.flipped)
 
@@ -206,26 +208,44 @@ def _obs_segment_errors(cur: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, 
 
 
 def refit_surviving_weights(
-    dense: torch.Tensor, start: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, steps: int
+    dense: torch.Tensor,
+    start: torch.Tensor,
+    pruned: torch.Tensor,
+    hessian: torch.Tensor,
+    steps: int,
+    *,
+    tolerance: float = 0.0,
+    target: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Least-squares refit of the surviving weights for a fixed mask: per row, minimise `(w - w0) H (w - w0)ᵀ`
     with the pruned entries held at zero.
 
     SparseGPT's sweep only moves weights to the right of each pruned column, so it stops short of this optimum.
     Solved for all rows at once by Jacobi-preconditioned conjugate gradients started from the sweep's result
-    (`steps` iterations, each one `[rows, cols] @ [cols, cols]` product); every step lowers the (damped)
-    objective.
+    (at most `steps` iterations, each one `[rows, cols] @ [cols, cols]` product); every step lowers the (damped)
+    objective. With `tolerance > 0` it stops as soon as the preconditioned residual, summed over rows, is below
+    `tolerance²` times its initial value (`‖r‖_{D⁻¹} ≤ tolerance · ‖r0‖_{D⁻¹}`): converged instead of a fixed count.
+
+    `target` replaces the right-hand side `w0 H` of the normal equations `w H = w0 H` (free entries only): the
+    block-level reconstruction fits `W' X_pruned` to `W_dense X_dense` with `target = W_dense · X_dense X_prunedᵀ`
+    and `hessian = X_pruned X_prunedᵀ` (reconstruction.py).
     """
     keep = (~pruned).to(start.dtype)
     w0 = dense.detach().to(start.device, torch.float32)
     w = start.clone()
     inv_diag = 1.0 / torch.diagonal(hessian)
-    residual = ((w0 - w) @ hessian) * keep  # negative gradient on the free entries
+    if target is None:
+        residual = ((w0 - w) @ hessian) * keep  # negative gradient on the free entries
+    else:
+        residual = (target.to(w.device, torch.float32) - w @ hessian) * keep
     z = residual * inv_diag
     direction = z.clone()
     rz = (residual * z).sum(1, keepdim=True)
     tiny = torch.finfo(torch.float32).tiny
+    stop = tolerance**2 * float(rz.sum()) if tolerance > 0 else None
     for _ in range(steps):
+        if stop is not None and float(rz.sum()) <= stop:
+            break
         hd = (direction @ hessian) * keep
         alpha = rz / (direction * hd).sum(1, keepdim=True).clamp_min(tiny)
         w.add_(alpha * direction)
