@@ -52,7 +52,7 @@ def output_projections(groups: list[list]) -> list:
 class _Sums:
     gram: torch.Tensor  # Σ x_p x_pᵀ
     cross: torch.Tensor  # Σ x_d x_pᵀ (as [cols_d, cols_p])
-    dense: torch.Tensor  # Σ x_d x_dᵀ (for the reported error only)
+    energy: torch.Tensor  # per row Σ (w_d x_d)² (dense output energy: the constant of the error, for the report)
 
 
 def _flat_tokens(x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -87,7 +87,9 @@ def _accumulate(block: nn.Module, target, block_targets: list, dense: dict[str, 
     pruned = {t.name: t.weight().detach().clone() for t in block_targets}
     cols = target.in_features
     device = pruned[target.name].device
-    sums = _Sums(*(torch.zeros(cols, cols, dtype=torch.float32, device=device) for _ in range(3)))
+    w_d = dense[target.name].to(device, torch.float32)
+    sums = _Sums(*(torch.zeros(cols, cols, dtype=torch.float32, device=device) for _ in range(2)),
+                 torch.zeros(w_d.shape[0], dtype=torch.float64, device=device))
     try:
         for batch in captured:
             for t in block_targets:
@@ -98,7 +100,7 @@ def _accumulate(block: nn.Module, target, block_targets: list, dense: dict[str, 
             x_p = _flat_tokens(_input_of(block, target.module, batch), batch.token_mask).to(device)
             sums.gram.addmm_(x_p.t(), x_p)
             sums.cross.addmm_(x_d.t(), x_p)
-            sums.dense.addmm_(x_d.t(), x_d)
+            sums.energy.add_((x_d @ w_d.t()).square().sum(0))
     finally:
         for t in block_targets:
             t.write(pruned[t.name])
@@ -107,8 +109,7 @@ def _accumulate(block: nn.Module, target, block_targets: list, dense: dict[str, 
 
 def _row_errors(w: torch.Tensor, w_d: torch.Tensor, sums: _Sums) -> torch.Tensor:
     """Per row `‖w_d X_d − w X_p‖²` from the sums."""
-    return (((w_d @ sums.dense) * w_d).sum(1) - 2 * ((w_d @ sums.cross) * w).sum(1)
-            + ((w @ sums.gram) * w).sum(1))
+    return sums.energy - (2 * ((w_d @ sums.cross) * w).sum(1) - ((w @ sums.gram) * w).sum(1)).double()
 
 
 def reconstruct_block_outputs(
@@ -131,7 +132,7 @@ def reconstruct_block_outputs(
     records = []
     for target in outputs:
         sums = _accumulate(block, target, block_targets, dense, captured)
-        reduce([sums.gram, sums.cross, sums.dense])
+        reduce([sums.gram, sums.cross, sums.energy])
         w_d = dense[target.name].to(sums.gram.device, torch.float32)
         w = target.weight().detach().to(sums.gram.device, torch.float32)
         pruned = w == 0
@@ -144,7 +145,7 @@ def reconstruct_block_outputs(
         refit = torch.where((after < before).unsqueeze(1), refit, w)  # a row never gets worse
         after = torch.minimum(after, before)
         target.write(refit)
-        energy = float(((w_d @ sums.dense) * w_d).sum())
+        energy = float(sums.energy.sum())
         scale = 1.0 / energy if energy > 0 else 0.0
         record = ReconstructionRecord(index, target.name, float(before.sum()) * scale, float(after.sum()) * scale)
         logger.debug("block %d %s: block-level refit error %.4g -> %.4g", index, target.name, record.error_before,
