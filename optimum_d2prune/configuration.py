@@ -46,8 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"activation_scale": 1500.0, "lambda1": 1.0, "lambda2": 0.0, "attention_update": "v",
               "refine_steps": 0, "refine_tolerance": 0.0, "sparsity_allocation": "uniform",
               "block_reconstruction": False},
-    "max_quality": {"sparsity_allocation": "owl", "refine_steps": 32, "refine_tolerance": 1e-3,
-                    "block_reconstruction": True},
+    "max_quality": {"sparsity_allocation": "owl", "block_reconstruction": True},
 }
 PRESET_FIELDS = tuple(sorted({*FIELD_DEFAULTS, *(k for p in PRESETS.values() for k in p)}))
 
@@ -81,7 +80,7 @@ class D2PruneConfig:
         metadata={
             "help": f'Defaults for the fields {PRESET_FIELDS} that are not given explicitly: None (the library '
             'defaults), "paper" (the published D²Prune: s = 1500, λ1 = 1, λ2 = 0, v left un-updated, no refit) or '
-            '"max_quality" (non-uniform OWL budgets, converged refit, block-level reconstruction). Explicit values '
+            '"max_quality" (non-uniform OWL budgets and block-level reconstruction). Explicit values '
             "always win; the resolved values are what `to_dict` records."
         },
     )
