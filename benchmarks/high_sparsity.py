@@ -134,8 +134,9 @@ def main(argv=None) -> int:
                       "seconds": seconds, "fields": fields, "sparsity": report.total_sparsity,
                       "block_sparsity": report.block_sparsity,
                       "reconstruction": [(r.error_before, r.error_after) for r in report.reconstruction]})
-    print(f"\nModel {args.model}; calibration {args.num_samples} x {args.seq_len} tokens of {Path(args.calibration).name}; "
-          f"WikiText-2 PPL on {args.eval_windows} x {args.seq_len} tokens; seeds {args.seeds}.")
+    print(f"\nModel {args.model}; calibration {args.num_samples} x {args.seq_len} tokens of "
+          f"{Path(args.calibration).name}; WikiText-2 PPL on {args.eval_windows} x {args.seq_len} tokens; "
+          f"seeds {args.seeds}.")
     print_table(rows, args.configs)
     return 0
 

@@ -131,7 +131,8 @@ class D2PruneConfig:
         default=None, metadata={"help": "OWL's λ: budgets lie within sparsity ± 2λ, usually ± λ (default 0.08)."}
     )
     owl_m: Optional[float] = field(
-        default=None, metadata={"help": "OWL's M: an entry is an outlier above M × its block's mean metric (default 5)."}
+        default=None,
+        metadata={"help": "OWL's M: an entry is an outlier above M × its block's mean metric (default 5)."},
     )
     block_reconstruction: Optional[bool] = field(
         default=None,

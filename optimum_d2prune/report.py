@@ -119,7 +119,8 @@ class PruneReport:
         refits: dict[int, list[ReconstructionRecord]] = {}
         for r in self.reconstruction:
             refits.setdefault(r.block, []).append(r)
-        lines = ["| block | budget | sparsity | block-level refit: output error before -> after |", "|---:|---:|---:|---|"]
+        lines = ["| block | budget | sparsity | block-level refit: output error before -> after |",
+                 "|---:|---:|---:|---|"]
         for block in sorted(set(achieved) | set(refits) | set(range(len(self.block_sparsity)))):
             budget = f"{self.block_sparsity[block]:.2%}" if block < len(self.block_sparsity) else ""
             done = f"{achieved[block]:.2%}" if block in achieved else ""

@@ -14,7 +14,6 @@ from optimum_d2prune.hooks import capture_block_inputs
 from optimum_d2prune.masks import round_half_up
 from optimum_d2prune.reconstruction import output_projections
 from optimum_d2prune.solvers.obs import refit_surviving_weights
-from optimum_d2prune.statistics import InputStatistics, LinearStatistics
 
 
 def _prune(name: str = "llama4", **kwargs):
