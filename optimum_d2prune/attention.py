@@ -14,7 +14,7 @@ OBS solve of one projection, three mask-only solves and four attention-probabili
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -210,7 +210,7 @@ def plan_attention_updates(
     stats_of: Callable[[Any], Any],
     update_solver: Solver,
     non_update_solver: Solver,
-    pattern: SparsityPattern,
+    pattern: Union[SparsityPattern, dict[str, SparsityPattern]],
     scorer: AttentionScorer,
 ) -> AttentionPlan:
     """Decide which of q/k/v is pruned without weight update in one block (METHOD.md §4).
@@ -218,7 +218,8 @@ def plan_attention_updates(
     `attention_update` is "all" (every projection updated), "none" (none updated), "q"/"k"/"v" (fixed) or
     "dynamic": the candidates are solved here (one OBS solve without refinement and one mask-only solve per
     projection), scored by `choose_unupdated_projection`, and the two projections kept updated are refined.
-    `qkv` maps "q"/"k"/"v" to prune targets (`.name`, `.weight()`), `stats_of(target)` gives their statistics.
+    `qkv` maps "q"/"k"/"v" to prune targets (`.name`, `.weight()`), `stats_of(target)` gives their statistics;
+    `pattern` is one pattern for all three or one per projection (non-uniform budgets give each its exact count).
     """
     if attention_update == "all" or not qkv:
         return AttentionPlan()
@@ -227,8 +228,9 @@ def plan_attention_updates(
     if attention_update in PROJECTIONS:
         return AttentionPlan({attention_update}, record=AttentionRecord(block, attention_update, "fixed"))
     candidate_solver = update_solver.without_refinement()  # refine only the two projections kept updated
-    updated = {p: candidate_solver.prune(t.weight(), stats_of(t), pattern) for p, t in qkv.items()}
-    non_updated = {p: non_update_solver.prune(t.weight(), stats_of(t), pattern) for p, t in qkv.items()}
+    patterns = pattern if isinstance(pattern, dict) else dict.fromkeys(qkv, pattern)
+    updated = {p: candidate_solver.prune(t.weight(), stats_of(t), patterns[p]) for p, t in qkv.items()}
+    non_updated = {p: non_update_solver.prune(t.weight(), stats_of(t), patterns[p]) for p, t in qkv.items()}
     dense = {p: qkv[p].weight().detach().float() for p in SCORE_PROJECTIONS}
     record = choose_unupdated_projection(scorer.adapter, scorer.attention, scorer.inputs, dense, updated,
                                          non_updated, scorer.kl_weight, block, reduce=scorer.reduce,

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .offload import onloaded
-from .report import AttentionRecord, ExpertRecord, LayerRecord, PruneReport
+from .report import AttentionRecord, ExpertRecord, LayerRecord, PruneReport, ReconstructionRecord
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,8 @@ class BlockCheckpoint:
             "attention": [asdict(a) for a in report.attention],
             "skipped": dict(report.skipped),
             "experts": [asdict(e) for e in report.experts],
+            "block_sparsity": list(report.block_sparsity),
+            "reconstruction": [asdict(r) for r in report.reconstruction],
         }
         state["digest"] = _state_digest(state)
         tmp = self.directory / f".{self.state_file}.tmp"
@@ -208,3 +210,5 @@ def restore_report(state: dict[str, Any], report: PruneReport) -> None:
     report.attention = [AttentionRecord(**a) for a in state["attention"]]
     report.skipped = dict(state.get("skipped", {}))
     report.experts = [ExpertRecord(**e) for e in state.get("experts", [])]
+    report.block_sparsity = list(state.get("block_sparsity", []))
+    report.reconstruction = [ReconstructionRecord(**r) for r in state.get("reconstruction", [])]

@@ -24,6 +24,31 @@ REFERENCE_SEQ_LEN = 512
 
 CONFIG_NAME = "d2prune_config.json"
 DEFAULT_REFINE_STEPS = 8
+SPARSITY_ALLOCATIONS = ("uniform", "owl")
+
+#: values of the preset-managed fields when neither the user nor a preset sets them (`None` in the signature means
+#: "not set"; `refine_steps` keeps `None`: its default depends on the method)
+FIELD_DEFAULTS: dict[str, Any] = {
+    "lambda1": 1.0,
+    "lambda2": 0.0,
+    "activation_scale": "auto",
+    "attention_update": "dynamic",
+    "refine_tolerance": 0.0,
+    "sparsity_allocation": "uniform",
+    "owl_lambda": 0.08,
+    "owl_m": 5.0,
+    "block_reconstruction": False,
+}
+#: `preset` -> defaults for the fields the user did not set. "paper": the published algorithm (s = 1500, λ1 = 1,
+#: λ2 = 0, v left un-updated, no refit). "max_quality": the best combination measured so far on SmolLM2 (provisional:
+#: see benchmarks/results/high_sparsity_dev_notes.md). N:M masks stay uniform whatever the preset says.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"activation_scale": 1500.0, "lambda1": 1.0, "lambda2": 0.0, "attention_update": "v",
+              "refine_steps": 0, "refine_tolerance": 0.0, "sparsity_allocation": "uniform",
+              "block_reconstruction": False},
+    "max_quality": {"sparsity_allocation": "owl", "block_reconstruction": True},
+}
+PRESET_FIELDS = tuple(sorted({*FIELD_DEFAULTS, *(k for p in PRESETS.values() for k in p)}))
 
 
 @dataclass
@@ -50,13 +75,24 @@ class D2PruneConfig:
         default="unstructured", metadata={"help": '"unstructured" or "N:M" (e.g. "2:4", "4:8", "3:4"): N zeros in M.'}
     )
     method: str = field(default="d2prune", metadata={"help": f"One of {METHODS}."})
-    lambda1: float = field(default=1.0, metadata={"help": "Weight of the first-order dual-Taylor term."})
-    lambda2: float = field(default=0.0, metadata={"help": "Weight of the second-order activation term."})
-    activation_scale: Union[float, str] = field(
-        default="auto",
+    preset: Optional[str] = field(
+        default=None,
         metadata={
-            "help": 'Scale s dividing activation norms in the dual-Taylor terms; "auto" = sqrt(512 * L) for '
-            "calibration length L (the term's strength then does not depend on L; s = L at L = 512)."
+            "help": f'Defaults for the fields {PRESET_FIELDS} that are not given explicitly: None (the library '
+            'defaults), "paper" (the published D²Prune: s = 1500, λ1 = 1, λ2 = 0, v left un-updated, no refit) or '
+            '"max_quality" (non-uniform OWL budgets and block-level reconstruction). Explicit values '
+            "always win; the resolved values are what `to_dict` records."
+        },
+    )
+    lambda1: Optional[float] = field(default=None, metadata={"help": "Weight of the first-order dual-Taylor term "
+                                                                     "(default 1)."})
+    lambda2: Optional[float] = field(default=None, metadata={"help": "Weight of the second-order activation term "
+                                                                     "(default 0)."})
+    activation_scale: Union[float, str, None] = field(
+        default=None,
+        metadata={
+            "help": 'Scale s dividing activation norms in the dual-Taylor terms; "auto" (the default) = sqrt(512 * L)'
+            " for calibration length L (the term's strength then does not depend on L; s = L at L = 512)."
         },
     )
     block_size: int = field(default=128, metadata={"help": "Columns per lazy-update block of the OBS solver."})
@@ -68,11 +104,42 @@ class D2PruneConfig:
             f"(weight-update layers only). None: {DEFAULT_REFINE_STEPS} for d2prune, 0 (plain SparseGPT) otherwise."
         },
     )
-    attention_update: str = field(
-        default="dynamic",
+    refine_tolerance: Optional[float] = field(
+        default=None,
         metadata={
-            "help": '"q"/"k"/"v": that projection is pruned without weight update; "dynamic": chosen by the '
-            'attention-aware objective; "all": every projection updated; "none": q, k and v all left un-updated.'
+            "help": "Stop the refit once its preconditioned residual is below this fraction of the initial one "
+            "(`refine_steps` is then the maximum). 0 (the default): always `refine_steps` steps."
+        },
+    )
+    attention_update: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": '"q"/"k"/"v": that projection is pruned without weight update; "dynamic" (the default): chosen '
+            'by the attention-aware objective; "all": every projection updated; "none": q, k and v all left '
+            "un-updated."
+        },
+    )
+    sparsity_allocation: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": '"uniform" (the default): every block gets `sparsity`; "owl": per-block budgets from the outlier '
+            "ratio of the dense block's Wanda metric (OWL), parameter-weighted mean exactly `sparsity`. "
+            "Unstructured only (an N:M pattern is uniform by definition)."
+        },
+    )
+    owl_lambda: Optional[float] = field(
+        default=None, metadata={"help": "OWL's λ: budgets lie within sparsity ± 2λ, usually ± λ (default 0.08)."}
+    )
+    owl_m: Optional[float] = field(
+        default=None,
+        metadata={"help": "OWL's M: an entry is an outlier above M × its block's mean metric (default 5)."},
+    )
+    block_reconstruction: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "After each block is pruned, refit the surviving weights of its output projections (the "
+            "attention output and the last MLP linear, found from the block's structure) so that their outputs "
+            "on the pruned block's inputs match the dense block's (default False)."
         },
     )
     dynamic_strategy: str = field(
@@ -141,6 +208,7 @@ class D2PruneConfig:
         self.mask_structure = pattern.structure
         if pattern.is_nm:
             self.sparsity = pattern.sparsity
+        self._resolve_preset(pattern)
         for name in ("lambda1", "lambda2", "kl_weight", "damp_percent"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
@@ -199,8 +267,36 @@ class D2PruneConfig:
             raise ValueError("`targets` is empty: pass None to prune every Linear of the blocks.")
         if not isinstance(self.min_expert_tokens, int) or self.min_expert_tokens < 0:
             raise ValueError(f"`min_expert_tokens` must be a non-negative integer, got {self.min_expert_tokens!r}.")
+        if self.sparsity_allocation not in SPARSITY_ALLOCATIONS:
+            raise ValueError(f"`sparsity_allocation` must be one of {SPARSITY_ALLOCATIONS}, got "
+                             f"{self.sparsity_allocation!r}.")
+        if self.sparsity_allocation != "uniform" and pattern.is_nm:
+            raise ValueError(f"`sparsity_allocation={self.sparsity_allocation!r}` needs unstructured sparsity: an "
+                             f"N:M pattern ({pattern.structure}) has the same sparsity in every block by definition; "
+                             'use sparsity_allocation="uniform".')
+        for name, low, high in (("owl_lambda", 0.0, 0.5), ("refine_tolerance", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+                raise ValueError(f"`{name}` must be a number in [{low}, {high}), got {value!r}.")
+            setattr(self, name, float(value))
+        if isinstance(self.owl_m, bool) or not isinstance(self.owl_m, (int, float)) or not self.owl_m > 0:
+            raise ValueError(f"`owl_m` must be a positive number (OWL uses 3-10), got {self.owl_m!r}.")
+        self.owl_m = float(self.owl_m)
+        if not isinstance(self.block_reconstruction, bool):
+            raise ValueError(f"`block_reconstruction` must be a bool, got {self.block_reconstruction!r}.")
         if pattern.is_nm:
             self._check_solver_blocks(pattern)
+
+    def _resolve_preset(self, pattern: SparsityPattern) -> None:
+        """Fill the preset-managed fields left unset (`None`): the preset's value, else the library default."""
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"`preset` must be None or one of {tuple(PRESETS)}, got {self.preset!r}.")
+        values = {**FIELD_DEFAULTS, **PRESETS.get(self.preset, {})}
+        if pattern.is_nm:  # a preset's non-uniform budgets do not apply to N:M (only an explicit request is refused)
+            values["sparsity_allocation"] = "uniform"
+        for name, value in values.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def _check_solver_blocks(self, pattern: SparsityPattern) -> None:
         """Solvers that work in column blocks (OBS) pick N of every M inputs inside each block: refuse an M that does
@@ -249,8 +345,11 @@ class D2PruneConfig:
         return "global" if images else "layer"
 
     def replace(self, **changes: Any) -> "D2PruneConfig":
-        """A validated copy with some fields changed."""
+        """A validated copy with some fields changed. A new `preset` re-resolves the preset-managed fields not
+        given in the same call (earlier explicit values of those fields are dropped)."""
         data = self.to_dict()
+        if "preset" in changes:
+            data.update(dict.fromkeys(PRESET_FIELDS))
         data.update(changes)
         return D2PruneConfig.from_dict(data)
 

@@ -87,6 +87,13 @@ class DistributedContext:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_reduce_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Sum each tensor over the ranks in place (in list order, so all ranks agree)."""
+        if not self.active:
+            return
+        for t in tensors:
+            dist.all_reduce(t)
+
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """`tensor` from rank `src` (returns a new contiguous tensor on every rank)."""
         buf = tensor.detach().contiguous().clone()

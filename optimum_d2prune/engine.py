@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocation import budget_zero_counts, dense_outlier_ratios, owl_sparsities, weight_outlier_ratios
 from .architectures import PROJECTIONS, PRUNABLE_TYPES, ArchitectureAdapter, AttentionInputs
 from .architectures.base import Rows, read_rows, write_rows
 from .attention import AttentionInputCapture, AttentionScorer, plan_attention_updates, scores_attention
@@ -39,12 +40,15 @@ from .memory import PeakMemory
 from .moe import ExpertStatisticsCollector, expert_key, expert_matrix, expert_parameters, expert_solver
 from .offload import execution_device as _execution_device
 from .offload import onloaded
+from .reconstruction import output_projections, reconstruct_block_outputs
 from .report import ExpertRecord, LayerRecord, PruneReport
 from .solvers import Solver, SolverOutput, solvers_for
 
 logger = logging.getLogger(__name__)
 
 _LEVEL_RANK = {"none": 0, "diag": 1, "hessian": 2}
+#: conjugate-gradient steps of the block-level reconstruction when the refit has none of its own (`refine_steps=0`)
+RECONSTRUCTION_STEPS = 16
 
 
 @dataclass
@@ -130,6 +134,8 @@ class PruningEngine:
         self.config = config
         self.adapter = adapter
         self.pattern: SparsityPattern = config.pattern
+        #: per-target patterns of a non-uniform allocation (exact zero counts); targets not in it use `pattern`
+        self.patterns: dict[str, SparsityPattern] = {}
         self.attention_update = attention_update or config.attention_update
         self.dist = DistributedContext()  # set from the process group in `run`
         self.memory: Optional[PeakMemory] = None  # the running measurement (per-phase peaks)
@@ -206,6 +212,12 @@ class PruningEngine:
         seq_len = captured[0].hidden_states.shape[1]
         update_solver, non_update_solver = solvers_for(self.config, seq_len)
         first = self._resume(checkpoint, blocks, targets, captured, report, device)
+        if self.config.sparsity_allocation != "uniform":
+            if not report.block_sparsity:  # a resumed run keeps the budgets measured on the dense model
+                report.block_sparsity = self._budgets(owl_ratios=lambda: dense_outlier_ratios(
+                    blocks, targets, captured, device, self.config.owl_m, self.dist.all_reduce_statistics),
+                    blocks=blocks, targets=targets, device=device)
+            self._set_patterns(blocks, targets, report.block_sparsity, device)
         progress = tqdm(range(first, len(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block",
                         initial=first, total=len(blocks), disable=self.dist.rank > 0)
         for index in progress:
@@ -231,15 +243,48 @@ class PruningEngine:
     def _prune_without_data(self, blocks: nn.ModuleList, targets: list[list[PruneTarget]], report: PruneReport,
                             device: torch.device) -> None:
         solver = solvers_for(self.config, seq_len=1)[0]
+        if self.config.sparsity_allocation != "uniform":  # no activations: outliers of |W| alone
+            report.block_sparsity = self._budgets(
+                owl_ratios=lambda: weight_outlier_ratios(blocks, targets, device, self.config.owl_m),
+                blocks=blocks, targets=targets, device=device)
+            self._set_patterns(blocks, targets, report.block_sparsity, device)
         for index in tqdm(range(len(blocks)), desc=f"{self.config.method} {self.pattern}", unit="block"):
             with onloaded(blocks[index], device):
                 for t in screen_targets(index, targets[index], {}, self.config.on_nonfinite, report):
                     tic = time.perf_counter()
-                    out = solver.prune(t.weight(), None, self.pattern)
+                    out = solver.prune(t.weight(), None, self._pattern(t))
                     t.write(out.weight)
                     report.layers.append(LayerRecord(index, t.name, solver.name, False, tuple(t.weight().shape),
                                                      float((t.weight() == 0).float().mean()), out.error, None,
                                                      time.perf_counter() - tic))
+
+    # ------------------------------------------------------------- budgets
+    def _budgets(self, owl_ratios: Callable[[], list[float]], blocks: nn.ModuleList,
+                 targets: list[list[PruneTarget]], device: torch.device) -> list[float]:
+        """Per-block sparsity of the configured allocation (weighted mean exactly `sparsity`)."""
+        sizes = [sum(n for n in _target_sizes(block, block_targets, device))
+                 for block, block_targets in zip(blocks, targets)]
+        ratios = owl_ratios()
+        budgets = owl_sparsities(ratios, sizes, self.config.sparsity, self.config.owl_lambda)
+        logger.info("OWL budgets (outlier ratio -> sparsity): %s", ", ".join(
+            f"{i}: {r:.4f} -> {b:.4f}" for i, (r, b) in enumerate(zip(ratios, budgets))))
+        return budgets
+
+    def _set_patterns(self, blocks: nn.ModuleList, targets: list[list[PruneTarget]], budgets: list[float],
+                      device: torch.device) -> None:
+        """One pattern per target holding its exact zero count (`budget_zero_counts`); none when every budget is
+        the target (OWL with λ = 0 or equal outlier ratios is the uniform allocation, bit for bit)."""
+        if all(b == self.config.sparsity for b in budgets):
+            self.patterns = {}
+            return
+        sizes = [_target_sizes(block, block_targets, device) for block, block_targets in zip(blocks, targets)]
+        counts = budget_zero_counts(budgets, sizes, self.config.sparsity)
+        self.patterns = {t.name: SparsityPattern(k / n if n else 0.0)
+                         for block_targets, block_sizes, block_counts in zip(targets, sizes, counts)
+                         for t, n, k in zip(block_targets, block_sizes, block_counts)}
+
+    def _pattern(self, target: PruneTarget) -> SparsityPattern:
+        return self.patterns.get(target.name, self.pattern)
 
     def _checkpoint(self, model: nn.Module, batches: list[dict[str, torch.Tensor]],
                     weights: Iterable[tuple[str, torch.Tensor]]) -> Optional[BlockCheckpoint]:
@@ -286,13 +331,24 @@ class PruningEngine:
         if not targets:
             return
         aware = self._awareness(targets)
-        groups = _sequential_groups(block, targets, captured[0], _module_device(block)) if self.config.sequential else [targets]
+        reconstruct = self.config.block_reconstruction
+        ordered = (_sequential_groups(block, targets, captured[0], _module_device(block))
+                   if self.config.sequential or reconstruct else None)
+        groups = ordered if self.config.sequential else [targets]
+        dense = {t.name: t.weight().detach().clone() for t in targets} if reconstruct else {}
         for number, group in enumerate(groups):
             last = number == len(groups) - 1
             stop_after = None if last else group[-1].module
             group_aware = aware and _complete_attentions(group)
             self._prune_group(index, block, group, captured, seq_len, update_solver, non_update_solver, report,
                               group_aware, stop_after)
+        if reconstruct:
+            outputs = [t for t in output_projections(ordered) if t.name not in report.skipped
+                       and t.module_name not in report.skipped]
+            report.reconstruction += reconstruct_block_outputs(
+                index, block, targets, outputs, dense, captured, self.config.damp_percent,
+                self.config.resolve_refine_steps() or RECONSTRUCTION_STEPS, self.config.refine_tolerance,
+                self.dist.all_reduce_tensors)
 
     def _prune_group(
         self,
@@ -402,10 +458,11 @@ class PruningEngine:
                         update_solver: Solver, non_update_solver: Solver, aware: bool, scored: bool,
                         attentions: list, attention_inputs: dict[int, list[AttentionInputs]]):
         """The q/k/v plan of attention module `number` of the block (`attention.plan_attention_updates`)."""
+        qkv = {t.projection: t for t in targets if t.projection and t.attention == number}
         return plan_attention_updates(
-            self.attention_update if aware else "all", index,
-            {t.projection: t for t in targets if t.projection and t.attention == number},
-            lambda t: _target_stats(stats, t), update_solver, non_update_solver, self.pattern,
+            self.attention_update if aware else "all", index, qkv,
+            lambda t: _target_stats(stats, t), update_solver, non_update_solver,
+            {p: self._pattern(t) for p, t in qkv.items()} if self.patterns else self.pattern,
             AttentionScorer(self.adapter, attentions[number][0] if scored else None,
                             attention_inputs.get(number, []), self.config.kl_weight,
                             self._reduce_floats(stats), self.config.kl_chunk_mib * 2**20),
@@ -426,7 +483,7 @@ class PruningEngine:
         owner = self.dist.owner(position)
         out = None
         if self.dist.rank == owner:
-            out = solver.prune(target.weight(), _target_stats(stats, target), self.pattern)
+            out = solver.prune(target.weight(), _target_stats(stats, target), self._pattern(target))
             target.write(out.weight)
         if not self.dist.active:
             return out
@@ -442,6 +499,12 @@ class PruningEngine:
     def _reduce_floats(self, stats: dict) -> Callable[[list[float]], list[float]]:
         device = next(iter(stats.values())).inputs.device if stats else torch.device("cpu")
         return lambda values: self.dist.all_reduce_floats(values, device)
+
+
+def _target_sizes(block: nn.Module, targets: list[PruneTarget], device: torch.device) -> list[int]:
+    """Entries of each target's matrix (the block is onloaded to read offloaded shapes)."""
+    with onloaded(block, device):
+        return [t.weight().numel() for t in targets]
 
 
 def _complete_attentions(targets: list[PruneTarget]) -> bool:

@@ -49,6 +49,17 @@ class ExpertRecord:
 
 
 @dataclass
+class ReconstructionRecord:
+    """One output projection refit against the dense block (`block_reconstruction`): relative errors
+    `‖W_d X_d − W X_p‖² / ‖W_d X_d‖²` of its output before and after the refit."""
+
+    block: int
+    name: str
+    error_before: float
+    error_after: float
+
+
+@dataclass
 class PruneReport:
     """Everything a run measured. Printing it gives the per-layer table followed by the attention choices."""
 
@@ -66,6 +77,8 @@ class PruneReport:
     global_search: dict[str, float] = field(default_factory=dict)  # candidate -> held-out score (global strategy)
     global_metric: str = ""  # what `global_search` holds: "PPL" (language models) or "logit KL" (vision)
     skipped: dict[str, str] = field(default_factory=dict)  # module -> why it was left unpruned (non-finite values)
+    block_sparsity: list[float] = field(default_factory=list)  # per-block budget of a non-uniform allocation
+    reconstruction: list[ReconstructionRecord] = field(default_factory=list)  # block-level refits
 
     @property
     def total_sparsity(self) -> float:
@@ -90,6 +103,33 @@ class PruneReport:
             entry[0] += r.sparsity * r.shape[0] * r.shape[1]
             entry[1] += r.shape[0] * r.shape[1]
         return {k: v[0] / v[1] for k, v in sums.items()}
+
+    def sparsity_by_block(self) -> dict[int, float]:
+        """Achieved sparsity per block (over its targeted weights)."""
+        sums: dict[int, list[float]] = {}
+        for r in self.layers:
+            entry = sums.setdefault(r.block, [0.0, 0.0])
+            entry[0] += r.sparsity * r.shape[0] * r.shape[1]
+            entry[1] += r.shape[0] * r.shape[1]
+        return {k: v[0] / v[1] for k, v in sorted(sums.items())}
+
+    def block_table(self) -> str:
+        """Per-block budget and achieved sparsity, with the block-level refit errors (empty when neither applies)."""
+        if not self.block_sparsity and not self.reconstruction:
+            return ""
+        achieved = self.sparsity_by_block()
+        refits: dict[int, list[ReconstructionRecord]] = {}
+        for r in self.reconstruction:
+            refits.setdefault(r.block, []).append(r)
+        lines = ["| block | budget | sparsity | block-level refit: output error before -> after |",
+                 "|---:|---:|---:|---|"]
+        for block in sorted(set(achieved) | set(refits) | set(range(len(self.block_sparsity)))):
+            budget = f"{self.block_sparsity[block]:.2%}" if block < len(self.block_sparsity) else ""
+            done = f"{achieved[block]:.2%}" if block in achieved else ""
+            refit = "; ".join(f"{r.name.rsplit('.', 1)[-1]} {_fmt(r.error_before)} -> {_fmt(r.error_after)}"
+                              for r in refits.get(block, []))
+            lines.append(f"| {block} | {budget} | {done} | {refit} |")
+        return "\n".join(lines)
 
     def layer_table(self) -> str:
         lines = [
@@ -142,6 +182,14 @@ class PruneReport:
         if self.attention:
             counts = {p: sum(a.chosen == p for a in self.attention) for p in ("q", "k", "v")}
             parts.append("un-updated projection per block: " + ", ".join(f"{p}={n}" for p, n in counts.items()))
+        if self.block_sparsity:
+            parts.append(f"non-uniform budgets: block sparsity {min(self.block_sparsity):.2%} to "
+                         f"{max(self.block_sparsity):.2%}")
+        if self.reconstruction:
+            before = sum(r.error_before for r in self.reconstruction) / len(self.reconstruction)
+            after = sum(r.error_after for r in self.reconstruction) / len(self.reconstruction)
+            parts.append(f"block-level refit of {len(self.reconstruction)} output projections: mean relative output "
+                         f"error {before:.4g} -> {after:.4g}")
         if self.skipped:
             parts.append(f"{len(self.skipped)} module(s) left unpruned (NaN/Inf): " + ", ".join(self.skipped))
         if self.experts:
@@ -154,7 +202,8 @@ class PruneReport:
         return "\n".join(parts)
 
     def __str__(self) -> str:
-        sections = [self.summary(), self.layer_table(), self.attention_table(), self.expert_table()]
+        sections = [self.summary(), self.block_table(), self.layer_table(), self.attention_table(),
+                    self.expert_table()]
         return "\n\n".join(s for s in sections if s)
 
     def to_dict(self) -> dict[str, Any]:

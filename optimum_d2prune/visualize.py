@@ -292,7 +292,7 @@ def render_report(
     if format == "markdown":
         parts = [f"# {title}", ""]
         for label, r in reports.items():
-            parts += [f"## {label}", "", "```", r.summary(), "```", ""]
+            parts += [f"## {label}", "", "```", r.summary(), "```", "", r.block_table(), ""]
         for name in figures:
             parts += [f"![{captions[name]}]({name})", "", captions[name], ""]
         for label, results in zs.items():
@@ -305,6 +305,8 @@ def render_report(
     body = [f"<h1>{html.escape(title)}</h1>"]
     for label, r in reports.items():
         body.append(f"<h2>{html.escape(label)}</h2><pre>{html.escape(r.summary())}</pre>")
+        if r.block_table():  # per-block budgets (non-uniform allocation) and block-level refit errors
+            body.append(f"<pre>{html.escape(r.block_table())}</pre>")
     for name, png in figures.items():
         data = base64.b64encode(png).decode("ascii")
         body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'

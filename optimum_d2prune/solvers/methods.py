@@ -20,7 +20,7 @@ def d2prune(config: "D2PruneConfig", seq_len: int) -> tuple[Solver, Solver]:
     dual = DualTaylor(config.lambda1, config.lambda2, config.resolve_activation_scale(seq_len))
     return (
         OBSSolver(dual_taylor=dual, block_size=config.block_size, damp_percent=config.damp_percent,
-                  refine_steps=config.resolve_refine_steps()),
+                  refine_steps=config.resolve_refine_steps(), refine_tolerance=config.refine_tolerance),
         WandaSolver(dual_taylor=dual),
     )
 
@@ -28,7 +28,7 @@ def d2prune(config: "D2PruneConfig", seq_len: int) -> tuple[Solver, Solver]:
 @register_method("sparsegpt")
 def sparsegpt(config: "D2PruneConfig", seq_len: int) -> tuple[Solver, Solver]:
     solver = OBSSolver(block_size=config.block_size, damp_percent=config.damp_percent,
-                       refine_steps=config.resolve_refine_steps())
+                       refine_steps=config.resolve_refine_steps(), refine_tolerance=config.refine_tolerance)
     return solver, solver
 
 

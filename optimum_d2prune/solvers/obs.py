@@ -79,6 +79,7 @@ class OBSSolver(Solver):
     block_size: int = 128
     damp_percent: float = 0.01
     refine_steps: int = 0
+    refine_tolerance: float = 0.0  # > 0: stop the refit once converged (`refine_steps` is then the maximum)
 
     statistics = "hessian"
     updates_weights = True
@@ -148,7 +149,8 @@ class OBSSolver(Solver):
             return out
         inverse_hessian_cholesky(stats, self.damp_percent)  # makes the statistics hold the damped H
         # dead inputs outside the mask have no gradient (their Hessian row is diagonal): the refit keeps them
-        w = refit_surviving_weights(weight, out.weight, out.mask, stats.inputs, self.refine_steps)
+        w = refit_surviving_weights(weight, out.weight, out.mask, stats.inputs, self.refine_steps,
+                                    tolerance=self.refine_tolerance)
         w, error = no_worse_than_masking(weight, w, out.mask, stats)
         return SolverOutput(w, out.mask, error, out.flipped)
 
@@ -235,14 +237,24 @@ def refit_surviving_weights(
     pruned: torch.Tensor,
     hessian: Union[torch.Tensor, InputStatistics],
     steps: int,
+    *,
+    tolerance: float = 0.0,
+    target: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Least-squares refit of the surviving weights for a fixed mask: per row, minimise `(w - w0) H (w - w0)ᵀ`
     with the pruned entries held at zero.
 
     SparseGPT's sweep only moves weights to the right of each pruned column, so it stops short of this optimum.
     Solved for all rows at once by Jacobi-preconditioned conjugate gradients started from the sweep's result
-    (`steps` iterations, each one `[rows, cols] @ [cols, cols]` product); every step lowers the (damped)
-    objective. `hessian` is the damped H, or statistics holding it (`InputStatistics.damp`).
+    (at most `steps` iterations, each one `[rows, cols] @ [cols, cols]` product); every step lowers the (damped)
+    objective. `hessian` is the damped H, or statistics holding it (`InputStatistics.damp`). Rows are solved in
+    chunks (`row_chunks`) to bound the temporaries. With `tolerance > 0` a chunk stops as soon as its
+    preconditioned residual, summed over its rows, is below `tolerance²` times its initial value
+    (`‖r‖_{D⁻¹} ≤ tolerance · ‖r0‖_{D⁻¹}`): converged instead of a fixed count.
+
+    `target` replaces the right-hand side `w0 H` of the normal equations `w H = w0 H` (free entries only): the
+    block-level reconstruction fits `W' X_pruned` to `W_dense X_dense` with `target = W_dense · X_dense X_prunedᵀ`
+    and `hessian = X_pruned X_prunedᵀ` (reconstruction.py).
     """
     if isinstance(hessian, InputStatistics):
         matmul, diagonal = hessian.damped_matmul, hessian.damped_diagonal()
@@ -250,21 +262,27 @@ def refit_surviving_weights(
         matmul, diagonal = (lambda x: x @ hessian), torch.diagonal(hessian)
     out = torch.empty_like(start)
     for r1, r2 in row_chunks(start):  # rows are independent problems: bounded temporaries
-        out[r1:r2] = _refit_rows(dense[r1:r2], start[r1:r2], pruned[r1:r2], matmul, 1.0 / diagonal, steps)
+        out[r1:r2] = _refit_rows(dense[r1:r2], start[r1:r2], pruned[r1:r2], matmul, 1.0 / diagonal, steps,
+                                 tolerance, None if target is None else target[r1:r2])
     return out
 
 
 def _refit_rows(dense: torch.Tensor, start: torch.Tensor, pruned: torch.Tensor, matmul: Callable,
-                inv_diag: torch.Tensor, steps: int) -> torch.Tensor:
+                inv_diag: torch.Tensor, steps: int, tolerance: float, target: Optional[torch.Tensor]) -> torch.Tensor:
     keep = (~pruned).to(start.dtype)
-    w0 = dense.detach().to(start.device, torch.float32)
     w = start.clone()
-    residual = matmul(w0 - w) * keep  # negative gradient on the free entries
+    if target is None:
+        residual = matmul(dense.detach().to(start.device, torch.float32) - w) * keep  # negative gradient
+    else:
+        residual = (target.to(w.device, torch.float32) - matmul(w)) * keep
     z = residual * inv_diag
     direction = z.clone()
     rz = (residual * z).sum(1, keepdim=True)
     tiny = torch.finfo(torch.float32).tiny
+    stop = tolerance**2 * float(rz.sum()) if tolerance > 0 else None
     for _ in range(steps):
+        if stop is not None and float(rz.sum()) <= stop:
+            break
         hd = matmul(direction) * keep
         alpha = rz / (direction * hd).sum(1, keepdim=True).clamp_min(tiny)
         w.add_(alpha * direction)
