@@ -140,7 +140,7 @@ def test_output_projections_are_found_from_structure(name, expected):
     blocks, _, targets = engine.plan(model)
     batch = capture_block_inputs(model, blocks[0], [{"input_ids": calib_batches(1)[0]}], torch.device("cpu"),
                                  torch.device("cpu"), engine.adapter.forward_model)[0]
-    outputs = output_projections(_sequential_groups(blocks[0], targets[0], batch))
+    outputs = output_projections(_sequential_groups(blocks[0], targets[0], batch, torch.device("cpu")))
     assert len(outputs) == len(expected)
     assert all(t.name.endswith(f".0.{e}") for t, e in zip(outputs, expected))
 

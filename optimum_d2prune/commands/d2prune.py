@@ -74,6 +74,13 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                             'language models) or "global" (one prune per candidate, best held-out perplexity; '
                             "about 5x the pruning time).")
     prune.add_argument("--sequential", action="store_true", help="Calibrate each linear group on pruned outputs.")
+    prune.add_argument("--preset", choices=("paper", "max_quality"), default=None,
+                       help='"paper": the published D²Prune (s = 1500, v un-updated, no refit); "max_quality": OWL '
+                            "budgets + block-level reconstruction (slower; see the README's high-sparsity table).")
+    prune.add_argument("--sparsity-allocation", choices=("uniform", "owl"), default=None,
+                       help="Per-block sparsity: uniform (default) or OWL budgets (unstructured only).")
+    prune.add_argument("--block-reconstruction", action=argparse.BooleanOptionalAction, default=None,
+                       help="Refit each block's output projections against the dense block's outputs.")
     prune.add_argument("--seed", type=int, default=0, help="Seed of calibration sampling and pruning (default 0).")
     calib = parser.add_argument_group("calibration")
     calib.add_argument("--calibration", default="self",
@@ -196,6 +203,9 @@ def check_arguments(args: argparse.Namespace):
         kwargs["attention_update"] = args.attention_update
     if args.dynamic_strategy is not None:
         kwargs["dynamic_strategy"] = args.dynamic_strategy
+    for name in ("preset", "sparsity_allocation", "block_reconstruction"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
     if args.kl_chunk_mib is not None:
         kwargs["kl_chunk_mib"] = args.kl_chunk_mib
     if args.offload_activations:
