@@ -345,10 +345,11 @@ class PruningEngine:
         if reconstruct:
             outputs = [t for t in output_projections(ordered) if t.name not in report.skipped
                        and t.module_name not in report.skipped]
-            report.reconstruction += reconstruct_block_outputs(
-                index, block, targets, outputs, dense, captured, self.config.damp_percent,
-                self.config.resolve_refine_steps() or RECONSTRUCTION_STEPS, self.config.refine_tolerance,
-                self.dist.all_reduce_tensors)
+            with self._phase("reconstruction"):
+                report.reconstruction += reconstruct_block_outputs(
+                    index, block, targets, outputs, dense, captured, self.config.damp_percent,
+                    self.config.resolve_refine_steps() or RECONSTRUCTION_STEPS, self.config.refine_tolerance,
+                    self.dist.all_reduce_tensors)
 
     def _prune_group(
         self,
@@ -399,35 +400,43 @@ class PruningEngine:
             tokens = expert_collector.token_counts(experts)
             attention_inputs = {number: capture.inputs for number, capture in captures.items()}
         try:
-            kept = screen_targets(index, targets, stats, self.config.on_nonfinite, report)
-            if len(kept) < len(targets):  # a skipped q/k/v leaves nothing to choose between
-                targets, aware = kept, False
-            unupdated: set[tuple[int, str]] = set()  # (attention module, projection) left without update
-            outputs: dict[tuple[str, bool], SolverOutput] = {}
-            numbers = sorted({t.attention for t in targets if t.projection})
-            for number in numbers:
-                with self._phase("attention choice"):
-                    plan = self._plan_attention(index, number, targets, stats, update_solver, non_update_solver,
-                                                aware, scored, attentions, attention_inputs)
-                unupdated |= {(number, p) for p in plan.unupdated}
-                outputs.update(plan.outputs)
-                if plan.record is not None:
-                    if len(numbers) > 1:
-                        plan.record.attention = number
-                    report.attention.append(plan.record)
-            attention_inputs.clear()  # the KL term is computed: its captured sequences are no longer needed
-            captures.clear()
-            if expert_collector is not None and expert_collector.deferred:  # built on demand, one expert at a time
-                stats = _ExpertStats(stats, expert_collector)
-            last_use = _last_use(targets, stats)
             with self._phase("solve"):
-                self._solve_targets(index, targets, stats, outputs, unupdated, last_use, tokens, update_solver,
-                                    non_update_solver, report)
+                self._solve_group(index, targets, stats, tokens, expert_collector, update_solver, non_update_solver,
+                                  report, aware, scored, attentions, attention_inputs, captures)
         finally:
             for s in stats.values():
                 s.inputs.free()
             if expert_collector is not None:
                 expert_collector.free()
+
+    def _solve_group(self, index: int, targets: list[PruneTarget], stats: dict, tokens: dict[tuple[str, int], int],
+                     expert_collector: Optional[ExpertStatisticsCollector], update_solver: Solver,
+                     non_update_solver: Solver, report: PruneReport, aware: bool, scored: bool, attentions: list,
+                     attention_inputs: dict[int, list[AttentionInputs]], captures: dict) -> None:
+        """Screen the statistics, choose the q/k/v left without update, then solve every target of the group."""
+        kept = screen_targets(index, targets, stats, self.config.on_nonfinite, report)
+        if len(kept) < len(targets):  # a skipped q/k/v leaves nothing to choose between
+            targets, aware = kept, False
+        unupdated: set[tuple[int, str]] = set()  # (attention module, projection) left without update
+        outputs: dict[tuple[str, bool], SolverOutput] = {}
+        numbers = sorted({t.attention for t in targets if t.projection})
+        for number in numbers:
+            with self._phase("attention choice"):
+                plan = self._plan_attention(index, number, targets, stats, update_solver, non_update_solver,
+                                            aware, scored, attentions, attention_inputs)
+            unupdated |= {(number, p) for p in plan.unupdated}
+            outputs.update(plan.outputs)
+            if plan.record is not None:
+                if len(numbers) > 1:
+                    plan.record.attention = number
+                report.attention.append(plan.record)
+        attention_inputs.clear()  # the KL term is computed: its captured sequences are no longer needed
+        captures.clear()
+        if expert_collector is not None and expert_collector.deferred:  # built on demand, one expert at a time
+            stats = _ExpertStats(stats, expert_collector)
+        last_use = _last_use(targets, stats)
+        self._solve_targets(index, targets, stats, outputs, unupdated, last_use, tokens, update_solver,
+                            non_update_solver, report)
 
     def _solve_targets(self, index: int, targets: list[PruneTarget], stats: dict,
                        outputs: dict[tuple[str, bool], SolverOutput], unupdated: set[tuple[int, str]],

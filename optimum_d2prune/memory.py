@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -14,6 +16,26 @@ if TYPE_CHECKING:
     from .configuration import D2PruneConfig
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def release_host_memory() -> None:
+    """Return freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Tensors below glibc's mmap threshold (32 MiB at most) live on the heap, which keeps freed pages: without this,
+    the memory of one phase's temporaries stays resident through the next ones.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def current_rss() -> int:
@@ -40,7 +62,7 @@ class PeakMemory:
         self.peak_bytes = 0
         #: peak of each phase marked with `phase(name)`, measured like `peak_bytes` (absolute)
         self.phase_peaks: dict[str, int] = {}
-        self._phase: Optional[str] = None
+        self._active: list[str] = []  # the phases entered and not yet left
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -58,32 +80,37 @@ class PeakMemory:
 
     def _record(self, value: int) -> None:
         self.peak_bytes = max(self.peak_bytes, value)
-        phase = self._phase
-        if phase is not None:
+        for phase in self._active:
             self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), value)
+
+    def _fold_cuda_peak(self) -> None:
+        """Credit the allocator's peak since the last reset to every active phase, then reset it."""
+        torch.cuda.synchronize(self.device)
+        self._record(torch.cuda.max_memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Attribute the peak inside this region to `name` as well (phases of one name accumulate their max)."""
-        outer = self._phase
+        """Attribute the peak inside this region to `name` as well (phases nest; one name accumulates its max).
+
+        On the CPU, memory freed in the phase is handed back to the OS at its end (`release_host_memory`), so the
+        next phase's RSS is not inflated by what the allocator kept.
+        """
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            before = torch.cuda.max_memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            self._fold_cuda_peak()
         else:
             self._record(current_rss())
-        self._phase = name
+        self._active.append(name)
         try:
             yield
         finally:
             if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-                peak = torch.cuda.max_memory_allocated(self.device)
-                self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), peak)
-                self.peak_bytes = max(self.peak_bytes, before, peak)
+                self._fold_cuda_peak()
             else:
                 self._record(current_rss())
-            self._phase = outer
+            self._active.remove(name)
+            if self.device.type != "cuda":
+                release_host_memory()
 
     def phase_increases(self) -> dict[str, int]:
         """Each phase's peak minus the memory at entry of the measured region."""
@@ -184,8 +211,9 @@ def estimate(
     if config.offload_activations and device.type != "cpu":
         activations = 2 * batch_tokens * d * act  # the batch streamed in and its output
     widest = mlp if s["experts"] else inter
-    # one batch through a block: residual, norms, q/k/v/o; MLP: act(gate), up, their product (+ the hooks' y²)
-    forward = batch_tokens * (4 * d + q_rows + 2 * kv_rows) * act + 3 * batch_tokens * widest * max(act, _F32)
+    # one batch through a block at its peak, the MLP: the residual, the normed input, the output; act(gate), up and
+    # their product (the statistics hooks add a y² of the widest output)
+    forward = 3 * batch_tokens * d * act + 3 * batch_tokens * widest * max(act, _F32)
     hook = batch_tokens * widest * _F32
     sums = (3 * d * d + mlp * mlp) * _F32
     uses_kl = config.uses_attention_awareness and config.attention_update == "dynamic" and config.kl_weight > 0
@@ -206,11 +234,11 @@ def estimate(
     attention = activations + sums + kl_inputs + d * d * _F32 + candidates + max(kl, solve_work(q_rows, d))
     if not config.uses_attention_awareness:
         attention = 0
-    solve = activations + max(
+    solve = max(attention, activations + max(  # the solve phase holds the attention choice
         sums + d * d * _F32 + solve_work(q_rows, d),  # q/k/v
         (d * d + mlp * mlp) * _F32 + d * d * _F32 + solve_work(mlp, d),  # gate/up
         mlp * mlp * _F32 * 2 + solve_work(d, mlp),  # down: its sum (the damped H) and its factor
-    )
+    ))
     propagate = activations + forward + batch_tokens * d * act
     phases = {"inputs": activations + batch_tokens * d * act, "statistics": stats, "attention choice": attention,
               "solve": solve, "propagate": propagate}
