@@ -198,11 +198,15 @@ class Protocol:
 
         `overrides` must name the method unless it is d2prune (e.g. `{"method": "sparsegpt"}`).
         """
+        config = D2PruneConfig(**{"seed": seed, **level_kwargs(level), **overrides})
         row = self.store.get(name, level, seed, split, overrides)
         if row is not None:
+            if "config" in row and row["config"] != _comparable(config):
+                raise ValueError(f"{self.store.path}: row {name!r} {level} seed {seed} {split} was run with another "
+                                 f"config ({row['config']}; now {_comparable(config)}: did a library default change?). "
+                                 "Delete its rows or pass another rows file.")
             return row
         dense = self.dense(split)
-        config = D2PruneConfig(**{"seed": seed, **level_kwargs(level), **overrides})
         model = self._load()
         calib = self.calibration(split, seed)
         model.load_state_dict(self._dense)
@@ -212,7 +216,7 @@ class Protocol:
         seconds = time.perf_counter() - start
         ppl = self.score(split)
         row = {"name": name, "level": level, "seed": seed, "split": split, "overrides": overrides, "ppl": ppl,
-               "ratio": ppl / dense, "seconds": seconds}
+               "ratio": ppl / dense, "seconds": seconds, "config": _comparable(config)}
         report = pruner.report
         if report is not None and report.attention:
             counts = {p: sum(a.chosen == p for a in report.attention) for p in "qkv"}
@@ -221,6 +225,11 @@ class Protocol:
         logger.info("%s %s seed %d %s: PPL %.3f (x%.3f dense) in %.1f s", name, level, seed, split, ppl,
                     row["ratio"], seconds)
         return row
+
+
+def _comparable(config: D2PruneConfig) -> dict:
+    """The config as stored with a row (JSON types), so that a changed library default is noticed on resume."""
+    return json.loads(json.dumps(config.to_dict()))
 
 
 def _check_split(split: str) -> None:

@@ -159,12 +159,21 @@ def write_table(sweep: Sweep, params: list[str], noise_seeds: list[int], combine
                          f"std {statistics.stdev(values):.2f}, range {max(values) - min(values):.2f})")
         elif values:
             lines.append(f"- {lv}: {values[0]:.2f} (other seeds not run yet)")
+    seed_means = [statistics.mean(r["ratio"] for r in rows) for s in [0] + noise_seeds
+                  if all(rows := [sweep.row({}, lv, s) for lv in levels])]
+    if len(seed_means) > 1:
+        lines += ["- mean PPL/dense of the default per seed: " + ", ".join(f"{m:.3f}" for m in seed_means)
+                  + f" (std {statistics.stdev(seed_means):.3f}): a change whose mean differs from the default's by "
+                  "less than this is within calibration-seed noise."]
     choice = sweep.pick(params, combined)
     missing = [config_name(c) + f" seed {s}" for c, s in plan(params, noise_seeds)
                if any(sweep.row(c, lv, s) is None for lv in levels)]
     lines += ["", "**What the rule picks**: " + (", ".join(f"{k} = {_fmt(v)}" for k, v in choice.items()) if choice
                                                 else "the defaults (no single change wins at every level)")
               + (" (so far)." if missing else ".")]
+    if choice and sweep.mean_ratio(choice) is not None and sweep.mean_ratio({}) is not None:
+        lines[-1] += (f" Mean PPL/dense {sweep.mean_ratio(choice):.3f} against the default's "
+                      f"{sweep.mean_ratio({}):.3f} (seed 0).")
     if missing:
         lines += ["", "Not finished yet: " + "; ".join(missing) + "."]
     text = "\n".join(lines) + "\n"
