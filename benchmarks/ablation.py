@@ -130,8 +130,8 @@ def write_table(protocol: Protocol, rows: list[Row], args, command: str) -> str:
     lines += ["", "Configurations (fields not named are the library defaults of the run):", ""]
     lines += [f"- `{r.name}`: " + (", ".join(f"{k}={v}" for k, v in r.overrides.items()) or "defaults") for r in rows]
     if missing:
-        lines += ["", f"Not finished yet: {missing} of the {len(list(runs(rows, args.levels, args.seeds, args.splits)))}"
-                      " runs."]
+        total = len(list(runs(rows, args.levels, args.seeds, args.splits)))
+        lines += ["", f"Not finished yet: {missing} of the {total} runs."]
     text = "\n".join(lines) + "\n"
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

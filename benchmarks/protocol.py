@@ -203,7 +203,8 @@ class Protocol:
         if row is not None:
             if "config" in row and row["config"] != _comparable(config):
                 raise ValueError(f"{self.store.path}: row {name!r} {level} seed {seed} {split} was run with another "
-                                 f"config ({row['config']}; now {_comparable(config)}: did a library default change?). "
+                                 f"config ({row['config']}; now {_comparable(config)}: did a library default "
+                                 "change?). "
                                  "Delete its rows or pass another rows file.")
             return row
         dense = self.dense(split)

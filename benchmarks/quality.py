@@ -31,7 +31,6 @@ from optimum_d2prune.selfcalib import self_generated_calibration
 from protocol import (  # noqa: F401  (parse_value, level_kwargs, add_protocol_arguments: imported by other scripts)
     DEV_CALIBRATION_DOCS,
     DEV_EVAL_DOCS,
-    SHARED,
     add_protocol_arguments,
     level_kwargs,
     parse_value,
@@ -47,7 +46,9 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---:|---:|" + ("---:|---:|" if dev else "") + "---:|---:|---:|---|")
     for r in rows:
         ratio = f"{r['seconds'] / sparsegpt[r['level']]:.2f}" if r["level"] in sparsegpt else ""
-        dev_cells = "" if not dev else (f"{r['dev_ppl']:.2f} | {r['dev_ratio']:.3f} | " if "dev_ppl" in r else " |  | ")
+        dev_cells = ""
+        if dev:
+            dev_cells = f"{r['dev_ppl']:.2f} | {r['dev_ratio']:.3f} | " if "dev_ppl" in r else " |  | "
         print(f"| {r['level']} | {r['method']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {dev_cells}{r['seconds']:.1f} "
               f"| {ratio} | {r['memory_mib']:.0f} | {r.get('unupdated', '')} |")
 

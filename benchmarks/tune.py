@@ -120,7 +120,8 @@ def write_table(sweep: Sweep, params: list[str], noise_seeds: list[int], combine
         f"`{command}` ({datetime.date.today().isoformat()}, {args.threads or 'default'} torch thread(s)); "
         f"rows in `{_rel(store.path)}`.",
         "",
-        f"SmolLM2-135M-Instruct; calibration {sweep.protocol.settings.num_samples} x {sweep.protocol.settings.seq_len} "
+        f"SmolLM2-135M-Instruct; calibration {sweep.protocol.settings.num_samples} x "
+        f"{sweep.protocol.settings.seq_len} "
         "tokens sampled (SparseGPT sampling) from C4 documents 0-699 of `c4_train_sample.jsonl`; dev PPL on documents "
         f"700-799 joined by blank lines, first {sweep.protocol.settings.eval_windows} x "
         f"{sweep.protocol.settings.seq_len}-token windows" + (f" (dense {dense['ppl']:.2f})" if dense else "")
@@ -155,7 +156,8 @@ def write_table(sweep: Sweep, params: list[str], noise_seeds: list[int], combine
     for lv in levels:
         values = [r["ppl"] for s in [0] + noise_seeds if (r := sweep.row({}, lv, s))]
         if len(values) > 1:
-            lines.append(f"- {lv}: " + ", ".join(f"{v:.2f}" for v in values) + f" (mean {statistics.mean(values):.2f}, "
+            lines.append(f"- {lv}: " + ", ".join(f"{v:.2f}" for v in values)
+                         + f" (mean {statistics.mean(values):.2f}, "
                          f"std {statistics.stdev(values):.2f}, range {max(values) - min(values):.2f})")
         elif values:
             lines.append(f"- {lv}: {values[0]:.2f} (other seeds not run yet)")
