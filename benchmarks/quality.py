@@ -7,6 +7,7 @@ WikiText-2 test. Every method runs in the same process on the same calibration s
     python benchmarks/quality.py                                  # the default protocol
     python benchmarks/quality.py --levels 0.5 0.6 0.7 0.8 2:4     # more levels
     python benchmarks/quality.py --methods d2prune --set attention_update=v --set lambda1=0
+    python benchmarks/quality.py --dev        # + dev PPL (BENCH.md v1.1: its own calibration on docs 0-699)
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,45 +28,29 @@ from optimum_d2prune.evaluation import perplexity
 from optimum_d2prune.memory import PeakMemory
 from optimum_d2prune.models import load_causal_lm
 from optimum_d2prune.selfcalib import self_generated_calibration
-
-# the benchmark data (BENCH.md): $D2PRUNE_DATA_DIR, else ../shared/data next to the repository
-SHARED = Path(os.environ.get("D2PRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
-def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model, calibration and evaluation arguments of the BENCH.md protocol (shared by the LLM benchmarks)."""
-    parser.add_argument("--model", default="smollm2", help="Hub id, local folder, .gguf file, or 'smollm2'.")
-    parser.add_argument("--gguf-file", default=None)
-    parser.add_argument("--calibration", default=str(SHARED / "c4_train_sample.jsonl"),
-                        help='A local .jsonl/.txt file, "c4", "wikitext2", or "self" (text sampled from the model).')
-    parser.add_argument("--eval", default=str(SHARED / "wikitext2_test.txt"))
-    parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=32)
-
-
-def level_kwargs(level: str) -> dict:
-    return {"mask_structure": level} if ":" in level else {"sparsity": float(level)}
+from protocol import (  # noqa: F401  (parse_value, level_kwargs, add_protocol_arguments: imported by other scripts)
+    DEV_CALIBRATION_DOCS,
+    DEV_EVAL_DOCS,
+    add_protocol_arguments,
+    level_kwargs,
+    parse_value,
+)
 
 
 def print_table(rows: list[dict]) -> None:
     """Markdown table; the time column also gives each method's ratio to SparseGPT at the same level."""
     sparsegpt = {r["level"]: r["seconds"] for r in rows if r["method"] == "sparsegpt"}
-    print("\n| level | method | PPL | PPL/dense | prune s | x SparseGPT time | +memory MiB | q/k/v left un-updated |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    dev = any("dev_ppl" in r for r in rows)
+    print("\n| level | method | PPL | PPL/dense | " + ("dev PPL | dev PPL/dense | " if dev else "")
+          + "prune s | x SparseGPT time | +memory MiB | q/k/v left un-updated |")
+    print("|---|---|---:|---:|" + ("---:|---:|" if dev else "") + "---:|---:|---:|---|")
     for r in rows:
         ratio = f"{r['seconds'] / sparsegpt[r['level']]:.2f}" if r["level"] in sparsegpt else ""
-        print(f"| {r['level']} | {r['method']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {r['seconds']:.1f} | {ratio} "
-              f"| {r['memory_mib']:.0f} | {r.get('unupdated', '')} |")
+        dev_cells = ""
+        if dev:
+            dev_cells = f"{r['dev_ppl']:.2f} | {r['dev_ratio']:.3f} | " if "dev_ppl" in r else " |  | "
+        print(f"| {r['level']} | {r['method']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {dev_cells}{r['seconds']:.1f} "
+              f"| {ratio} | {r['memory_mib']:.0f} | {r.get('unupdated', '')} |")
 
 
 def calibration_batches(args: argparse.Namespace, model, tokenizer) -> list[dict]:
@@ -84,6 +68,9 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="D2PruneConfig override for the d2prune rows (repeatable).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dev", action="store_true",
+                        help="Also prune each row again calibrated on documents 0-699 of the --calibration .jsonl and "
+                             "report PPL on documents 700-799 beside WikiText-2 (BENCH.md v1.1 dev split).")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
     parser.add_argument("--table-from", nargs="+", default=None, metavar="JSON",
@@ -99,6 +86,9 @@ def main(argv=None) -> int:
         return 0
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: parse_value(v) for k, v in overrides.items()}
+    if args.dev and not args.calibration.endswith(".jsonl"):
+        parser.error("--dev splits the documents of a .jsonl --calibration file (BENCH.md v1.1); got "
+                     f"{args.calibration!r}.")
 
     model, tokenizer = load_causal_lm(args.model, gguf_file=args.gguf_file)
     calib = calibration_batches(args, model, tokenizer)
@@ -107,8 +97,18 @@ def main(argv=None) -> int:
     def ppl() -> float:
         return perplexity(model, tokenizer, args.eval, seq_len=args.seq_len, max_windows=args.eval_windows)
 
+    def dev_ppl() -> float:
+        return perplexity(model, tokenizer, args.calibration, seq_len=args.seq_len, max_windows=args.eval_windows,
+                          documents=DEV_EVAL_DOCS, desc="dev PPL")
+
+    if args.dev:
+        dev_calib = get_calibration_dataset(args.calibration, tokenizer, args.num_samples, args.seq_len, args.seed,
+                                            documents=DEV_CALIBRATION_DOCS)
     dense = ppl()
     rows = [{"method": "dense", "level": "-", "ppl": dense, "ratio": 1.0, "seconds": 0.0, "memory_mib": 0.0}]
+    if args.dev:
+        dense_dev = dev_ppl()
+        rows[0].update(dev_ppl=dense_dev, dev_ratio=1.0)
     print(f"dense PPL {dense:.3f}", file=sys.stderr)
     for level in args.levels:
         for method in args.methods:
@@ -129,10 +129,19 @@ def main(argv=None) -> int:
                 row["unupdated"] = "".join(f"{p}{n}" for p, n in counts.items() if n)
             if report.flipped_fraction is not None:
                 row["dual_taylor_flips"] = report.flipped_fraction
+            if args.dev:  # the dev column has its own calibration (docs 0-699), never the bench samples
+                model.load_state_dict(dense_state)
+                D2Pruner(config).prune(model, dev_calib)
+                row["dev_ppl"] = dev_ppl()
+                row["dev_ratio"] = row["dev_ppl"] / dense_dev
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     print(f"\nModel {args.model}; calibration {args.num_samples} x {args.seq_len} tokens of {Path(args.calibration).name} "
           f"(seed {args.seed}); WikiText-2 PPL on {args.eval_windows} x {args.seq_len} tokens.")
+    if args.dev:
+        print(f"Dev columns (BENCH.md v1.1): calibrated on documents 0-699 of {Path(args.calibration).name} (same "
+              f"sampling, seed {args.seed}), PPL on documents 700-799 joined by blank lines, {args.eval_windows} x "
+              f"{args.seq_len} tokens.")
     if overrides:
         print(f"d2prune overrides: {overrides}")
     print_table(rows)

@@ -20,6 +20,9 @@ HUB_SOURCES = ("c4", "wikitext2")
 
 _LOCAL_HINT = "a local .jsonl file (one JSON object with a `text` field per line) or a .txt file"
 
+#: a contiguous selection of documents: `range(0, 700)` or `slice(700, None)` (step 1)
+DocumentRange = Union[range, slice]
+
 
 class HubUnavailableError(ConnectionError):
     """A Hub dataset was asked for while the Hub cannot be reached."""
@@ -61,9 +64,56 @@ def _load_hub(source: str, split: str) -> list[str]:
     return list(data["text"])
 
 
-def load_documents(source: Union[str, os.PathLike], split: str = "train") -> tuple[list[str], bool]:
+def select_documents(docs: list[str], documents: Optional[DocumentRange], source: object = "the source") -> list[str]:
+    """`docs[documents]` for a contiguous range of document indices, with an error that says what is wrong.
+
+    `documents` is a `range` or `slice` with step 1 (e.g. `range(0, 700)`, `slice(700, None)`); None keeps all.
+    The range must lie inside the `len(docs)` documents and select at least one.
+    """
+    if documents is None:
+        return docs
+    if not isinstance(documents, (range, slice)):
+        raise ValueError(f"`documents` must be a range or slice of document indices (e.g. range(0, 700)), "
+                         f"got {documents!r}.")
+    if isinstance(documents, slice):
+        for part in ("start", "stop", "step"):
+            value = getattr(documents, part)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"`documents` slice {part} must be an integer or None, got {value!r}.")
+        start = 0 if documents.start is None else documents.start
+        stop = len(docs) if documents.stop is None else documents.stop
+        step = 1 if documents.step is None else documents.step
+    else:
+        start, stop, step = documents.start, documents.stop, documents.step
+    if step != 1:
+        raise ValueError(f"`documents` must be contiguous (step 1), got step {step}.")
+    if start < 0 or stop <= start:
+        raise ValueError(f"`documents` must select at least one document with non-negative indices, got "
+                         f"[{start}, {stop}).")
+    if stop > len(docs):
+        raise ValueError(f"`documents` [{start}, {stop}) goes past the {len(docs)} documents of {source}.")
+    return docs[start:stop]
+
+
+def load_documents(
+    source: Union[str, os.PathLike], split: str = "train", documents: Optional[DocumentRange] = None
+) -> tuple[list[str], bool]:
     """`(documents, is_corpus)` of a source. A corpus (wikitext, .txt) is one running text to cut windows from;
-    otherwise each document is sampled separately (C4 style)."""
+    otherwise each document is sampled separately (C4 style).
+
+    `documents` keeps only that contiguous range of document indices (e.g. `range(0, 700)`: the first 700 lines of
+    a .jsonl file); it needs a source made of documents (.jsonl, "c4"), not a running corpus.
+    """
+    docs, is_corpus = _load_all_documents(source, split)
+    if documents is not None:
+        if is_corpus:
+            raise ValueError(f"`documents` selects documents of a .jsonl file or \"c4\", but "
+                             f"{os.fspath(source)!r} is one running text; drop `documents` or pass a .jsonl file.")
+        docs = select_documents(docs, documents, os.fspath(source))
+    return docs, is_corpus
+
+
+def _load_all_documents(source: Union[str, os.PathLike], split: str) -> tuple[list[str], bool]:
     source_str = os.fspath(source)
     if source_str in HUB_SOURCES and not Path(source_str).exists():
         docs = _load_hub(source_str, split)
@@ -136,6 +186,7 @@ def get_calibration_dataset(
     num_samples: int = 128,
     seq_len: int = 2048,
     seed: int = 0,
+    documents: Optional[DocumentRange] = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Calibration batches sampled as SparseGPT does, with a local RNG (global RNGs are untouched).
 
@@ -149,6 +200,9 @@ def get_calibration_dataset(
         num_samples: number of sequences.
         seq_len: tokens per sequence.
         seed: seed of the local RNG.
+        documents: sample only from this contiguous range of documents of a .jsonl file or "c4" (e.g.
+            `range(0, 700)`: the calibration half of a dev split whose held-out documents are scored with
+            `perplexity(..., documents=range(700, 800))`). None: every document.
 
     Returns:
         A list of `{"input_ids": LongTensor[1, seq_len], "attention_mask": ...}` batches, ready for `D2Pruner.prune`.
@@ -157,7 +211,7 @@ def get_calibration_dataset(
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"`seq_len` must be an integer >= 2, got {seq_len!r}.")
-    docs, is_corpus = load_documents(source, split="train")
+    docs, is_corpus = load_documents(source, split="train", documents=documents)
     rng = random.Random(seed)
     samples = []
     if is_corpus:
@@ -183,5 +237,12 @@ def get_calibration_dataset(
                 too_short.add(d)
             i = rng.randint(0, enc.shape[1] - seq_len - 1)
             samples.append(enc[:, i : i + seq_len])
-    logger.info("Calibration: %d x %d tokens from %s (seed %d).", num_samples, seq_len, source, seed)
+    where = "" if documents is None else f" documents {_describe(documents)} of"
+    logger.info("Calibration: %d x %d tokens from%s %s (seed %d).", num_samples, seq_len, where, source, seed)
     return [{"input_ids": s, "attention_mask": torch.ones_like(s)} for s in samples]
+
+
+def _describe(documents: DocumentRange) -> str:
+    if isinstance(documents, range):
+        return f"[{documents.start}, {documents.stop})"
+    return f"[{documents.start or 0}, {'end' if documents.stop is None else documents.stop})"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import load_documents
+from ..data import DocumentRange, load_documents
 from ..hooks import calibration_context
 
 logger = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ def perplexity(
     max_windows: Optional[int] = None,
     split: str = "test",
     desc: str = "perplexity",
+    documents: Optional[DocumentRange] = None,
 ) -> float:
     """`exp(mean NLL over predicted tokens)` on consecutive non-overlapping `seq_len`-token windows.
 
@@ -41,16 +42,21 @@ def perplexity(
         max_windows: evaluate only the first windows (None: all full windows).
         split: split of a Hub dataset.
         desc: label of the progress bar.
+        documents: score only this contiguous range of documents of a .jsonl source, joined with blank lines
+            (e.g. `range(700, 800)`: held-out documents of a dev split calibrated on `range(0, 700)`).
 
     Example:
     ```python
     >>> from optimum_d2prune.evaluation import perplexity
     >>> perplexity(model, tokenizer, "wikitext2_test.txt", seq_len=512, max_windows=32)
+    >>> perplexity(model, tokenizer, "c4_train_sample.jsonl", seq_len=512, max_windows=32, documents=range(700, 800))
     ```
     """
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
         raise ValueError(f"`max_windows` must be a positive integer or None, got {max_windows!r}.")
     if isinstance(source, (list, tuple)):
+        if documents is not None:
+            raise ValueError("`documents` selects documents of a file or Hub source, not of given token sequences.")
         windows = [b["input_ids"] for b in source][:max_windows]
         if not windows:
             raise ValueError("`source` holds no token sequence.")
@@ -58,7 +64,7 @@ def perplexity(
     else:
         if not isinstance(seq_len, int) or seq_len < 2:
             raise ValueError(f"`seq_len` must be an integer >= 2, got {seq_len!r}.")
-        docs, _ = load_documents(source, split=split)
+        docs, _ = load_documents(source, split=split, documents=documents)
         ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids
         count = ids.shape[1] // seq_len
         if count == 0:
@@ -66,7 +72,7 @@ def perplexity(
         if max_windows is not None:
             count = min(count, max_windows)
         windows = [ids[:, w * seq_len : (w + 1) * seq_len] for w in range(count)]
-        name = f"{count} x {seq_len} tokens of {source}"
+        name = f"{count} x {seq_len} tokens of {source}" + ("" if documents is None else f" ({documents})")
     device = model.get_input_embeddings().weight.device
     nll = 0.0
     with calibration_context(model):

@@ -1,0 +1,183 @@
+"""Ablation: where D²Prune's gain over SparseGPT comes from (dual-Taylor terms, attention awareness, refit).
+
+Each row prunes the dense SmolLM2 twice: calibrated on all 800 C4 documents and scored on WikiText-2 (BENCH.md v1,
+"bench"), and calibrated on documents 0-699 and scored on documents 700-799 (v1.1 "dev"). SparseGPT, SparseGPT +
+refit and the default run at calibration seeds 0, 1, 2 (mean ± std); the other rows at seed 0. Rows go to `--rows`
+as they finish (an interrupted run resumes) and the table is rewritten after each.
+
+    python benchmarks/ablation.py --threads 1           # benchmarks/results/ablation.md (hours on 1 CPU thread)
+    python benchmarks/ablation.py --threads 1 --levels 0.5 --rows-only sparsegpt --seeds 0 --splits dev \\
+        --num-samples 2 --seq-len 64 --eval-windows 2 --rows-file /tmp/abl.json --output /tmp/abl.md   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from optimum_d2prune import D2PruneConfig
+from protocol import SPLITS, Protocol, ProtocolSettings, RowStore, add_protocol_arguments, mean_std, set_threads
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: refit steps of the default D²Prune; "SparseGPT + refit" uses the same number
+D2_REFINE_STEPS = D2PruneConfig(method="d2prune").resolve_refine_steps()
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    seeded: bool = False  # run at every --seeds (mean ± std), else at the first seed only
+
+
+#: the ablation, in table order; explicit fields everywhere except "default" (the library's defaults as they are)
+ROWS = [
+    Row("sparsegpt", "SparseGPT", {"method": "sparsegpt"}, seeded=True),
+    Row("sparsegpt+refit", f"SparseGPT + refit ({D2_REFINE_STEPS} steps)",
+        {"method": "sparsegpt", "refine_steps": D2_REFINE_STEPS}, seeded=True),
+    Row("paper", "D²Prune as in the paper (s = 1500, λ1 = 1, λ2 = 0, v un-updated, no refit)",
+        {"method": "d2prune", "activation_scale": 1500.0, "lambda1": 1.0, "lambda2": 0.0, "attention_update": "v",
+         "refine_steps": 0}),
+    Row("dual-taylor", "+ dual-Taylor terms only (all q/k/v updated, no refit)",
+        {"method": "d2prune", "attention_update": "all", "refine_steps": 0}),
+    *[Row(f"attention-{a}", f"+ attention awareness only (λ1 = 0, {label}, no refit)",
+          {"method": "d2prune", "lambda1": 0.0, "attention_update": a, "refine_steps": 0})
+      for a, label in (("q", "q un-updated"), ("k", "k un-updated"), ("v", "v un-updated"),
+                       ("dynamic", "dynamic q/k/v"))],
+    Row("both", "dual-Taylor + dynamic attention, no refit", {"method": "d2prune", "refine_steps": 0}),
+    Row("both+refit", f"+ refit ({D2_REFINE_STEPS} steps)", {"method": "d2prune", "refine_steps": D2_REFINE_STEPS}),
+    Row("default", "D²Prune default", {"method": "d2prune"}, seeded=True),
+]
+ROW_NAMES = [r.name for r in ROWS]
+
+
+def runs(rows: list[Row], levels: list[str], seeds: list[int], splits: list[str]):
+    """(row, level, seed, split) in run order: level by level, seed 0 of every row before the extra seeds."""
+    for level in levels:
+        for seed in seeds:
+            for row in rows:
+                if seed == seeds[0] or row.seeded:
+                    for split in splits:
+                        yield row, level, seed, split
+
+
+def write_table(protocol: Protocol, rows: list[Row], args, command: str) -> str:
+    store = protocol.store
+    settings = protocol.settings
+
+    def values(row: Row, level: str, split: str, key: str = "ppl") -> list[float]:
+        seeds = args.seeds if row.seeded else args.seeds[:1]
+        found = [store.get(row.name, level, s, split) for s in seeds]
+        return [r[key] for r in found if r is not None]
+
+    def cell(vals: list[float], expected: int, digits: int = 2) -> str:
+        if not vals:
+            return "…"
+        text = mean_std(vals, digits)
+        return text if len(vals) == expected else f"{text} ({len(vals)}/{expected} seeds)"
+
+    dense = {split: store.get("dense", "-", 0, split) for split in args.splits}
+    header = ["level", "configuration"]
+    if "bench" in args.splits:
+        header += ["WikiText-2 PPL", "x SparseGPT"]
+    if "dev" in args.splits:
+        header += ["dev PPL", "x SparseGPT"]
+    header += ["prune s"]
+    lines = [
+        "# Ablation: where the gain comes from (SmolLM2-135M, BENCH.md v1 + v1.1 dev split)",
+        "",
+        f"`{command}` ({datetime.date.today().isoformat()}, {args.threads or 'default'} torch thread(s)); rows in "
+        f"`{_rel(store.path)}`.",
+        "",
+        f"{settings.num_samples} x {settings.seq_len} calibration tokens (SparseGPT sampling). WikiText-2 column: "
+        f"calibrated on all 800 documents of `c4_train_sample.jsonl`, PPL on the first {settings.eval_windows} x "
+        f"{settings.seq_len} tokens of WikiText-2 test" + (f" (dense {dense['bench']['ppl']:.2f})"
+                                                          if dense.get("bench") else "")
+        + f". Dev column: calibrated on documents 0-699, PPL on documents 700-799 ({settings.eval_windows} x "
+        f"{settings.seq_len} tokens" + (f", dense {dense['dev']['ppl']:.2f}" if dense.get("dev") else "") + "). "
+        f"Rows marked ± ran at calibration seeds {', '.join(map(str, args.seeds))} (mean ± sample std); the others "
+        f"at seed {args.seeds[0]}. Prune seconds: the {'WikiText-2' if 'bench' in args.splits else 'dev'} runs. "
+        "x SparseGPT: PPL over SparseGPT's mean at the same level.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|---|" + "---:|" * (len(header) - 2),
+    ]
+    time_split = "bench" if "bench" in args.splits else "dev"
+    for level in args.levels:
+        base = {split: values(ROWS[0], level, split) for split in args.splits}
+        for row in rows:
+            expected = len(args.seeds) if row.seeded else 1
+            cells = [level, row.label + (" ±" if row.seeded and len(args.seeds) > 1 else "")]
+            for split in ("bench", "dev"):
+                if split not in args.splits:
+                    continue
+                vals = values(row, level, split)
+                cells.append(cell(vals, expected))
+                cells.append(f"{statistics.mean(vals) / statistics.mean(base[split]):.3f}"
+                             if vals and base[split] else "")
+            secs = values(row, level, time_split, "seconds")
+            cells.append(f"{statistics.mean(secs):.0f}" if secs else "…")
+            lines.append("| " + " | ".join(cells) + " |")
+    missing = sum(1 for r, lv, s, sp in runs(rows, args.levels, args.seeds, args.splits)
+                  if store.get(r.name, lv, s, sp) is None)
+    lines += ["", "Configurations (fields not named are the library defaults of the run):", ""]
+    lines += [f"- `{r.name}`: " + (", ".join(f"{k}={v}" for k, v in r.overrides.items()) or "defaults") for r in rows]
+    if missing:
+        total = len(list(runs(rows, args.levels, args.seeds, args.splits)))
+        lines += ["", f"Not finished yet: {missing} of the {total} runs."]
+    text = "\n".join(lines) + "\n"
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text, encoding="utf-8")
+    return text
+
+
+def _rel(path: Optional[Path]) -> str:
+    if path is None:
+        return "-"
+    try:
+        return str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_protocol_arguments(parser)
+    parser.add_argument("--levels", nargs="+", default=["0.5", "0.7", "2:4"])
+    parser.add_argument("--rows-only", nargs="+", default=None, choices=ROW_NAMES, metavar="ROW",
+                        help=f"Run only these rows (of {ROW_NAMES}).")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="Calibration seeds of the ± rows (SparseGPT, SparseGPT + refit, default).")
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rows-file", default=str(RESULTS / "ablation_rows.json"))
+    parser.add_argument("--output", default=str(RESULTS / "ablation.md"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("optimum_d2prune", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    set_threads(args.threads)
+    command = "python benchmarks/ablation.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    rows = [r for r in ROWS if args.rows_only is None or r.name in args.rows_only]
+
+    settings = ProtocolSettings.from_args(args)
+    protocol = Protocol(settings, RowStore(args.rows_file, settings))
+    for split in args.splits:
+        protocol.dense(split)
+    for row, level, seed, split in runs(rows, args.levels, args.seeds, args.splits):
+        protocol.run(row.name, row.overrides, level, seed, split)
+        write_table(protocol, rows, args, command)
+    print(write_table(protocol, rows, args, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

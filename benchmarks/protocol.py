@@ -1,0 +1,250 @@
+"""The BENCH.md protocol for the benchmark scripts: load the model once, prune from the dense state, score, and keep
+every finished row in a JSON file so that an interrupted sweep resumes where it stopped.
+
+Two splits (../shared/docs/BENCH.md):
+
+- "bench" (v1): calibrate on every document of `c4_train_sample.jsonl`, PPL on the first 32 x 512 tokens of
+  WikiText-2 test. The headline table; never tuned on.
+- "dev" (v1.1): calibrate on documents 0-699 (same SparseGPT sampling), PPL on documents 700-799 joined by blank
+  lines, tokenized once, first 32 non-overlapping 512-token windows. Every tuning decision uses this split.
+
+    from protocol import Protocol, ProtocolSettings, RowStore
+    bench = Protocol(ProtocolSettings(), store=RowStore("rows.json"))
+    row = bench.run("default", {}, "0.5", seed=0, split="dev")   # or the stored row when already done
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from optimum_d2prune import D2PruneConfig, D2Pruner
+from optimum_d2prune.data import get_calibration_dataset
+from optimum_d2prune.evaluation import perplexity
+
+logger = logging.getLogger("protocol")
+
+# the benchmark data (BENCH.md): $D2PRUNE_DATA_DIR, else ../shared/data next to the repository
+SHARED = Path(os.environ.get("D2PRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SPLITS = ("bench", "dev")
+#: BENCH.md v1.1: the dev split of c4_train_sample.jsonl
+DEV_CALIBRATION_DOCS = range(0, 700)
+DEV_EVAL_DOCS = range(700, 800)
+
+
+def parse_value(text: str):
+    """`--set KEY=VALUE` value: int, float, true/false/none, else the string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """`["kl_weight=3", "attention_update=v"]` -> `{"kl_weight": 3, "attention_update": "v"}`."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}.")
+        key, value = pair.split("=", 1)
+        out[key] = parse_value(value)
+    return out
+
+
+def level_kwargs(level: str) -> dict:
+    """D2PruneConfig fields of a level: "0.5" -> sparsity, "2:4" -> mask_structure."""
+    return {"mask_structure": level} if ":" in level else {"sparsity": float(level)}
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, calibration and evaluation arguments of the BENCH.md protocol (shared by the LLM benchmarks)."""
+    parser.add_argument("--model", default="smollm2", help="Hub id, local folder, .gguf file, or 'smollm2'.")
+    parser.add_argument("--gguf-file", default=None)
+    parser.add_argument("--calibration", default=str(SHARED / "c4_train_sample.jsonl"),
+                        help='A local .jsonl/.txt file, "c4", "wikitext2", or "self" (text sampled from the model).')
+    parser.add_argument("--eval", default=str(SHARED / "wikitext2_test.txt"))
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=32)
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """What a row's numbers depend on besides its config, level, seed and split (stored with the rows)."""
+
+    model: str = "smollm2"
+    gguf_file: Optional[str] = None
+    c4: str = str(SHARED / "c4_train_sample.jsonl")
+    wikitext: str = str(SHARED / "wikitext2_test.txt")
+    num_samples: int = 32
+    seq_len: int = 512
+    eval_windows: int = 32
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ProtocolSettings":
+        """From the arguments of `add_protocol_arguments` (`--calibration` is the C4 file of both splits)."""
+        return cls(model=args.model, gguf_file=args.gguf_file, c4=args.calibration, wikitext=args.eval,
+                   num_samples=args.num_samples, seq_len=args.seq_len, eval_windows=args.eval_windows)
+
+    def describe(self) -> str:
+        return (f"{self.num_samples} x {self.seq_len} calibration tokens of {Path(self.c4).name}; "
+                f"PPL on the first {self.eval_windows} x {self.seq_len}-token windows")
+
+
+def row_key(name: str, level: str, seed: int, split: str) -> str:
+    return f"{name}|{level}|{seed}|{split}"
+
+
+class RowStore:
+    """Finished rows in a JSON file, keyed by (config name, level, seed, split); written after every row.
+
+    The file also records the `ProtocolSettings` and each name's config overrides: rows of another protocol (a smoke
+    run with fewer windows) or of a name whose overrides changed are refused instead of silently mixed.
+    """
+
+    def __init__(self, path: Optional[Union[str, os.PathLike]], settings: ProtocolSettings):
+        self.path = Path(path) if path is not None else None
+        self.settings = settings
+        self.rows: dict[str, dict] = {}
+        if self.path is not None and self.path.is_file():
+            data = json.loads(self.path.read_text())
+            if data.get("protocol") != asdict(settings):
+                raise ValueError(f"{self.path} holds rows of another protocol ({data.get('protocol')}); this run uses "
+                                 f"{asdict(settings)}. Pass another rows file or delete that one.")
+            self.rows = {row_key(r["name"], r["level"], r["seed"], r["split"]): r for r in data["rows"]}
+
+    def get(self, name: str, level: str, seed: int, split: str, overrides: Optional[dict] = None) -> Optional[dict]:
+        row = self.rows.get(row_key(name, level, seed, split))
+        if row is not None and overrides is not None and row.get("overrides") != overrides:
+            raise ValueError(f"{self.path}: row {name!r} was run with overrides {row.get('overrides')}, now "
+                             f"{overrides}; rename the config or delete its rows.")
+        return row
+
+    def add(self, row: dict) -> None:
+        self.rows[row_key(row["name"], row["level"], row["seed"], row["split"])] = row
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"protocol": asdict(self.settings), "rows": list(self.rows.values())}, indent=1)
+                       + "\n")
+        tmp.replace(self.path)
+
+
+class Protocol:
+    """One loaded model, its dense weights, the calibration samples of each (split, seed), and the row store."""
+
+    def __init__(self, settings: ProtocolSettings, store: Optional[RowStore] = None):
+        self.settings = settings
+        self.store = store if store is not None else RowStore(None, settings)
+        self._model = None
+        self._calibration: dict[tuple[str, int], list] = {}
+
+    def _load(self):
+        if self._model is None:
+            from optimum_d2prune.models import load_causal_lm
+
+            self._model, self.tokenizer = load_causal_lm(self.settings.model, gguf_file=self.settings.gguf_file)
+            self._dense = copy.deepcopy(self._model.state_dict())
+        return self._model
+
+    def calibration(self, split: str, seed: int) -> list:
+        _check_split(split)
+        key = (split, seed)
+        if key not in self._calibration:
+            self._load()
+            documents = DEV_CALIBRATION_DOCS if split == "dev" else None
+            self._calibration[key] = get_calibration_dataset(self.settings.c4, self.tokenizer,
+                                                             self.settings.num_samples, self.settings.seq_len,
+                                                             seed=seed, documents=documents)
+        return self._calibration[key]
+
+    def score(self, split: str) -> float:
+        """PPL of the model as it is now: WikiText-2 ("bench") or the held-out dev documents ("dev")."""
+        _check_split(split)
+        model = self._load()
+        s = self.settings
+        if split == "dev":
+            return perplexity(model, self.tokenizer, s.c4, seq_len=s.seq_len, max_windows=s.eval_windows,
+                              documents=DEV_EVAL_DOCS, desc="dev PPL")
+        return perplexity(model, self.tokenizer, s.wikitext, seq_len=s.seq_len, max_windows=s.eval_windows,
+                          desc="WikiText-2 PPL")
+
+    def dense(self, split: str) -> float:
+        """Dense PPL of a split (stored as the row ("dense", "-", 0, split))."""
+        row = self.store.get("dense", "-", 0, split)
+        if row is None:
+            self._load().load_state_dict(self._dense)
+            row = {"name": "dense", "level": "-", "seed": 0, "split": split, "overrides": {},
+                   "ppl": self.score(split), "seconds": 0.0}
+            self.store.add(row)
+        return row["ppl"]
+
+    def run(self, name: str, overrides: dict[str, Any], level: str, seed: int, split: str) -> dict:
+        """Prune the dense model with `D2PruneConfig(**overrides, level, seed)` on the split's calibration samples
+        and score it; returns the stored row if this (name, level, seed, split) is already done.
+
+        `overrides` must name the method unless it is d2prune (e.g. `{"method": "sparsegpt"}`).
+        """
+        config = D2PruneConfig(**{"seed": seed, **level_kwargs(level), **overrides})
+        row = self.store.get(name, level, seed, split, overrides)
+        if row is not None:
+            if "config" in row and row["config"] != _comparable(config):
+                raise ValueError(f"{self.store.path}: row {name!r} {level} seed {seed} {split} was run with another "
+                                 f"config ({row['config']}; now {_comparable(config)}: did a library default "
+                                 "change?). "
+                                 "Delete its rows or pass another rows file.")
+            return row
+        dense = self.dense(split)
+        model = self._load()
+        calib = self.calibration(split, seed)
+        model.load_state_dict(self._dense)
+        pruner = D2Pruner(config)
+        start = time.perf_counter()
+        pruner.prune(model, calib)
+        seconds = time.perf_counter() - start
+        ppl = self.score(split)
+        row = {"name": name, "level": level, "seed": seed, "split": split, "overrides": overrides, "ppl": ppl,
+               "ratio": ppl / dense, "seconds": seconds, "config": _comparable(config)}
+        report = pruner.report
+        if report is not None and report.attention:
+            counts = {p: sum(a.chosen == p for a in report.attention) for p in "qkv"}
+            row["unupdated"] = "".join(f"{p}{n}" for p, n in counts.items() if n)
+        self.store.add(row)
+        logger.info("%s %s seed %d %s: PPL %.3f (x%.3f dense) in %.1f s", name, level, seed, split, ppl,
+                    row["ratio"], seconds)
+        return row
+
+
+def _comparable(config: D2PruneConfig) -> dict:
+    """The config as stored with a row (JSON types), so that a changed library default is noticed on resume."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
+
+
+def mean_std(values: Sequence[float], digits: int = 2) -> str:
+    """"m" for one value, "m ± s" (sample std) for more."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads:
+        torch.set_num_threads(threads)

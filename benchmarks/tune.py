@@ -1,0 +1,233 @@
+"""Tuning sweep of the D²Prune defaults on the dev split (BENCH.md v1.1), never on WikiText-2.
+
+Coordinate sweep around today's defaults (ρ = kl_weight 10, s = activation_scale "auto", refine_steps 8,
+kl_num_samples 4): one field changed at a time, at 50 % and 70 %, calibrating on C4 documents 0-699 and scoring
+PPL on documents 700-799. The default also runs at calibration seeds 1 and 2, so the table shows whether a
+difference exceeds the seed spread.
+
+Tuning rule: a value wins when its dev PPL/dense is below the default's at both levels; among a field's winners
+the one with the lowest mean of dev PPL/dense over the levels is taken. When more than one field has a winner,
+their combination is run too and kept only if it beats every single change on the same mean.
+
+Rows go to `--rows` as they finish (an interrupted run resumes); the table is rewritten after every row.
+
+    python benchmarks/tune.py --threads 1                    # the sweep behind benchmarks/results/tuning.md
+    python benchmarks/tune.py --threads 1 --params kl_weight --levels 0.5 --num-samples 2 --seq-len 64 \\
+        --eval-windows 2 --rows /tmp/tune_smoke.json --output /tmp/tune_smoke.md      # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from protocol import Protocol, ProtocolSettings, RowStore, add_protocol_arguments, set_threads
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: today's defaults (configuration.py), written explicitly so stored rows keep their meaning if the defaults change
+DEFAULTS: dict[str, Any] = {"kl_weight": 10.0, "activation_scale": "auto", "refine_steps": 8, "kl_num_samples": 4}
+#: candidate values; "auto" = sqrt(512 * L) = 512 at L = 512, so 256 / 1024 are 0.5x / 2x auto and 1500 the paper's
+GRID: dict[str, list] = {
+    "kl_weight": [0.0, 3.0, 30.0],
+    "refine_steps": [0, 4, 16],
+    "activation_scale": [256.0, 1024.0, 1500.0],
+    "kl_num_samples": [2, 8],
+}
+#: the costliest / least likely candidates run last (after the seed-noise rows)
+LAST = {("activation_scale", 1500.0), ("kl_num_samples", 8)}
+
+
+def config_name(changes: dict[str, Any]) -> str:
+    if not changes:
+        return "default"
+    return ",".join(f"{k}={_fmt(v)}" for k, v in changes.items())
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def plan(params: list[str], noise_seeds: list[int]) -> list[tuple[dict[str, Any], int]]:
+    """(changes from the defaults, seed) in run order: default, single changes, seed-noise rows, costly changes."""
+    single = [{p: v} for p in params for v in GRID[p]]
+    first = [c for c in single if next(iter(c.items())) not in LAST]
+    last = [c for c in single if next(iter(c.items())) in LAST]
+    return [({}, 0)] + [(c, 0) for c in first] + [({}, s) for s in noise_seeds] + [(c, 0) for c in last]
+
+
+def overrides_of(changes: dict[str, Any]) -> dict[str, Any]:
+    return {"method": "d2prune", **DEFAULTS, **changes}
+
+
+class Sweep:
+    """The finished rows of a sweep and the tuning rule applied to them."""
+
+    def __init__(self, protocol: Protocol, levels: list[str]):
+        self.protocol, self.levels = protocol, levels
+
+    def row(self, changes: dict[str, Any], level: str, seed: int = 0) -> Optional[dict]:
+        return self.protocol.store.get(config_name(changes), level, seed, "dev")
+
+    def mean_ratio(self, changes: dict[str, Any]) -> Optional[float]:
+        rows = [self.row(changes, level) for level in self.levels]
+        if any(r is None for r in rows):
+            return None
+        return statistics.mean(r["ratio"] for r in rows)
+
+    def wins(self, changes: dict[str, Any]) -> Optional[bool]:
+        """Below the default's dev PPL/dense at every level (None while a row is missing)."""
+        pairs = [(self.row(changes, level), self.row({}, level)) for level in self.levels]
+        if any(a is None or b is None for a, b in pairs):
+            return None
+        return all(a["ratio"] < b["ratio"] for a, b in pairs)
+
+    def choice(self, params: list[str]) -> dict[str, Any]:
+        """Per field, the winning value with the lowest mean ratio (fields without a winner keep the default)."""
+        chosen = {}
+        for p in params:
+            winners = [({p: v}, self.mean_ratio({p: v})) for v in GRID[p] if self.wins({p: v})]
+            if winners:
+                chosen.update(min(winners, key=lambda w: w[1])[0])
+        return chosen
+
+    def pick(self, params: list[str], combined: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """What the rule takes: the combination of the fields' winners if it beats each of them, else the single
+        winner with the lowest mean ratio; {} (the defaults) when nothing wins."""
+        chosen = self.choice(params)
+        if len(chosen) <= 1:
+            return chosen
+        singles = [({k: v}, self.mean_ratio({k: v})) for k, v in chosen.items()]
+        best_single = min(singles, key=lambda s: s[1])
+        both = self.mean_ratio(combined) if combined else None
+        if both is not None and both < best_single[1]:
+            return chosen
+        return best_single[0] if combined and both is not None else chosen
+
+
+def write_table(sweep: Sweep, params: list[str], noise_seeds: list[int], combined: Optional[dict], args,
+                command: str) -> str:
+    levels = sweep.levels
+    store = sweep.protocol.store
+    dense = store.get("dense", "-", 0, "dev")
+    lines = [
+        "# Tuning sweep of the D²Prune defaults (dev split, BENCH.md v1.1)",
+        "",
+        f"`{command}` ({datetime.date.today().isoformat()}, {args.threads or 'default'} torch thread(s)); "
+        f"rows in `{_rel(store.path)}`.",
+        "",
+        f"SmolLM2-135M-Instruct; calibration {sweep.protocol.settings.num_samples} x "
+        f"{sweep.protocol.settings.seq_len} "
+        "tokens sampled (SparseGPT sampling) from C4 documents 0-699 of `c4_train_sample.jsonl`; dev PPL on documents "
+        f"700-799 joined by blank lines, first {sweep.protocol.settings.eval_windows} x "
+        f"{sweep.protocol.settings.seq_len}-token windows" + (f" (dense {dense['ppl']:.2f})" if dense else "")
+        + ". WikiText-2 is not used for any choice here.",
+        "",
+        "Defaults swept around: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in DEFAULTS.items())
+        + ' ("auto" = sqrt(512 L) = 512 at L = 512).',
+        "",
+        "**Tuning rule.** A value wins when its dev PPL/dense is below the default's at both "
+        + " and ".join(levels) + "; among a field's winners the lowest mean of dev PPL/dense over the levels is "
+        "taken. If several fields have a winner, their combination is run too and kept only if it beats every "
+        "single change on the same mean.",
+        "",
+        "| config | " + " | ".join(f"{lv} dev PPL" for lv in levels) + " | mean PPL/dense | "
+        + " | ".join(f"{lv} s" for lv in levels) + " | wins at all levels |",
+        "|---|" + "---:|" * (2 * len(levels) + 1) + "---|",
+    ]
+    configs = [c for c, seed in plan(params, []) if seed == 0] + ([combined] if combined else [])
+    for changes in configs:
+        rows = [sweep.row(changes, lv) for lv in levels]
+        if all(r is None for r in rows):
+            continue
+        ppl = " | ".join(f"{r['ppl']:.2f}" if r else "…" for r in rows)
+        secs = " | ".join(f"{r['seconds']:.0f}" if r else "…" for r in rows)
+        mean = sweep.mean_ratio(changes)
+        wins = "" if not changes else {None: "…", True: "yes", False: "no"}[sweep.wins(changes)]
+        label = config_name(changes) + (" (combined)" if changes is combined and len(changes) > 1 else "")
+        lines.append(f"| {label} | {ppl} | {mean:.3f} | {secs} | {wins} |" if mean is not None
+                     else f"| {label} | {ppl} | … | {secs} | {wins} |")
+    lines += ["", "Seed spread of the default (dev PPL; calibration seeds " + ", ".join(map(str, [0] + noise_seeds))
+              + "):", ""]
+    for lv in levels:
+        values = [r["ppl"] for s in [0] + noise_seeds if (r := sweep.row({}, lv, s))]
+        if len(values) > 1:
+            lines.append(f"- {lv}: " + ", ".join(f"{v:.2f}" for v in values)
+                         + f" (mean {statistics.mean(values):.2f}, "
+                         f"std {statistics.stdev(values):.2f}, range {max(values) - min(values):.2f})")
+        elif values:
+            lines.append(f"- {lv}: {values[0]:.2f} (other seeds not run yet)")
+    seed_means = [statistics.mean(r["ratio"] for r in rows) for s in [0] + noise_seeds
+                  if all(rows := [sweep.row({}, lv, s) for lv in levels])]
+    if len(seed_means) > 1:
+        lines += ["- mean PPL/dense of the default per seed: " + ", ".join(f"{m:.3f}" for m in seed_means)
+                  + f" (std {statistics.stdev(seed_means):.3f}): a change whose mean differs from the default's by "
+                  "less than this is within calibration-seed noise."]
+    choice = sweep.pick(params, combined)
+    missing = [config_name(c) + f" seed {s}" for c, s in plan(params, noise_seeds)
+               if any(sweep.row(c, lv, s) is None for lv in levels)]
+    lines += ["", "**What the rule picks**: " + (", ".join(f"{k} = {_fmt(v)}" for k, v in choice.items()) if choice
+                                                else "the defaults (no single change wins at every level)")
+              + (" (so far)." if missing else ".")]
+    if choice and sweep.mean_ratio(choice) is not None and sweep.mean_ratio({}) is not None:
+        lines[-1] += (f" Mean PPL/dense {sweep.mean_ratio(choice):.3f} against the default's "
+                      f"{sweep.mean_ratio({}):.3f} (seed 0).")
+    if missing:
+        lines += ["", "Not finished yet: " + "; ".join(missing) + "."]
+    text = "\n".join(lines) + "\n"
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text, encoding="utf-8")
+    return text
+
+
+def _rel(path: Optional[Path]) -> str:
+    if path is None:
+        return "-"
+    try:
+        return str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_protocol_arguments(parser)
+    parser.add_argument("--levels", nargs="+", default=["0.5", "0.7"])
+    parser.add_argument("--params", nargs="+", default=list(GRID), choices=list(GRID))
+    parser.add_argument("--noise-seeds", nargs="*", type=int, default=[1, 2],
+                        help="Extra calibration seeds of the default (seed spread).")
+    parser.add_argument("--no-combine", action="store_true", help="Do not run the combination of the winners.")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rows", default=str(RESULTS / "tuning_rows.json"))
+    parser.add_argument("--output", default=str(RESULTS / "tuning.md"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("optimum_d2prune", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    set_threads(args.threads)
+    command = "python benchmarks/tune.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+
+    settings = ProtocolSettings.from_args(args)
+    protocol = Protocol(settings, RowStore(args.rows, settings))
+    sweep = Sweep(protocol, args.levels)
+    protocol.dense("dev")
+    for changes, seed in plan(args.params, args.noise_seeds):
+        for level in args.levels:
+            protocol.run(config_name(changes), overrides_of(changes), level, seed, "dev")
+            write_table(sweep, args.params, args.noise_seeds, None, args, command)
+    combined = sweep.choice(args.params)
+    if len(combined) > 1 and not args.no_combine:
+        for level in args.levels:
+            protocol.run(config_name(combined), overrides_of(combined), level, 0, "dev")
+            write_table(sweep, args.params, args.noise_seeds, combined, args, command)
+    print(write_table(sweep, args.params, args.noise_seeds, combined if len(combined) > 1 else None, args, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

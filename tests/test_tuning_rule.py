@@ -1,0 +1,62 @@
+"""The tuning rule of benchmarks/tune.py (BENCH.md v1.1 dev split) on hand-made rows: no model is run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def tune(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import tune
+
+    yield tune
+    for name in ("tune", "protocol"):
+        sys.modules.pop(name, None)
+
+
+def sweep_with(tune, ratios: dict[str, tuple[float, float]]):
+    """A Sweep whose store holds seed-0 dev rows with the given (50 %, 70 %) PPL/dense per config name."""
+    from protocol import Protocol, ProtocolSettings, RowStore
+
+    settings = ProtocolSettings()
+    store = RowStore(None, settings)
+    for name, pair in ratios.items():
+        for level, ratio in zip(("0.5", "0.7"), pair):
+            store.add({"name": name, "level": level, "seed": 0, "split": "dev", "ratio": ratio, "ppl": ratio})
+    return tune.Sweep(Protocol(settings, store), ["0.5", "0.7"])
+
+
+def test_a_value_must_win_at_both_levels(tune):
+    sweep = sweep_with(tune, {"default": (2.0, 10.0), "kl_weight=3": (1.9, 10.5), "kl_weight=30": (1.95, 9.0),
+                              "kl_weight=0": (1.99, 9.9), "refine_steps=16": (2.1, 5.0)})
+    assert sweep.wins({"kl_weight": 3.0}) is False  # better at 50 %, worse at 70 %
+    assert sweep.wins({"refine_steps": 16}) is False
+    assert sweep.wins({"refine_steps": 4}) is None  # not run yet
+    # both kl_weight=30 and kl_weight=0 win at both levels: the lower mean ratio is taken
+    assert sweep.choice(["kl_weight", "refine_steps"]) == {"kl_weight": 30.0}
+    assert sweep.pick(["kl_weight", "refine_steps"]) == {"kl_weight": 30.0}
+
+
+def test_the_combination_is_kept_only_if_it_beats_each_single_change(tune):
+    rows = {"default": (2.0, 10.0), "kl_weight=30": (1.9, 9.0), "refine_steps=16": (1.8, 9.5)}
+    combined = {"kl_weight": 30.0, "refine_steps": 16}
+    params = ["kl_weight", "refine_steps"]
+    assert sweep_with(tune, rows).choice(params) == combined
+    better = sweep_with(tune, {**rows, "kl_weight=30,refine_steps=16": (1.7, 8.0)})
+    assert better.pick(params, combined) == combined
+    worse = sweep_with(tune, {**rows, "kl_weight=30,refine_steps=16": (1.9, 9.4)})
+    assert worse.pick(params, combined) == {"kl_weight": 30.0}  # mean 5.45 < refine_steps=16's 5.65
+
+
+def test_plan_runs_the_default_first_and_the_costly_values_last(tune):
+    order = tune.plan(list(tune.GRID), [1, 2])
+    assert order[0] == ({}, 0)
+    assert order[-2:] == [({"activation_scale": 1500.0}, 0), ({"kl_num_samples": 8}, 0)]
+    assert [c for c, s in order if s] == [{}, {}]
+    assert tune.config_name({"kl_weight": 3.0, "refine_steps": 16}) == "kl_weight=3,refine_steps=16"
