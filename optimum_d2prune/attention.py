@@ -31,14 +31,15 @@ SCORE_PROJECTIONS = ("q", "k")
 
 
 def attention_kl(
-    p: torch.Tensor, log_q: torch.Tensor, query_mask: Optional[torch.Tensor] = None
+    p: Optional[torch.Tensor], log_q: torch.Tensor, query_mask: Optional[torch.Tensor] = None,
+    log_p: Optional[torch.Tensor] = None,
 ) -> tuple[float, int]:
-    """Sum over attention rows of `KL(p ‖ q)` and the number of rows (`[B, H, Tq, Tk]` probabilities `p`, and
-    `log_q = log(q)` computed once per reference).
+    """Sum over attention rows of `KL(p ‖ q)` and the number of rows (`[B, H, Tq, Tk]` probabilities `p`, or their
+    log `log_p`, and `log_q = log(q)` computed once per reference).
 
     `query_mask` (`[B, Tq]`, False on padding) excludes rows of padded queries.
     """
-    kl = (p * (p.clamp_min(_EPS).log() - log_q)).sum(-1)  # [B, H, Tq]
+    kl = (p * (p.clamp_min(_EPS).log() - log_q)).sum(-1) if log_p is None else (log_p.exp() * (log_p - log_q)).sum(-1)
     if query_mask is not None and query_mask.shape != (kl.shape[0], kl.shape[2]):  # else padding counts as data
         raise ValueError(f"`query_mask` {tuple(query_mask.shape)} does not match the attention rows [B, Tq] = "
                          f"{(kl.shape[0], kl.shape[2])}.")
@@ -165,9 +166,10 @@ def choose_unupdated_projection(
         length = sequence.hidden_states.shape[1]
         per_head = sequence.hidden_states.shape[0] * length * length * 4
         for heads in reference.chunks(max(1, chunk_bytes // per_head)):
-            log_reference = reference.probs(heads).clamp_min(_EPS).log()
+            log_reference = reference.log_probabilities(heads)
             for c in PROJECTIONS:
-                total, n = attention_kl(candidates[c].probs(heads), log_reference, sequence.token_mask)
+                total, n = attention_kl(None, log_reference, sequence.token_mask,
+                                        log_p=candidates[c].log_probabilities(heads))
                 kl_sums[c] += total
             rows += n
             del log_reference

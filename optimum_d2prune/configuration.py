@@ -101,7 +101,9 @@ class D2PruneConfig:
         default=None,
         metadata={
             "help": "Conjugate-gradient steps of the least-squares refit of surviving weights after the OBS sweep "
-            f"(weight-update layers only). None: {DEFAULT_REFINE_STEPS} for d2prune, 0 (plain SparseGPT) otherwise."
+            f"(weight-update layers only). None: {DEFAULT_REFINE_STEPS} for d2prune, capped per matrix at "
+            "calibration tokens / rows so that the refit never costs more than accumulating the Hessian; 0 (plain "
+            "SparseGPT) for the other methods. An explicit value is used as given."
         },
     )
     refine_tolerance: Optional[float] = field(

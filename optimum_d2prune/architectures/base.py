@@ -138,6 +138,14 @@ class AttentionScores:
     num_heads: int
     group: int  # query heads per key head (grouped-query attention): slices hold whole groups
     probs: Callable[[slice], torch.Tensor]  # heads -> fp32 probabilities [B, h, Tq, Tk], masked entries 0
+    #: heads -> fp32 log-probabilities (masked entries very negative, their probability exactly 0); when absent,
+    #: the log of `probs` floored at 1e-12
+    log_probs: Optional[Callable[[slice], torch.Tensor]] = None
+
+    def log_probabilities(self, heads: slice) -> torch.Tensor:
+        if self.log_probs is not None:
+            return self.log_probs(heads)
+        return self.probs(heads).clamp_min(1e-12).log()
 
     def chunks(self, heads_per_chunk: int) -> Iterator[slice]:
         """Consecutive head slices of at most `heads_per_chunk` heads (at least one whole group)."""
@@ -158,11 +166,17 @@ def query_key_scores(
     position encoding); probabilities by `masked_softmax` of `q kᵀ · scaling`, one head slice at a time."""
     group = q.shape[1] // k.shape[1]
 
-    def probs(heads: slice) -> torch.Tensor:
+    def scores(heads: slice) -> torch.Tensor:
         keys = k[:, heads.start // group : heads.stop // group].repeat_interleave(group, dim=1)  # whole groups
-        return masked_softmax(q[:, heads] @ keys.transpose(-1, -2) * scaling, attention_mask, causal, sliding_window)
+        return q[:, heads] @ keys.transpose(-1, -2) * scaling
 
-    return AttentionScores(q.shape[1], group, probs)
+    def probs(heads: slice) -> torch.Tensor:
+        return masked_softmax(scores(heads), attention_mask, causal, sliding_window)
+
+    def log_probs(heads: slice) -> torch.Tensor:
+        return masked_log_softmax(scores(heads), attention_mask, causal, sliding_window)
+
+    return AttentionScores(q.shape[1], group, probs, log_probs)
 
 
 def matrix(module: nn.Module) -> torch.Tensor:
@@ -198,6 +212,39 @@ def projection_output(module: nn.Module, weight: torch.Tensor, x: torch.Tensor, 
     return F.linear(x.float(), weight.float(), bias)
 
 
+def masked_log_softmax(
+    scores: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    causal: bool = True,
+    sliding_window: Optional[int] = None,
+) -> torch.Tensor:
+    """`log(masked_softmax(...))` in three passes over the scores: masked entries get a very negative log (their
+    probability is exactly 0 after `exp`); rows with no allowed key are uniform over masked keys (padding queries,
+    which the KL term excludes)."""
+    return torch.log_softmax(_masked_scores(scores, attention_mask, causal, sliding_window)[0], dim=-1)
+
+
+def _masked_scores(
+    scores: torch.Tensor, attention_mask: Optional[torch.Tensor], causal: bool, sliding_window: Optional[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores with disallowed entries at the dtype's minimum, and the allowed mask (broadcastable)."""
+    tq, tk = scores.shape[-2:]
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=scores.device)
+    if causal:
+        allowed = allowed.tril(tk - tq)
+        if sliding_window is not None:
+            allowed &= ~torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq - sliding_window)
+    if attention_mask is not None:
+        mask = attention_mask.to(scores.device)
+        if mask.dim() == 2:
+            mask = mask[:, None, None, :].bool()
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask[..., -tq:, -tk:]
+        else:
+            scores = scores + mask[..., -tq:, -tk:].float()
+    return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), allowed
+
+
 def masked_softmax(
     scores: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
@@ -209,21 +256,6 @@ def masked_softmax(
     `attention_mask` may be None, a `[B, Tk]` padding mask, or the 4D mask transformers passes to attention
     layers (boolean: True = attend; or additive float).
     """
-    tq, tk = scores.shape[-2:]
-    allowed = torch.ones(tq, tk, dtype=torch.bool, device=scores.device)
-    if causal:
-        allowed = torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq)
-        if sliding_window is not None:
-            allowed &= ~torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq - sliding_window)
-    allowed = allowed.expand_as(scores)
-    if attention_mask is not None:
-        mask = attention_mask.to(scores.device)
-        if mask.dim() == 2:
-            mask = mask[:, None, None, :].bool()
-        if mask.dtype == torch.bool:
-            allowed = allowed & mask[..., -tq:, -tk:]
-        else:
-            scores = scores + mask[..., -tq:, -tk:].float()
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no allowed key (padding) become 0
+    masked, allowed = _masked_scores(scores, attention_mask, causal, sliding_window)
+    probs = torch.softmax(masked, dim=-1).nan_to_num(0.0)  # rows with no allowed key (padding) become 0
     return probs.masked_fill(~allowed, 0.0)

@@ -20,7 +20,8 @@ def d2prune(config: "D2PruneConfig", seq_len: int) -> tuple[Solver, Solver]:
     dual = DualTaylor(config.lambda1, config.lambda2, config.resolve_activation_scale(seq_len))
     return (
         OBSSolver(dual_taylor=dual, block_size=config.block_size, damp_percent=config.damp_percent,
-                  refine_steps=config.resolve_refine_steps(), refine_tolerance=config.refine_tolerance),
+                  refine_steps=config.resolve_refine_steps(), refine_tolerance=config.refine_tolerance,
+                  refine_budget=config.refine_steps is None),
         WandaSolver(dual_taylor=dual),
     )
 

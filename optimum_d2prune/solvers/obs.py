@@ -80,6 +80,9 @@ class OBSSolver(Solver):
     damp_percent: float = 0.01
     refine_steps: int = 0
     refine_tolerance: float = 0.0  # > 0: stop the refit once converged (`refine_steps` is then the maximum)
+    #: cap the refit at `calibration tokens / rows` steps, so that it never costs more than accumulating the
+    #: Hessian (`steps·rows·cols²` against `tokens·cols²`); the default's steps are capped, explicit ones are not
+    refine_budget: bool = False
 
     statistics = "hessian"
     updates_weights = True
@@ -143,13 +146,23 @@ class OBSSolver(Solver):
     def without_refinement(self) -> "OBSSolver":
         return replace(self, refine_steps=0)
 
+    def refit_steps(self, weight: torch.Tensor, stats: LinearStatistics) -> int:
+        """The refit steps for this matrix: `refine_steps`, capped by the budget when `refine_budget` is set."""
+        if not self.refine_budget:
+            return self.refine_steps
+        return min(self.refine_steps, stats.inputs.num_tokens // max(weight.shape[0], 1))
+
     def refine(self, weight: torch.Tensor, out: SolverOutput, stats: Optional[LinearStatistics]) -> SolverOutput:
         """Least-squares refit of `out`'s surviving weights (see `refit_surviving_weights`)."""
-        if not self.refine_steps:
-            return out
+        steps = self.refit_steps(weight, stats) if self.refine_steps else 0
+        if not steps:
+            if out.error == out.error:  # already final (a candidate solved without refinement)
+                return out
+            w, error = no_worse_than_masking(weight, out.weight, out.mask, stats)
+            return SolverOutput(w, out.mask, error, out.flipped)
         inverse_hessian_cholesky(stats, self.damp_percent)  # makes the statistics hold the damped H
         # dead inputs outside the mask have no gradient (their Hessian row is diagonal): the refit keeps them
-        w = refit_surviving_weights(weight, out.weight, out.mask, stats.inputs, self.refine_steps,
+        w = refit_surviving_weights(weight, out.weight, out.mask, stats.inputs, steps,
                                     tolerance=self.refine_tolerance)
         w, error = no_worse_than_masking(weight, w, out.mask, stats)
         return SolverOutput(w, out.mask, error, out.flipped)
