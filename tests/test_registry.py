@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import calib_batches, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner

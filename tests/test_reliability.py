@@ -7,8 +7,6 @@ Every case uses real files or real processes (SIGKILL, `RLIMIT_FSIZE`); nothing 
 from __future__ import annotations
 
 import os
-import pickle
-import signal
 import subprocess
 import sys
 import textwrap
@@ -160,7 +158,6 @@ def _stats_with_dead_inputs(weight: torch.Tensor, dead: list[int], seed: int = 0
 @pytest.mark.parametrize("structure,expected", [("unstructured", 102), ("2:4", 512)])
 def test_dead_inputs_stay_inside_the_exact_count(structure, expected, lambdas):
     """10 % of an 8x128 matrix is round(102.4) = 102 zeros, even with 40 of its 128 inputs never active."""
-    from optimum_d2prune.masks import SparsityPattern
     from optimum_d2prune.solvers import DualTaylor, OBSSolver
 
     g = torch.Generator().manual_seed(1)
@@ -190,7 +187,6 @@ def test_nm_groups_must_tile_the_solver_blocks(case):
 
 
 def test_nm_with_a_matching_block_size_prunes():
-    from optimum_d2prune.masks import SparsityPattern
     from optimum_d2prune.solvers import OBSSolver
 
     config = D2PruneConfig(mask_structure="2:6", block_size=120, method="sparsegpt")

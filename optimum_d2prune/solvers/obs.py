@@ -43,16 +43,16 @@ def inverse_hessian_cholesky(stats: LinearStatistics, damp_percent: float) -> tu
     mean_diag = (diag + fix).mean()
     damp = damp_percent
     info = torch.empty((), dtype=torch.int32, device=diag.device)
+    factor: Optional[torch.Tensor] = None
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        damped = inputs.damp(fix + damp * mean_diag)
-        factor = damped.clone()
+        factor = None  # a failed attempt's buffer is released before the next one is made
+        factor = inputs.damp(fix + damp * mean_diag).clone()
         torch.linalg.cholesky_ex(factor, out=(factor, info))
         if info == 0:
             torch.cholesky_inverse(factor, out=factor)
             torch.linalg.cholesky_ex(factor, upper=True, out=(factor, info))
             if info == 0 and bool(torch.isfinite(torch.diagonal(factor)).all()):
                 break
-        del factor
         if attempt == MAX_DAMP_RETRIES:
             raise RuntimeError(
                 f"The Hessian{where} is not positive definite even with damping {damp:g}·mean(diag H). Use more "
