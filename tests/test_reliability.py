@@ -17,6 +17,7 @@ import torch
 
 from conftest import VOCAB, calib_batches, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner
+from optimum_d2prune.masks import SparsityPattern
 
 REPO = Path(__file__).resolve().parents[1]
 
