@@ -39,7 +39,10 @@ def attention_kl(
 
     `query_mask` (`[B, Tq]`, False on padding) excludes rows of padded queries.
     """
-    kl = (p * (p.clamp_min(_EPS).log() - log_q)).sum(-1) if log_p is None else (log_p.exp() * (log_p - log_q)).sum(-1)
+    if log_p is None:
+        kl = (p * (p.clamp_min(_EPS).log() - log_q)).sum(-1)  # [B, H, Tq]
+    else:
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     if query_mask is not None and query_mask.shape != (kl.shape[0], kl.shape[2]):  # else padding counts as data
         raise ValueError(f"`query_mask` {tuple(query_mask.shape)} does not match the attention rows [B, Tq] = "
                          f"{(kl.shape[0], kl.shape[2])}.")
