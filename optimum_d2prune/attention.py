@@ -243,6 +243,7 @@ def plan_attention_updates(
     for p in PROJECTIONS:
         if p != record.chosen:
             updated[p] = update_solver.refine(qkv[p].weight(), updated[p], stats_of(qkv[p]))
-    outputs = {(qkv[p].name, True): updated[p] for p in PROJECTIONS}
-    outputs.update({(qkv[p].name, False): non_updated[p] for p in PROJECTIONS})
+    # only the solutions the block keeps: the other three would stay in memory until their targets are written
+    outputs = {(qkv[p].name, p != record.chosen): (non_updated if p == record.chosen else updated)[p]
+               for p in PROJECTIONS}
     return AttentionPlan({record.chosen}, outputs, record)
