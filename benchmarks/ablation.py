@@ -19,10 +19,11 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from optimum_d2prune import D2PruneConfig
-from protocol import SPLITS, Protocol, ProtocolSettings, RowStore, add_protocol_arguments, mean_std, set_threads
+from protocol import (SPLITS, Protocol, ProtocolSettings, RowStore, add_protocol_arguments, mean_std, repo_relative,
+                      set_threads, write_report)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: refit steps of the default D²Prune; "SparseGPT + refit" uses the same number
@@ -94,7 +95,7 @@ def write_table(protocol: Protocol, rows: list[Row], args, command: str) -> str:
         "# Ablation: where the gain comes from (SmolLM2-135M, BENCH.md v1 + v1.1 dev split)",
         "",
         f"`{command}` ({datetime.date.today().isoformat()}, {args.threads or 'default'} torch thread(s)); rows in "
-        f"`{_rel(store.path)}`.",
+        f"`{repo_relative(store.path)}`.",
         "",
         f"{settings.num_samples} x {settings.seq_len} calibration tokens (SparseGPT sampling). WikiText-2 column: "
         f"calibrated on all 800 documents of `c4_train_sample.jsonl`, PPL on the first {settings.eval_windows} x "
@@ -132,20 +133,7 @@ def write_table(protocol: Protocol, rows: list[Row], args, command: str) -> str:
     if missing:
         total = len(list(runs(rows, args.levels, args.seeds, args.splits)))
         lines += ["", f"Not finished yet: {missing} of the {total} runs."]
-    text = "\n".join(lines) + "\n"
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text, encoding="utf-8")
-    return text
-
-
-def _rel(path: Optional[Path]) -> str:
-    if path is None:
-        return "-"
-    try:
-        return str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
-    except ValueError:
-        return str(path)
+    return write_report("\n".join(lines) + "\n", args.output)
 
 
 def main(argv=None) -> int:

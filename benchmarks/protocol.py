@@ -248,3 +248,21 @@ def mean_std(values: Sequence[float], digits: int = 2) -> str:
 def set_threads(threads: Optional[int]) -> None:
     if threads:
         torch.set_num_threads(threads)
+
+
+def repo_relative(path: Optional[Path]) -> str:
+    """`path` relative to the repository (as written in the results files), or as given when outside it."""
+    if path is None:
+        return "-"
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
+
+
+def write_report(text: str, output: Optional[str]) -> str:
+    """Write a results table to `output` (when given, creating its folder) and return it."""
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text, encoding="utf-8")
+    return text

@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from protocol import Protocol, ProtocolSettings, RowStore, add_protocol_arguments, set_threads
+from protocol import (Protocol, ProtocolSettings, RowStore, add_protocol_arguments, repo_relative, set_threads,
+                      write_report)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: today's defaults (configuration.py), written explicitly so stored rows keep their meaning if the defaults change
@@ -118,7 +119,7 @@ def write_table(sweep: Sweep, params: list[str], noise_seeds: list[int], combine
         "# Tuning sweep of the D²Prune defaults (dev split, BENCH.md v1.1)",
         "",
         f"`{command}` ({datetime.date.today().isoformat()}, {args.threads or 'default'} torch thread(s)); "
-        f"rows in `{_rel(store.path)}`.",
+        f"rows in `{repo_relative(store.path)}`.",
         "",
         f"SmolLM2-135M-Instruct; calibration {sweep.protocol.settings.num_samples} x "
         f"{sweep.protocol.settings.seq_len} "
@@ -178,20 +179,7 @@ def write_table(sweep: Sweep, params: list[str], noise_seeds: list[int], combine
                       f"{sweep.mean_ratio({}):.3f} (seed 0).")
     if missing:
         lines += ["", "Not finished yet: " + "; ".join(missing) + "."]
-    text = "\n".join(lines) + "\n"
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text, encoding="utf-8")
-    return text
-
-
-def _rel(path: Optional[Path]) -> str:
-    if path is None:
-        return "-"
-    try:
-        return str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
-    except ValueError:
-        return str(path)
+    return write_report("\n".join(lines) + "\n", args.output)
 
 
 def main(argv=None) -> int:
