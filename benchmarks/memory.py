@@ -2,10 +2,14 @@
 
 Random fp32 weights (hidden 4096, intermediate 11008, 32 heads), 2 blocks, 8 x 2048 calibration tokens, CPU.
 SparseGPT and D²Prune run in the same process on the same data, each from the dense weights; the measured value of
-a phase is its peak process RSS minus the RSS when the run started (`PeakMemory.phase`).
+a phase is its peak above the start of the run (`PeakMemory.phase`), counted in live tensor bytes (`--measure
+tensors`, the default: exact, like CUDA's allocator statistics, but every op is seen, so the run is slower and
+its time is not a timing) or in sampled process RSS (`--measure rss`: also a timing).
 
-    python benchmarks/memory.py                       # the 7B-shaped run (about 15-25 min on 2 cores)
+    python benchmarks/memory.py                       # the 7B-shaped memory check (about 20-30 min on 2 cores)
+    python benchmarks/memory.py --measure rss --blocks 1 --samples 4   # the 7B-shaped time (and RSS) check
     python benchmarks/memory.py --hidden 1024 --intermediate 2752 --heads 8 --samples 4 --seq-len 512   # quick
+    python benchmarks/memory.py --estimate-table      # the README's estimates for 7B-70B (nothing is run)
 """
 
 from __future__ import annotations
@@ -22,9 +26,51 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
+from optimum_d2prune.architectures import get_adapter
+from optimum_d2prune.engine import PruningEngine
 from optimum_d2prune.memory import estimate
+from optimum_d2prune.testing.memory_counter import LiveTensorBytes
 
 GIB = 2**30
+#: published shapes (bf16 checkpoints) for the README's estimate table
+BIG_MODELS: dict[str, dict] = {
+    "LLaMA-2-7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+    "LLaMA-2-13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, vocab_size=32000),
+    "LLaMA-2-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000),
+    "Qwen3-30B-A3B (MoE)": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                                num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32,
+                                num_key_value_heads=4, head_dim=128, vocab_size=151936),
+}
+
+
+def estimate_table(samples: int = 128, seq_len: int = 2048) -> str:
+    """Estimated peaks of D²Prune (defaults) at `samples x seq_len` in bf16 on a GPU, three placements."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = D2PruneConfig()
+    lines = [f"D²Prune defaults, {samples} x {seq_len} calibration tokens, bf16 weights, fp32 statistics "
+             "(`optimum_d2prune.memory.estimate`).", "",
+             "| model (bf16) | whole model on the GPU: weights + pruning peak | fits 80 GB / 141 GB | blocks onloaded "
+             "(`device=\"cuda\"`, model in CPU RAM) | + `offload_activations` |", "|---|---:|---|---:|---:|"]
+    for name, shape in BIG_MODELS.items():
+        moe = "num_experts" in shape
+        model_config = (Qwen3MoeConfig if moe else LlamaConfig)(**shape)
+        with torch.device("meta"):  # shapes only: no memory
+            model = (Qwen3MoeForCausalLM if moe else LlamaForCausalLM)(model_config)
+        weights = sum(p.numel() for p in model.parameters()) * 2
+        whole = estimate(model_config, config, samples, seq_len, "cuda", dtype=torch.bfloat16, model_on_device=True)
+        onloaded = estimate(model_config, config, samples, seq_len, "cuda", dtype=torch.bfloat16,
+                            model_on_device=False)
+        offloaded = estimate(model_config, config.replace(offload_activations=True), samples, seq_len, "cuda",
+                             dtype=torch.bfloat16, model_on_device=False)
+        total = weights + whole.peak
+        fits = " / ".join("yes" if total <= gb * 10**9 else "no" for gb in (80, 141))
+        lines.append(f"| {name} | {weights / GIB:.1f} + {whole.peak / GIB:.1f} = {total / GIB:.1f} GiB | {fits} | "
+                     f"{onloaded.peak / GIB:.1f} GiB | {offloaded.peak / GIB:.1f} GiB |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -40,8 +86,13 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=["sparsegpt", "d2prune"])
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--measure", choices=("tensors", "rss"), default="tensors")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--estimate-table", action="store_true", help="Print the README's estimate table and exit.")
     args = parser.parse_args(argv)
+    if args.estimate_table:
+        print(estimate_table())
+        return 0
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,11 +110,15 @@ def main(argv=None) -> int:
     for method in args.methods:
         model.load_state_dict(dense)
         config = D2PruneConfig(method=method, sparsity=args.sparsity)
-        pruner = D2Pruner(config)
         start = time.perf_counter()
-        pruner.prune(model, batches)
+        if args.measure == "tensors":
+            with LiveTensorBytes() as counter:
+                report = PruningEngine(config, get_adapter(model), memory_counter=counter).run(model, batches)
+        else:
+            pruner = D2Pruner(config)
+            pruner.prune(model, batches)
+            report = pruner.report
         seconds = time.perf_counter() - start
-        report = pruner.report
         predicted = estimate(model_config, config, args.samples, args.seq_len, "cpu", batch_size=args.batch_size)
         for phase, value in predicted.phases.items():
             measured = report.phase_memory_bytes.get(phase, 0)
@@ -76,7 +131,8 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), file=sys.stderr)
     print(f"\nLLaMA-shaped blocks: hidden {args.hidden}, intermediate {args.intermediate}, {args.heads} heads, "
           f"{args.blocks} blocks, {args.samples} x {args.seq_len} tokens (batch {args.batch_size}), fp32 CPU, "
-          f"{torch.get_num_threads()} threads; measured = peak RSS increase per phase.\n")
+          f"{torch.get_num_threads()} threads; measured = peak increase per phase, "
+          f"{'live tensor bytes' if args.measure == 'tensors' else 'process RSS'}.\n")
     print("| method | phase | measured GiB | estimate GiB | estimate / measured |")
     print("|---|---|---:|---:|---:|")
     for r in rows:
@@ -84,8 +140,9 @@ def main(argv=None) -> int:
     whole = {r["method"]: r for r in rows if r["phase"] == "whole run"}
     if {"sparsegpt", "d2prune"} <= whole.keys():
         a, b = whole["d2prune"], whole["sparsegpt"]
+        timing = "" if args.measure == "tensors" else " (a timing: --measure rss)"
         print(f"\nD²Prune / SparseGPT: memory increase {a['measured_gib'] / b['measured_gib']:.2f}x, "
-              f"time {a['seconds'] / b['seconds']:.2f}x ({a['seconds']:.0f} s vs {b['seconds']:.0f} s)")
+              f"time {a['seconds'] / b['seconds']:.2f}x ({a['seconds']:.0f} s vs {b['seconds']:.0f} s){timing}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -9,6 +9,10 @@ Tuning rule: a value wins when its dev PPL/dense is below the default's at both 
 the one with the lowest mean of dev PPL/dense over the levels is taken. When more than one field has a winner,
 their combination is run too and kept only if it beats every single change on the same mean.
 
+Cost rule, for the fields that trade time for accuracy (`COST_FIELDS`: the refit's stopping tolerance): a value is
+accepted when its dev PPL/dense is within `COST_MARGIN` (0.5 %) of the default's at every level; among the accepted
+values the fastest (lowest mean prune seconds) is taken.
+
 Rows go to `--rows` as they finish (an interrupted run resumes); the table is rewritten after every row.
 
     python benchmarks/tune.py --threads 1                    # the sweep behind benchmarks/results/tuning.md
@@ -31,14 +35,19 @@ from protocol import (Protocol, ProtocolSettings, RowStore, add_protocol_argumen
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: today's defaults (configuration.py), written explicitly so stored rows keep their meaning if the defaults change
-DEFAULTS: dict[str, Any] = {"kl_weight": 10.0, "activation_scale": "auto", "refine_steps": 8, "kl_num_samples": 4}
+DEFAULTS: dict[str, Any] = {"kl_weight": 10.0, "activation_scale": "auto", "refine_steps": 8, "kl_num_samples": 4,
+                            "refine_tolerance": 0.0, "kl_query_rows": None}
 #: candidate values; "auto" = sqrt(512 * L) = 512 at L = 512, so 256 / 1024 are 0.5x / 2x auto and 1500 the paper's
 GRID: dict[str, list] = {
     "kl_weight": [0.0, 3.0, 30.0],
     "refine_steps": [0, 4, 16],
     "activation_scale": [256.0, 1024.0, 1500.0],
     "kl_num_samples": [2, 8],
+    "refine_tolerance": [0.15, 0.2],
 }
+#: fields judged by the cost rule (see the module docstring), and its margin on dev PPL/dense
+COST_FIELDS = {"refine_tolerance"}
+COST_MARGIN = 0.005
 #: the costliest / least likely candidates run last (after the seed-noise rows)
 LAST = {("activation_scale", 1500.0), ("kl_num_samples", 8)}
 
@@ -85,14 +94,22 @@ class Sweep:
         pairs = [(self.row(changes, level), self.row({}, level)) for level in self.levels]
         if any(a is None or b is None for a, b in pairs):
             return None
+        if next(iter(changes)) in COST_FIELDS:  # the cost rule: as good as the default within the margin
+            return all(a["ratio"] <= b["ratio"] * (1 + COST_MARGIN) for a, b in pairs)
         return all(a["ratio"] < b["ratio"] for a, b in pairs)
 
+    def mean_seconds(self, changes: dict[str, Any]) -> float:
+        return statistics.mean(self.row(changes, level)["seconds"] for level in self.levels)
+
     def choice(self, params: list[str]) -> dict[str, Any]:
-        """Per field, the winning value with the lowest mean ratio (fields without a winner keep the default)."""
+        """Per field, the winning value with the lowest mean ratio (cost fields: the fastest accepted value);
+        fields without a winner keep the default."""
         chosen = {}
         for p in params:
             winners = [({p: v}, self.mean_ratio({p: v})) for v in GRID[p] if self.wins({p: v})]
-            if winners:
+            if winners and p in COST_FIELDS:
+                chosen.update(min(winners, key=lambda w: self.mean_seconds(w[0]))[0])
+            elif winners:
                 chosen.update(min(winners, key=lambda w: w[1])[0])
         return chosen
 
@@ -134,7 +151,8 @@ def write_table(sweep: Sweep, params: list[str], noise_seeds: list[int], combine
         "**Tuning rule.** A value wins when its dev PPL/dense is below the default's at both "
         + " and ".join(levels) + "; among a field's winners the lowest mean of dev PPL/dense over the levels is "
         "taken. If several fields have a winner, their combination is run too and kept only if it beats every "
-        "single change on the same mean.",
+        "single change on the same mean. Cost fields (" + ", ".join(sorted(COST_FIELDS)) + "): accepted within "
+        f"{COST_MARGIN:.1%} of the default's dev PPL/dense at every level, the fastest accepted value taken.",
         "",
         "| config | " + " | ".join(f"{lv} dev PPL" for lv in levels) + " | mean PPL/dense | "
         + " | ".join(f"{lv} s" for lv in levels) + " | wins at all levels |",

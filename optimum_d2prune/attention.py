@@ -52,6 +52,13 @@ def attention_kl(
     return float(kl.sum()), kl.numel()
 
 
+def query_rows(length: int, limit: Optional[int]) -> Optional[torch.Tensor]:
+    """`limit` evenly spaced query positions of a `length`-token sequence, last and first included (None: all)."""
+    if limit is None or length <= limit:
+        return None
+    return torch.linspace(length - 1, 0, limit).round().long().unique()  # spaced from the last position
+
+
 def candidate_weights(
     chosen: str, updated: dict[str, SolverOutput], non_updated: dict[str, SolverOutput]
 ) -> dict[str, torch.Tensor]:
@@ -150,12 +157,15 @@ def choose_unupdated_projection(
     block: int,
     reduce: Optional[Callable[[list[float]], list[float]]] = None,
     chunk_bytes: int = 64 * 2**20,
+    max_query_rows: Optional[int] = None,
 ) -> AttentionRecord:
     """Evaluate the objective for the three candidates and return the record of the best one.
 
-    The KL is accumulated one sequence and one slice of heads at a time, the slice sized so that one `[h, T, T]`
-    fp32 tensor takes at most `chunk_bytes` (a few such tensors are alive at once). `reduce` sums the KL sums
-    and row counts over data-parallel ranks (identity when not distributed).
+    The KL is accumulated one sequence and one slice of heads at a time, the slice sized so that one `[h, rows, T]`
+    fp32 tensor takes at most `chunk_bytes` (a few such tensors are alive at once). The KL is a mean over
+    attention rows: with `max_query_rows`, it is estimated on that many evenly spaced query positions of each
+    sequence (`query_rows`), so its cost grows as T, not T². `reduce` sums the KL sums and row counts over
+    data-parallel ranks (identity when not distributed).
     """
     errors = {
         c: sum((non_updated if p == c else updated)[p].error for p in PROJECTIONS) for c in PROJECTIONS
@@ -167,12 +177,17 @@ def choose_unupdated_projection(
         candidates = {c: adapter.attention_scores(attention, sequence, candidate_weights(c, updated, non_updated))
                       for c in PROJECTIONS}
         length = sequence.hidden_states.shape[1]
-        per_head = sequence.hidden_states.shape[0] * length * length * 4
+        rows_kept = query_rows(length, max_query_rows)
+        token_mask = sequence.token_mask
+        if rows_kept is not None and token_mask is not None:
+            token_mask = token_mask.index_select(1, rows_kept.to(token_mask.device))
+        num_rows = length if rows_kept is None else len(rows_kept)
+        per_head = sequence.hidden_states.shape[0] * num_rows * length * 4
         for heads in reference.chunks(max(1, chunk_bytes // per_head)):
-            log_reference = reference.log_probabilities(heads)
+            log_reference = reference.log_probabilities(heads, rows_kept)
             for c in PROJECTIONS:
-                total, n = attention_kl(None, log_reference, sequence.token_mask,
-                                        log_p=candidates[c].log_probabilities(heads))
+                total, n = attention_kl(None, log_reference, token_mask,
+                                        log_p=candidates[c].log_probabilities(heads, rows_kept))
                 kl_sums[c] += total
             rows += n
             del log_reference
@@ -196,6 +211,7 @@ class AttentionScorer:
     kl_weight: float
     reduce: Optional[Callable[[list[float]], list[float]]] = None
     chunk_bytes: int = 64 * 2**20
+    max_query_rows: Optional[int] = None
 
 
 @dataclass
@@ -239,7 +255,7 @@ def plan_attention_updates(
     dense = {p: qkv[p].weight().detach().float() for p in SCORE_PROJECTIONS}
     record = choose_unupdated_projection(scorer.adapter, scorer.attention, scorer.inputs, dense, updated,
                                          non_updated, scorer.kl_weight, block, reduce=scorer.reduce,
-                                         chunk_bytes=scorer.chunk_bytes)
+                                         chunk_bytes=scorer.chunk_bytes, max_query_rows=scorer.max_query_rows)
     for p in PROJECTIONS:
         if p != record.chosen:
             updated[p] = update_solver.refine(qkv[p].weight(), updated[p], stats_of(qkv[p]))

@@ -33,7 +33,7 @@ FIELD_DEFAULTS: dict[str, Any] = {
     "lambda2": 0.0,
     "activation_scale": "auto",
     "attention_update": "dynamic",
-    "refine_tolerance": 0.0,
+    "refine_tolerance": 0.15,
     "sparsity_allocation": "uniform",
     "owl_lambda": 0.08,
     "owl_m": 5.0,
@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"activation_scale": 1500.0, "lambda1": 1.0, "lambda2": 0.0, "attention_update": "v",
               "refine_steps": 0, "refine_tolerance": 0.0, "sparsity_allocation": "uniform",
               "block_reconstruction": False},
-    "max_quality": {"sparsity_allocation": "owl", "block_reconstruction": True},
+    "max_quality": {"sparsity_allocation": "owl", "block_reconstruction": True, "refine_tolerance": 0.0},
 }
 PRESET_FIELDS = tuple(sorted({*FIELD_DEFAULTS, *(k for p in PRESETS.values() for k in p)}))
 
@@ -110,7 +110,8 @@ class D2PruneConfig:
         default=None,
         metadata={
             "help": "Stop the refit once its preconditioned residual is below this fraction of the initial one "
-            "(`refine_steps` is then the maximum). 0 (the default): always `refine_steps` steps."
+            "(`refine_steps` is then the maximum); 0: always `refine_steps` steps. Default 0.15, chosen on the dev "
+            "split (benchmarks/results/tuning_cost.md); 0 in the presets."
         },
     )
     attention_update: Optional[str] = field(
@@ -155,6 +156,16 @@ class D2PruneConfig:
     kl_weight: float = field(default=10.0, metadata={"help": "rho: weight of the attention KL term in the objective."})
     kl_num_samples: int = field(
         default=4, metadata={"help": "Calibration sequences used to compute attention probabilities for the KL term."}
+    )
+    kl_query_rows: Optional[int] = field(
+        default=64,
+        metadata={"help": "The KL term (a mean over attention rows) is estimated on this many evenly spaced query "
+                          "positions per sequence, so its cost grows as T rather than T²; None: every position."},
+    )
+    measure_flips: bool = field(
+        default=False,
+        metadata={"help": "Count the mask entries the dual-Taylor terms change in the OBS solves (the report's "
+                          "'mask flips'): a second mask selection per segment, 1-3 % of the pruning time."},
     )
     kl_chunk_mib: int = field(
         default=64,
@@ -239,8 +250,13 @@ class D2PruneConfig:
             raise ValueError(f"`kl_num_samples` must be a positive integer, got {self.kl_num_samples!r}.")
         if not isinstance(self.kl_chunk_mib, int) or isinstance(self.kl_chunk_mib, bool) or self.kl_chunk_mib < 1:
             raise ValueError(f"`kl_chunk_mib` must be a positive integer (MiB), got {self.kl_chunk_mib!r}.")
-        if not isinstance(self.offload_activations, bool):
-            raise ValueError(f"`offload_activations` must be a bool, got {self.offload_activations!r}.")
+        if self.kl_query_rows is not None and (
+            not isinstance(self.kl_query_rows, int) or isinstance(self.kl_query_rows, bool) or self.kl_query_rows < 1
+        ):
+            raise ValueError(f"`kl_query_rows` must be a positive integer or None, got {self.kl_query_rows!r}.")
+        for name in ("offload_activations", "measure_flips"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         if self.attention_update not in ATTENTION_UPDATES:
             raise ValueError(f"`attention_update` must be one of {ATTENTION_UPDATES}, got {self.attention_update!r}.")
         if self.dynamic_strategy not in DYNAMIC_STRATEGIES:

@@ -36,7 +36,7 @@ from .hooks import (
     capture_block_inputs,
 )
 from .masks import SparsityPattern
-from .memory import PeakMemory
+from .memory import PeakMemory, TensorCounter
 from .moe import ExpertStatisticsCollector, expert_key, expert_matrix, expert_parameters, expert_solver
 from .offload import execution_device as _execution_device
 from .offload import onloaded
@@ -130,7 +130,8 @@ class PruningEngine:
     `attention_update` overrides the config's choice (used by the global q/k/v search).
     """
 
-    def __init__(self, config: D2PruneConfig, adapter: ArchitectureAdapter, attention_update: Optional[str] = None):
+    def __init__(self, config: D2PruneConfig, adapter: ArchitectureAdapter, attention_update: Optional[str] = None,
+                 memory_counter: Optional[TensorCounter] = None):
         self.config = config
         self.adapter = adapter
         self.pattern: SparsityPattern = config.pattern
@@ -139,6 +140,7 @@ class PruningEngine:
         self.attention_update = attention_update or config.attention_update
         self.dist = DistributedContext()  # set from the process group in `run`
         self.memory: Optional[PeakMemory] = None  # the running measurement (per-phase peaks)
+        self.memory_counter = memory_counter  # measure live tensor bytes instead of the RSS (CPU benchmarks)
 
     def _phase(self, name: str) -> contextlib.AbstractContextManager:
         """Attribute the memory peak of a region to a phase of the running measurement (none outside `run`)."""
@@ -177,7 +179,7 @@ class PruningEngine:
         self.dist = DistributedContext.detect()
         checkpoint = self._checkpoint(model, batches, targeted_weights(blocks, targets, device))
         local_batches = self.dist.shard(batches)
-        with PeakMemory(device) as memory, calibration_context(model):
+        with PeakMemory(device, counter=self.memory_counter) as memory, calibration_context(model):
             self.memory = memory
             try:
                 if self._data_free():
@@ -457,7 +459,7 @@ class PruningEngine:
                 t.write(out.weight)
             for inputs in last_use.pop(position, ()):  # its sum and factor are no longer needed
                 inputs.free()
-            zeros = float((t.weight() == 0).float().mean())
+            zeros = int((t.weight() == 0).sum()) / t.weight().numel()  # no fp32 copy of the matrix
             report.layers.append(LayerRecord(index, t.name, solver.name, solver.updates_weights,
                                              tuple(t.weight().shape), zeros, out.error, out.flipped,
                                              time.perf_counter() - tic))
@@ -474,7 +476,8 @@ class PruningEngine:
             {p: self._pattern(t) for p, t in qkv.items()} if self.patterns else self.pattern,
             AttentionScorer(self.adapter, attentions[number][0] if scored else None,
                             attention_inputs.get(number, []), self.config.kl_weight,
-                            self._reduce_floats(stats), self.config.kl_chunk_mib * 2**20),
+                            self._reduce_floats(stats), self.config.kl_chunk_mib * 2**20,
+                            self.config.kl_query_rows),
         )
 
     def _expert_solver(self, index: int, target: PruneTarget, solver: Solver, tokens: dict[tuple[str, int], int],

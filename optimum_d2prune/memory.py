@@ -8,7 +8,7 @@ import functools
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Union
 
 import torch
 
@@ -47,17 +47,28 @@ def current_rss() -> int:
         return 0
 
 
+class TensorCounter(Protocol):
+    """A counter of live tensor bytes (`optimum_d2prune.testing.memory_counter.LiveTensorBytes`)."""
+
+    live: int
+    peak: int
+
+
 class PeakMemory:
     """Context manager measuring the peak memory of a region.
 
     On CUDA devices: `torch.cuda.max_memory_allocated` (reset on entry). On CPU: the process RSS sampled every
     `interval` seconds by a background thread; `peak_bytes` is the absolute peak and `increase_bytes` the peak
-    minus the RSS on entry (what the region added on top of what was already loaded).
+    minus the RSS on entry (what the region added on top of what was already loaded). With `counter` (an active
+    live-tensor counter, CPU): the bytes of live tensors instead, exact where the sampled RSS can miss a short peak
+    or keep freed heap pages (the CPU analogue of the CUDA allocator's statistics; slower: every op is seen).
     """
 
-    def __init__(self, device: Optional[torch.device] = None, interval: float = 0.005) -> None:
+    def __init__(self, device: Optional[torch.device] = None, interval: float = 0.005,
+                 counter: Optional[TensorCounter] = None) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.interval = interval
+        self.counter = counter if self.device.type != "cuda" else None
         self.start_bytes = 0
         self.peak_bytes = 0
         #: peak of each phase marked with `phase(name)`, measured like `peak_bytes` (absolute)
@@ -68,6 +79,8 @@ class PeakMemory:
 
     @property
     def kind(self) -> str:
+        if self.counter is not None:
+            return "live tensors"
         return "cuda allocated" if self.device.type == "cuda" else "process RSS"
 
     @property
@@ -89,6 +102,16 @@ class PeakMemory:
         self._record(torch.cuda.max_memory_allocated(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
 
+    def _fold(self) -> None:
+        """Credit the peak since the last fold (allocator or counter) to the active phases, or the RSS now."""
+        if self.device.type == "cuda":
+            self._fold_cuda_peak()
+        elif self.counter is not None:
+            self._record(self.counter.peak)
+            self.counter.peak = self.counter.live
+        else:
+            self._record(current_rss())
+
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Attribute the peak inside this region to `name` as well (phases nest; one name accumulates its max).
@@ -96,20 +119,14 @@ class PeakMemory:
         On the CPU, memory freed in the phase is handed back to the OS at its end (`release_host_memory`), so the
         next phase's RSS is not inflated by what the allocator kept.
         """
-        if self.device.type == "cuda":
-            self._fold_cuda_peak()
-        else:
-            self._record(current_rss())
+        self._fold()
         self._active.append(name)
         try:
             yield
         finally:
-            if self.device.type == "cuda":
-                self._fold_cuda_peak()
-            else:
-                self._record(current_rss())
+            self._fold()
             self._active.remove(name)
-            if self.device.type != "cuda":
+            if self.device.type != "cuda" and self.counter is None:
                 release_host_memory()
 
     def phase_increases(self) -> dict[str, int]:
@@ -121,6 +138,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = torch.cuda.memory_allocated(self.device)
+        elif self.counter is not None:
+            self.counter.peak = self.start_bytes = self.peak_bytes = self.counter.live
         else:
             self.start_bytes = self.peak_bytes = current_rss()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -131,6 +150,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+        elif self.counter is not None:
+            self._fold()
         else:
             self._stop.set()
             self._thread.join()
@@ -220,13 +241,21 @@ def estimate(
     kl_inputs = min(config.kl_num_samples, num_samples) * seq_len * (d + 2 * hd) * _F32 if uses_kl else 0
     stats = activations + sums + kl_inputs + forward + hook
 
-    def solve_work(rows: int, cols: int) -> int:  # weight copies (fp32 + bool mask) and row-chunked temporaries
-        return rows * cols * (2 * _F32 + 1) + 8 * (1 << 22) * _F32
+    refit = config.resolve_refine_steps() > 0
+
+    def solve_work(rows: int, cols: int) -> int:
+        """Weight copies (fp32 + bool mask) and the row-chunked temporaries (`ROW_CHUNK_ELEMENTS` rows at a time):
+        about four `[chunk, cols]` fp32 matrices in the masking check; the refit's CG holds seven and writes into
+        a new `[rows, cols]` result."""
+        chunk = min(rows, max(1, (1 << 22) // cols)) * cols
+        temporaries = rows * cols * _F32 + 7 * chunk * _F32 if refit else 4 * chunk * _F32
+        return rows * cols * (2 * _F32 + 1) + temporaries
 
     qkv = (q_rows + 2 * kv_rows) * d
     candidates = 2 * qkv * (_F32 + 1) if config.uses_attention_awareness else 0
     chunk = config.kl_chunk_mib * 2**20
-    per_head = seq_len * seq_len * _F32
+    query_rows = seq_len if config.kl_query_rows is None else min(seq_len, config.kl_query_rows)
+    per_head = query_rows * seq_len * _F32
     heads_chunk = max(1, chunk // per_head)
     group = max(1, s["heads"] // s["kv_heads"])
     heads_chunk = max(group, heads_chunk // group * group)

@@ -193,7 +193,7 @@ def test_presets_resolve_defaults_explicit_values_win_and_round_trip(tmp_path):
     default = D2PruneConfig()
     assert (default.lambda1, default.activation_scale, default.attention_update, default.sparsity_allocation,
             default.refine_tolerance, default.block_reconstruction, default.refine_steps) == \
-        (1.0, "auto", "dynamic", "uniform", 0.0, False, None)
+        (1.0, "auto", "dynamic", "uniform", 0.15, False, None)
     paper = D2PruneConfig(preset="paper")
     assert (paper.activation_scale, paper.lambda1, paper.lambda2, paper.attention_update, paper.refine_steps) == \
         (1500.0, 1.0, 0.0, "v", 0)

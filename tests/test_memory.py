@@ -69,6 +69,49 @@ def test_kl_in_head_chunks_equals_all_heads(family):
         assert chunked.kls[c] == pytest.approx(whole.kls[c], rel=1e-5)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "bool4d", "float4d", "window"])
+def test_query_rows_are_the_same_rows_of_the_full_attention(mask_kind):
+    """The KL term on a subset of query positions sees exactly those rows of the full masked attention."""
+    from optimum_d2prune.architectures.base import query_key_scores
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)
+    padding = torch.ones(2, 12, dtype=torch.bool)
+    padding[1, :3] = False
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    mask = {"none": None, "padding": padding, "window": None,
+            "bool4d": causal[None, None] & padding[:, None, None, :],
+            "float4d": torch.zeros(2, 1, 12, 12).masked_fill(~(causal[None, None] & padding[:, None, None, :]),
+                                                              torch.finfo(torch.float32).min)}[mask_kind]
+    scores = query_key_scores(q, k, 0.3, mask, causal=True, sliding_window=5 if mask_kind == "window" else None)
+    rows = attention_module.query_rows(12, 5)
+    assert rows.tolist() == [0, 3, 6, 8, 11]
+    for heads in scores.chunks(2):
+        full = scores.log_probabilities(heads)
+        assert torch.equal(scores.log_probabilities(heads, rows), full[:, :, rows])
+
+
+def test_kl_on_query_rows_is_the_mean_over_those_rows():
+    model = make_tiny("llama")
+    ids = torch.randint(3, 90, (1, 16), generator=torch.Generator().manual_seed(1))
+    adapter, block, attention, refs, inputs = _capture_block(model, 1, ids)
+    dense = {p: _outputs(block, refs, 0.0)[p].weight for p in ("q", "k")}
+    updated, non_updated = _outputs(block, refs, 0.3), _outputs(block, refs, 0.6)
+    rows = attention_module.query_rows(16, 6)
+    with torch.no_grad():
+        sampled = attention_module.choose_unupdated_projection(adapter, attention, [inputs], dense, updated,
+                                                               non_updated, 1.0, 1, max_query_rows=6)
+        for c in "qkv":
+            candidate = adapter.attention_scores(attention, inputs,
+                                                 attention_module.candidate_weights(c, updated, non_updated))
+            reference = adapter.attention_scores(attention, inputs, dense)
+            every_head = slice(0, reference.num_heads)
+            p = candidate.probs(every_head)[:, :, rows]
+            log_q = reference.probs(every_head)[:, :, rows].clamp_min(1e-12).log()
+            expected = (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1).mean()
+            assert sampled.kls[c] == pytest.approx(float(expected), rel=1e-4, abs=1e-7)
+
+
 _CHOOSE = attention_module.choose_unupdated_projection
 
 
@@ -148,8 +191,10 @@ def test_estimate_scales_with_what_the_engine_keeps():
     assert base.components["activations"] == 128 * 2048 * 4096 * 4
     offloaded = estimate(config, D2PruneConfig(offload_activations=True), 128, 2048, "cuda")
     assert offloaded.peak < base.peak - 3 * 2**30
-    small_chunk = estimate(config, D2PruneConfig(kl_chunk_mib=16), 128, 2048, "cuda")
-    assert small_chunk.components["KL chunk"] < base.components["KL chunk"]
+    every_row = estimate(config, D2PruneConfig(kl_query_rows=None), 128, 2048, "cuda")
+    assert base.components["KL chunk"] < every_row.components["KL chunk"]  # 64 of 2048 query rows
+    small_chunk = estimate(config, D2PruneConfig(kl_query_rows=None, kl_chunk_mib=16), 128, 2048, "cuda")
+    assert small_chunk.components["KL chunk"] < every_row.components["KL chunk"]
     sparsegpt = estimate(config, D2PruneConfig(method="sparsegpt"), 128, 2048, "cuda")
     assert "attention choice" not in sparsegpt.phases and sparsegpt.components["KL chunk"] == 0
 
@@ -164,3 +209,22 @@ def test_too_large_job_is_refused_with_the_estimate_and_suggestions(monkeypatch)
     assert "GiB are free" in message and "--offload-activations" in message and "--num-samples" in message
     assert "| statistics |" in message  # the per-phase table
     check_fits(_llama_7b(), D2PruneConfig(), 8, 512, "cuda:0", model_bytes=27 * 2**30)  # fits: no error
+
+
+def test_live_tensor_counter_attributes_each_phase():
+    """With a live-tensor counter the per-phase peaks are exact bytes: the statistics phase holds at least every
+    Hessian sum of a block (q/k/v, o, gate/up inputs: hidden²; down: intermediate²), and no phase exceeds the run."""
+    from optimum_d2prune.engine import PruningEngine
+    from optimum_d2prune.pruner import prepare_batches
+
+    model = make_tiny("llama")
+    hidden, inter = model.config.hidden_size, model.config.intermediate_size
+    batches = prepare_batches(calib_batches())
+    with LiveTensorBytes() as counter:
+        report = PruningEngine(D2PruneConfig(method="sparsegpt", sparsity=0.5), get_adapter(model),
+                               memory_counter=counter).run(model, batches)
+    assert report.peak_memory_kind == "live tensors"
+    phases = report.phase_memory_bytes
+    assert {"inputs", "statistics", "solve", "propagate"} <= phases.keys()
+    assert phases["statistics"] >= (3 * hidden * hidden + inter * inter) * 4
+    assert max(phases.values()) == report.memory_increase_bytes

@@ -216,11 +216,14 @@ def test_dual_taylor_terms_change_the_mask_and_are_counted():
     stats = make_stats(W, xs)
     pattern = SparsityPattern.parse("unstructured", 0.5)
     base = OBSSolver().prune(W, stats, pattern)
-    weak = OBSSolver(DualTaylor(1.0, 0.0, 1e6)).prune(W, stats, pattern)
-    strong = OBSSolver(DualTaylor(1.0, 0.0, 5.0)).prune(W, stats, pattern)
+    weak = OBSSolver(DualTaylor(1.0, 0.0, 1e6), measure_flips=True).prune(W, stats, pattern)
+    strong = OBSSolver(DualTaylor(1.0, 0.0, 5.0), measure_flips=True).prune(W, stats, pattern)
     assert torch.equal(weak.mask, base.mask) and weak.flipped == 0
     assert strong.flipped > 0 and not torch.equal(strong.mask, base.mask)
     assert int(strong.mask.sum()) == int(base.mask.sum())
+    # the count is a diagnostic: without it the solve is the same, and nothing is reported
+    unmeasured = OBSSolver(DualTaylor(1.0, 0.0, 5.0)).prune(W, stats, pattern)
+    assert unmeasured.flipped is None and torch.equal(unmeasured.weight, strong.weight)
 
 
 def test_statistics_do_not_depend_on_batching():

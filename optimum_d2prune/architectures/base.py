@@ -138,14 +138,17 @@ class AttentionScores:
     num_heads: int
     group: int  # query heads per key head (grouped-query attention): slices hold whole groups
     probs: Callable[[slice], torch.Tensor]  # heads -> fp32 probabilities [B, h, Tq, Tk], masked entries 0
-    #: heads -> fp32 log-probabilities (masked entries very negative, their probability exactly 0); when absent,
-    #: the log of `probs` floored at 1e-12
-    log_probs: Optional[Callable[[slice], torch.Tensor]] = None
+    #: (heads, query rows or None for all) -> fp32 log-probabilities `[B, h, rows, Tk]` (masked entries very
+    #: negative, their probability exactly 0), computing only the rows asked for; when absent, the log of
+    #: `probs` floored at 1e-12, rows selected afterwards
+    log_probs: Optional[Callable[[slice, Optional[torch.Tensor]], torch.Tensor]] = None
 
-    def log_probabilities(self, heads: slice) -> torch.Tensor:
+    def log_probabilities(self, heads: slice, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Log-probabilities of a slice of heads, for the query positions `rows` only (a 1D index) or all."""
         if self.log_probs is not None:
-            return self.log_probs(heads)
-        return self.probs(heads).clamp_min(1e-12).log()
+            return self.log_probs(heads, rows)
+        log = self.probs(heads).clamp_min(1e-12).log()
+        return log if rows is None else log.index_select(2, rows.to(log.device))
 
     def chunks(self, heads_per_chunk: int) -> Iterator[slice]:
         """Consecutive head slices of at most `heads_per_chunk` heads (at least one whole group)."""
@@ -166,15 +169,17 @@ def query_key_scores(
     position encoding); probabilities by `masked_softmax` of `q kᵀ · scaling`, one head slice at a time."""
     group = q.shape[1] // k.shape[1]
 
-    def scores(heads: slice) -> torch.Tensor:
+    def scores(heads: slice, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         keys = k[:, heads.start // group : heads.stop // group].repeat_interleave(group, dim=1)  # whole groups
-        return q[:, heads] @ keys.transpose(-1, -2) * scaling
+        queries = q[:, heads] if rows is None else q[:, heads].index_select(2, rows.to(q.device))
+        return queries @ keys.transpose(-1, -2) * scaling
 
     def probs(heads: slice) -> torch.Tensor:
         return masked_softmax(scores(heads), attention_mask, causal, sliding_window)
 
-    def log_probs(heads: slice) -> torch.Tensor:
-        return masked_log_softmax(scores(heads), attention_mask, causal, sliding_window)
+    def log_probs(heads: slice, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return masked_log_softmax(scores(heads, rows), attention_mask, causal, sliding_window,
+                                  query_rows=rows, query_length=q.shape[2])
 
     return AttentionScores(q.shape[1], group, probs, log_probs)
 
@@ -217,31 +222,45 @@ def masked_log_softmax(
     attention_mask: Optional[torch.Tensor],
     causal: bool = True,
     sliding_window: Optional[int] = None,
+    query_rows: Optional[torch.Tensor] = None,
+    query_length: Optional[int] = None,
 ) -> torch.Tensor:
     """`log(masked_softmax(...))` in three passes over the scores: masked entries get a very negative log (their
     probability is exactly 0 after `exp`); rows with no allowed key are uniform over masked keys (padding queries,
-    which the KL term excludes)."""
-    return torch.log_softmax(_masked_scores(scores, attention_mask, causal, sliding_window)[0], dim=-1)
+    which the KL term excludes). `scores` may hold only the query positions `query_rows` of `query_length`."""
+    masked = _masked_scores(scores, attention_mask, causal, sliding_window, query_rows, query_length)[0]
+    return torch.log_softmax(masked, dim=-1)
 
 
 def _masked_scores(
-    scores: torch.Tensor, attention_mask: Optional[torch.Tensor], causal: bool, sliding_window: Optional[int]
+    scores: torch.Tensor, attention_mask: Optional[torch.Tensor], causal: bool, sliding_window: Optional[int],
+    query_rows: Optional[torch.Tensor] = None, query_length: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scores with disallowed entries at the dtype's minimum, and the allowed mask (broadcastable)."""
-    tq, tk = scores.shape[-2:]
+    """The scores with disallowed entries at the dtype's minimum, and the allowed mask (broadcastable).
+
+    With `query_rows`, `scores` holds those query positions (of `query_length`) only; the masks are built for
+    all positions, then the same rows are taken."""
+    tk = scores.shape[-1]
+    tq = scores.shape[-2] if query_rows is None else query_length
     allowed = torch.ones(tq, tk, dtype=torch.bool, device=scores.device)
     if causal:
         allowed = allowed.tril(tk - tq)
         if sliding_window is not None:
             allowed &= ~torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq - sliding_window)
+    rows = None if query_rows is None else query_rows.to(scores.device)
+    if rows is not None:
+        allowed = allowed[rows]
     if attention_mask is not None:
         mask = attention_mask.to(scores.device)
         if mask.dim() == 2:
             mask = mask[:, None, None, :].bool()
+        mask = mask[..., -tq:, -tk:]
+        if rows is not None and mask.shape[-2] > 1:
+            mask = mask.index_select(mask.dim() - 2, rows)
         if mask.dtype == torch.bool:
-            allowed = allowed & mask[..., -tq:, -tk:]
+            allowed = allowed & mask
         else:
-            scores = scores + mask[..., -tq:, -tk:].float()
+            scores = scores + mask.float()
     return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), allowed
 
 

@@ -34,14 +34,26 @@ class DualTaylor:
         y = stats.y_norm().unsqueeze(1) / self.scale if self.lambda1 != 0.0 else None
         return x, y
 
+    def coefficients(
+        self, x: torch.Tensor, y: Optional[torch.Tensor]
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """`(λ1 · y ⊗ x [rows, cols], λ2 · x² [cols])` for a slice of `prepare`'s norms (None for a zero λ): the
+        part of `extra` that does not depend on the weights, computed once per column block by the OBS sweep."""
+        linear = self.lambda1 * y * x if self.lambda1 != 0.0 else None
+        quadratic = self.lambda2 * x.square() if self.lambda2 != 0.0 else None
+        return linear, quadratic
+
+    @staticmethod
+    def apply(w: torch.Tensor, linear: Optional[torch.Tensor], quadratic: Optional[torch.Tensor]) -> torch.Tensor:
+        """Activation terms of `w` from its `coefficients`: `linear · |w| − quadratic · w²`."""
+        out = w.abs().mul_(linear) if linear is not None else torch.zeros_like(w)
+        if quadratic is not None:
+            out.sub_(w.square().mul_(quadratic))
+        return out
+
     def extra(self, w: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         """Activation terms for a `[rows, cols]` slice `w`, given the matching slices of `prepare`'s norms."""
-        out = torch.zeros_like(w)
-        if self.lambda1 != 0.0:
-            out.add_(self.lambda1 * y * w.abs() * x)
-        if self.lambda2 != 0.0:
-            out.sub_(self.lambda2 * w.square() * x.square())
-        return out
+        return self.apply(w, *self.coefficients(x, y))
 
 
 @dataclass

@@ -21,7 +21,7 @@ def d2prune(config: "D2PruneConfig", seq_len: int) -> tuple[Solver, Solver]:
     return (
         OBSSolver(dual_taylor=dual, block_size=config.block_size, damp_percent=config.damp_percent,
                   refine_steps=config.resolve_refine_steps(), refine_tolerance=config.refine_tolerance,
-                  refine_budget=config.refine_steps is None),
+                  refine_budget=config.refine_steps is None, measure_flips=config.measure_flips),
         WandaSolver(dual_taylor=dual),
     )
 
