@@ -7,7 +7,8 @@ tensors`, the default: exact, like CUDA's allocator statistics, but every op is 
 its time is not a timing) or in sampled process RSS (`--measure rss`: also a timing).
 
     python benchmarks/memory.py                       # the 7B-shaped memory check (about 20-30 min on 2 cores)
-    python benchmarks/memory.py --measure rss --blocks 1 --samples 4   # the 7B-shaped time (and RSS) check
+    python benchmarks/memory.py --measure rss --blocks 1 --samples 4 --batch-size 4 --kl-num-samples 2
+                                                      # issue 11's 7B-shaped time (and RSS) check
     python benchmarks/memory.py --hidden 1024 --intermediate 2752 --heads 8 --samples 4 --seq-len 512   # quick
     python benchmarks/memory.py --estimate-table      # the README's estimates for 7B-70B (nothing is run)
 """
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=["sparsegpt", "d2prune"])
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--kl-num-samples", type=int, default=None, help="D²Prune's kl_num_samples (default: 4).")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--measure", choices=("tensors", "rss"), default="tensors")
     parser.add_argument("--json", default=None)
@@ -109,7 +111,8 @@ def main(argv=None) -> int:
     rows = []
     for method in args.methods:
         model.load_state_dict(dense)
-        config = D2PruneConfig(method=method, sparsity=args.sparsity)
+        extra = {"kl_num_samples": args.kl_num_samples} if args.kl_num_samples else {}
+        config = D2PruneConfig(method=method, sparsity=args.sparsity, **extra)
         start = time.perf_counter()
         if args.measure == "tensors":
             with LiveTensorBytes() as counter:

@@ -102,7 +102,7 @@ class D2PruneConfig:
         metadata={
             "help": "Conjugate-gradient steps of the least-squares refit of surviving weights after the OBS sweep "
             f"(weight-update layers only). None: {DEFAULT_REFINE_STEPS} for d2prune, capped per matrix at "
-            "calibration tokens / rows so that the refit never costs more than accumulating the Hessian; 0 (plain "
+            "calibration tokens / rows - 1 so that the refit never costs more than accumulating the Hessian; 0 (plain "
             "SparseGPT) for the other methods. An explicit value is used as given."
         },
     )
@@ -165,7 +165,7 @@ class D2PruneConfig:
     measure_flips: bool = field(
         default=False,
         metadata={"help": "Count the mask entries the dual-Taylor terms change in the OBS solves (the report's "
-                          "'mask flips'): a second mask selection per segment, 1-3 % of the pruning time."},
+                          "'dual-Taylor flips'): a second mask selection per segment, 1-3 % of the pruning time."},
     )
     kl_chunk_mib: int = field(
         default=64,

@@ -183,6 +183,9 @@ def test_block_reconstruction_lowers_the_block_output_error():
     ({"refine_tolerance": "tight"}, "refine_tolerance"),
     ({"block_reconstruction": "yes"}, "block_reconstruction"),
     ({"preset": "fast"}, "preset"),
+    ({"kl_query_rows": 0}, "kl_query_rows"),
+    ({"kl_query_rows": 64.0}, "kl_query_rows"),
+    ({"measure_flips": "yes"}, "measure_flips"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

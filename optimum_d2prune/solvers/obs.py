@@ -80,8 +80,9 @@ class OBSSolver(Solver):
     damp_percent: float = 0.01
     refine_steps: int = 0
     refine_tolerance: float = 0.0  # > 0: stop the refit once converged (`refine_steps` is then the maximum)
-    #: cap the refit at `calibration tokens / rows` steps, so that it never costs more than accumulating the
-    #: Hessian (`steps·rows·cols²` against `tokens·cols²`); the default's steps are capped, explicit ones are not
+    #: cap the refit at `calibration tokens / rows - 1` steps, so that it never costs more than accumulating the
+    #: Hessian (`(steps + 1)·rows·cols²` with the initial residual, against `tokens·cols²`); the default's steps are
+    #: capped, explicit ones are not
     refine_budget: bool = False
     #: also select the baseline mask of each segment to count the entries the dual-Taylor terms change (a
     #: diagnostic: a second kthvalue/sort per segment)
@@ -155,7 +156,7 @@ class OBSSolver(Solver):
         """The refit steps for this matrix: `refine_steps`, capped by the budget when `refine_budget` is set."""
         if not self.refine_budget:
             return self.refine_steps
-        return min(self.refine_steps, stats.inputs.num_tokens // max(weight.shape[0], 1))
+        return max(0, min(self.refine_steps, stats.inputs.num_tokens // max(weight.shape[0], 1) - 1))
 
     def refine(self, weight: torch.Tensor, out: SolverOutput, stats: Optional[LinearStatistics]) -> SolverOutput:
         """Least-squares refit of `out`'s surviving weights (see `refit_surviving_weights`)."""
