@@ -20,7 +20,7 @@ def tune(monkeypatch):
         sys.modules.pop(name, None)
 
 
-def sweep_with(tune, ratios: dict[str, tuple[float, float]], seconds: dict[str, float] = {}):  # noqa: B006
+def sweep_with(tune, ratios: dict[str, tuple[float, float]]):
     """A Sweep whose store holds seed-0 dev rows with the given (50 %, 70 %) PPL/dense per config name."""
     from protocol import Protocol, ProtocolSettings, RowStore
 
@@ -28,20 +28,20 @@ def sweep_with(tune, ratios: dict[str, tuple[float, float]], seconds: dict[str, 
     store = RowStore(None, settings)
     for name, pair in ratios.items():
         for level, ratio in zip(("0.5", "0.7"), pair):
-            store.add({"name": name, "level": level, "seed": 0, "split": "dev", "ratio": ratio, "ppl": ratio,
-                       "seconds": seconds.get(name, 100.0)})
+            store.add({"name": name, "level": level, "seed": 0, "split": "dev", "ratio": ratio, "ppl": ratio})
     return tune.Sweep(Protocol(settings, store), ["0.5", "0.7"])
 
 
-def test_cost_rule_takes_the_fastest_value_within_the_margin(tune):
+def test_cost_rule_takes_the_cheapest_value_within_the_margin(tune):
     rows = {"default": (2.0, 10.0), "refine_tolerance=0.15": (2.004, 10.03), "refine_tolerance=0.2": (2.02, 10.0)}
-    seconds = {"default": 100.0, "refine_tolerance=0.15": 95.0, "refine_tolerance=0.2": 90.0}
-    sweep = sweep_with(tune, rows, seconds)
+    sweep = sweep_with(tune, rows)
     assert sweep.wins({"refine_tolerance": 0.15}) is True  # 0.2 % and 0.3 % worse: within 0.5 %
     assert sweep.wins({"refine_tolerance": 0.2}) is False  # 1 % worse at 50 %
     assert sweep.choice(["refine_tolerance"]) == {"refine_tolerance": 0.15}
-    both = sweep_with(tune, {**rows, "refine_tolerance=0.2": (2.009, 10.0)}, seconds)
-    assert both.choice(["refine_tolerance"]) == {"refine_tolerance": 0.2}  # both accepted: the faster one
+    both = sweep_with(tune, {**rows, "refine_tolerance=0.2": (2.009, 10.0)})
+    assert both.choice(["refine_tolerance"]) == {"refine_tolerance": 0.2}  # both accepted: the larger tolerance
+    rows = {"default": (2.0, 10.0), "kl_query_rows=128": (2.0, 10.0), "kl_query_rows=64": (2.003, 9.99)}
+    assert sweep_with(tune, rows).choice(["kl_query_rows"]) == {"kl_query_rows": 64}  # the fewer rows
 
 
 def test_a_value_must_win_at_both_levels(tune):
