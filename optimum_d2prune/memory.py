@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Union
 
 import torch
 
+from .solvers.obs import ROW_CHUNK_ELEMENTS
+
 if TYPE_CHECKING:
     from .configuration import D2PruneConfig
 
@@ -247,7 +249,7 @@ def estimate(
         """Weight copies (fp32 + bool mask) and the row-chunked temporaries (`ROW_CHUNK_ELEMENTS` rows at a time):
         about four `[chunk, cols]` fp32 matrices in the masking check; the refit's CG holds seven and writes into
         a new `[rows, cols]` result."""
-        chunk = min(rows, max(1, (1 << 22) // cols)) * cols
+        chunk = min(rows, max(1, ROW_CHUNK_ELEMENTS // cols)) * cols  # the rows of one `row_chunks` chunk
         temporaries = rows * cols * _F32 + 7 * chunk * _F32 if refit else 4 * chunk * _F32
         return rows * cols * (2 * _F32 + 1) + temporaries
 
