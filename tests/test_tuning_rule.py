@@ -33,15 +33,17 @@ def sweep_with(tune, ratios: dict[str, tuple[float, float]]):
 
 
 def test_cost_rule_takes_the_cheapest_value_within_the_margin(tune):
-    rows = {"default": (2.0, 10.0), "refine_tolerance=0.15": (2.004, 10.03), "refine_tolerance=0.2": (2.02, 10.0)}
+    rows = {"default": (2.0, 10.0), "refine_tolerance=0.2": (2.004, 10.03), "refine_tolerance=0.3": (2.02, 10.0)}
     sweep = sweep_with(tune, rows)
-    assert sweep.wins({"refine_tolerance": 0.15}) is True  # 0.2 % and 0.3 % worse: within 0.5 %
-    assert sweep.wins({"refine_tolerance": 0.2}) is False  # 1 % worse at 50 %
-    assert sweep.choice(["refine_tolerance"]) == {"refine_tolerance": 0.15}
-    both = sweep_with(tune, {**rows, "refine_tolerance=0.2": (2.009, 10.0)})
-    assert both.choice(["refine_tolerance"]) == {"refine_tolerance": 0.2}  # both accepted: the larger tolerance
-    rows = {"default": (2.0, 10.0), "kl_query_rows=128": (2.0, 10.0), "kl_query_rows=64": (2.003, 9.99)}
-    assert sweep_with(tune, rows).choice(["kl_query_rows"]) == {"kl_query_rows": 64}  # the fewer rows
+    assert sweep.wins({"refine_tolerance": 0.2}) is True  # 0.2 % and 0.3 % worse: within 0.5 %
+    assert sweep.wins({"refine_tolerance": 0.3}) is False  # 1 % worse at 50 %
+    assert sweep.choice(["refine_tolerance"]) == {"refine_tolerance": 0.2}
+    both = sweep_with(tune, {**rows, "refine_tolerance=0.3": (2.009, 10.0)})
+    assert both.choice(["refine_tolerance"]) == {"refine_tolerance": 0.3}  # both accepted: the larger tolerance
+    rows = {"default": (2.0, 10.0), "kl_query_rows=32": (2.0, 10.0), "kl_query_rows=16": (2.003, 9.99)}
+    assert sweep_with(tune, rows).choice(["kl_query_rows"]) == {"kl_query_rows": 16}  # the fewer rows
+    assert sweep_with(tune, {**rows, "kl_query_rows=16": (2.02, 9.99)}).choice(["kl_query_rows"]) == {
+        "kl_query_rows": 32}
 
 
 def test_a_value_must_win_at_both_levels(tune):

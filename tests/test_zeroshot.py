@@ -84,6 +84,9 @@ def test_zero_shot_on_tiny_model(tokenizer_dir, data_dir):
     scores = results.scores()
     assert scores["hellaswag"] == results.metrics["hellaswag"]["acc_norm"] and scores["arc_easy"] == results.metrics["arc_easy"]["acc"]
     assert math.isclose(results.mean, sum(scores.values()) / 7)
+    for task, p in scores.items():  # lm-eval's closed-form standard error of a mean of 0/1 outcomes
+        assert math.isclose(results.stderrs()[task], math.sqrt(p * (1 - p) / (3 - 1)), abs_tol=1e-9)
+    assert math.isclose(results.mean_stderr, math.sqrt(sum(e * e for e in results.stderrs().values())) / 7)
     table = results.table()
     assert table.count("\n") == 2 + 7 and "**mean**" in table
     assert not model.training

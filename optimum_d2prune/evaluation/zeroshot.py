@@ -71,19 +71,35 @@ class ZeroShotResults:
         scores = list(self.scores().values())
         return sum(scores) / len(scores) if scores else math.nan
 
+    def stderrs(self) -> dict[str, float]:
+        """lm-eval's standard error of each task's reported metric (NaN where it was not computed)."""
+        return {t: self.metrics[t].get(f"{self.metric_of(t)}_stderr", math.nan) for t in self.metrics}
+
+    @property
+    def mean_stderr(self) -> float:
+        """Standard error of the task mean, the tasks' examples being independent: `sqrt(sum se²) / tasks`."""
+        errors = list(self.stderrs().values())
+        return math.sqrt(sum(e * e for e in errors)) / len(errors) if errors else math.nan
+
     def table(self) -> str:
         """A markdown table: one row per task (acc, acc_norm, the reported metric, n) and the mean."""
-        lines = ["| task | acc | acc_norm | reported | n |", "|---|---:|---:|---:|---:|"]
+        lines = ["| task | acc | acc_norm | reported ± stderr | n |", "|---|---:|---:|---:|---:|"]
+        errors = self.stderrs()
         for task, m in self.metrics.items():
             norm = f"{m['acc_norm']:.4f}" if "acc_norm" in m else "-"
-            lines.append(f"| {task} | {m['acc']:.4f} | {norm} | {self.scores()[task]:.4f} "
+            lines.append(f"| {task} | {m['acc']:.4f} | {norm} | {self.scores()[task]:.4f}{_pm(errors[task])} "
                          f"({self.metric_of(task)}) | {self.samples.get(task, '')} |")
-        lines.append(f"| **mean** | | | **{self.mean:.4f}** | |")
+        lines.append(f"| **mean** | | | **{self.mean:.4f}**{_pm(self.mean_stderr)} | |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metrics": self.metrics, "scores": self.scores(), "mean": self.mean, "samples": self.samples,
+        return {"metrics": self.metrics, "scores": self.scores(), "mean": self.mean, "stderrs": self.stderrs(),
+                "mean_stderr": self.mean_stderr, "samples": self.samples,
                 "limit": self.limit, "local": self.local}
+
+
+def _pm(error: float) -> str:
+    return "" if math.isnan(error) else f" ± {error:.4f}"
 
 
 def zero_shot(
@@ -94,6 +110,7 @@ def zero_shot(
     limit: Optional[int] = None,
     batch_size: int = 8,
     device: Optional[str] = None,
+    bootstrap_iters: int = 1000,
 ) -> ZeroShotResults:
     """Zero-shot accuracy of `model` with lm-eval (`simple_evaluate` on `HFLM(pretrained=model, tokenizer=...)`).
 
@@ -106,6 +123,8 @@ def zero_shot(
             it, lm-eval's own tasks are used (they download their datasets from the Hub).
         limit: evaluate only the first `limit` examples of each task (a quick estimate; say so when you report it).
         batch_size: lm-eval batch size.
+        bootstrap_iters: passed to lm-eval; accuracies get their closed-form standard error (`acc_stderr`) whenever
+            it is positive, only metrics such as F1 are bootstrapped. 0 skips every standard error.
 
     Returns:
         A `ZeroShotResults`; `print(results.table())` shows acc / acc_norm per task and the mean.
@@ -142,7 +161,7 @@ def zero_shot(
             model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=0, log_samples=False,
             # lm-eval reseeds the global RNGs unless told not to; zero-shot scoring needs no randomness
             random_seed=None, numpy_random_seed=None, torch_random_seed=None,
-            bootstrap_iters=0,
+            bootstrap_iters=bootstrap_iters,
         )
     finally:
         model.train(was_training)
