@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from optimum_d2prune import D2PruneConfig
-from protocol import (SPLITS, Protocol, ProtocolSettings, RowStore, add_protocol_arguments, mean_std, repo_relative,
+from protocol import (SPLITS, Protocol, add_protocol_arguments, mean_std, protocol_from_args, repo_relative,
                       set_threads, write_report)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -158,8 +158,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/ablation.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     rows = [r for r in ROWS if args.rows_only is None or r.name in args.rows_only]
 
-    settings = ProtocolSettings.from_args(args)
-    protocol = Protocol(settings, RowStore(args.rows_file, settings))
+    protocol = protocol_from_args(args, args.rows_file)
     for split in args.splits:
         protocol.dense(split)
     for row, level, seed, split in runs(rows, args.levels, args.seeds, args.splits):

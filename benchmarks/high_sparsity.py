@@ -1,33 +1,32 @@
 """High-sparsity benchmark: non-uniform budgets (OWL) and stronger reconstruction against the baselines.
 
-BENCH.md v1 protocol (SmolLM2-135M-Instruct, 32 x 512 C4 calibration tokens, seed 0, WikiText-2 PPL on the first 32
-windows of 512 tokens). One JSON row per (config, level, seed, calibration size) in `--json`; a rerun skips the rows
-already there, so an interrupted sweep resumes. The markdown table is printed at the end (or with `--table`).
+BENCH.md v1 ("bench": calibrated on all 800 C4 documents, WikiText-2 PPL) and v1.1 ("dev": calibrated on documents
+0-699, PPL on documents 700-799), SmolLM2-135M-Instruct, 32 x 512 calibration tokens. Rows go to `--rows` as they
+finish (an interrupted sweep resumes) and every run also goes to the shared run cache (`results/runs.json`), so a
+configuration already pruned by the ablation or the tuning sweep is not pruned again. The levels of `--seeded-levels`
+run at every `--seeds` (mean ± std); the others at the first seed. `--figure` draws the per-block sparsity of the
+OWL budgets at 70 %.
 
-    python benchmarks/high_sparsity.py --threads 1                                  # 50/60/70/80 %, five configs
-    python benchmarks/high_sparsity.py --levels 0.7 --configs d2prune max_quality --num-samples 16
+    python benchmarks/high_sparsity.py --threads 1          # 50/60/70/80 % and 2:4, five configs, both splits
+    python benchmarks/high_sparsity.py --threads 1 --levels 0.7 --configs d2prune max_quality --splits dev
     python benchmarks/high_sparsity.py --extra "d2+recon:block_reconstruction=true" --configs d2+recon
-    python benchmarks/high_sparsity.py --table                                      # print the table and exit
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
+import datetime
 import logging
+import statistics
 import sys
-import time
 from pathlib import Path
+from typing import Optional
 
-import torch
-from quality import add_protocol_arguments, calibration_batches, level_kwargs, parse_value
+from protocol import (SPLITS, Protocol, add_protocol_arguments, mean_std, parse_value, protocol_from_args,
+                      repo_relative, set_threads, write_report)
 
-from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune.evaluation import perplexity
-from optimum_d2prune.models import load_causal_lm
-
-#: name -> D2PruneConfig fields (besides the level); "+owl" rows are skipped for N:M (uniform by definition)
+RESULTS = Path(__file__).resolve().parent / "results"
+#: name -> D2PruneConfig fields (besides level and seed); "+owl" rows are skipped for N:M (uniform by definition)
 CONFIGS: dict[str, dict] = {
     "sparsegpt": {"method": "sparsegpt"},
     "sparsegpt+owl": {"method": "sparsegpt", "sparsity_allocation": "owl"},
@@ -35,7 +34,7 @@ CONFIGS: dict[str, dict] = {
     "d2prune+owl": {"method": "d2prune", "sparsity_allocation": "owl"},
     "max_quality": {"method": "d2prune", "preset": "max_quality"},
 }
-DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "high_sparsity_rows.json"
+FIGURE = "owl_block_sparsity_70.png"  # written next to --output
 
 
 def parse_extra(text: str) -> tuple[str, dict]:
@@ -45,99 +44,148 @@ def parse_extra(text: str) -> tuple[str, dict]:
     return name, {"method": "d2prune", **{k: parse_value(v) for k, v in fields.items()}}
 
 
-def row_key(row: dict) -> tuple:
-    return row["config"], row["level"], row["seed"], row["num_samples"]
+def applies(fields: dict, level: str) -> bool:
+    """OWL budgets are for unstructured sparsity only (an N:M pattern is uniform by definition)."""
+    return ":" not in level or fields.get("sparsity_allocation", "uniform") == "uniform"
 
 
-def load_rows(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.exists() else []
+def runs(configs: dict[str, dict], names: list[str], levels: list[str], seeds: list[int], seeded: list[str],
+         splits: list[str]):
+    """(name, level, seed, split) in run order: every config at the first seed, then the extra seeds."""
+    for seed in seeds:
+        for level in levels:
+            if seed != seeds[0] and level not in seeded:
+                continue
+            for name in names:
+                if applies(configs[name], level):
+                    for split in splits:
+                        yield name, level, seed, split
 
 
-def print_table(rows: list[dict], configs: list[str]) -> None:
-    """Markdown table: level x config, PPL, PPL/dense, prune seconds and time relative to SparseGPT."""
-    dense = {(r["seed"], r["num_samples"]): r["ppl"] for r in rows if r["config"] == "dense"}
-    by_key = {row_key(r): r for r in rows}
-    levels = sorted({r["level"] for r in rows if r["config"] != "dense"}, key=lambda x: (":" in x, x))
-    print("\n| level | config | PPL | PPL/dense | prune s | x SparseGPT time | block sparsity min-max |")
-    print("|---|---|---:|---:|---:|---:|---|")
-    for level in levels:
-        for config in configs:
-            for r in (r for r in rows if r["config"] == config and r["level"] == level):
-                base = by_key.get(("sparsegpt", level, r["seed"], r["num_samples"]))
-                ratio = f"{r['seconds'] / base['seconds']:.2f}" if base else ""
-                budgets = r.get("block_sparsity") or []
-                spread = f"{min(budgets):.3f}-{max(budgets):.3f}" if budgets else ""
-                ppl_dense = r["ppl"] / dense[(r["seed"], r["num_samples"])]
-                print(f"| {level} | {config} | {r['ppl']:.2f} | {ppl_dense:.3f} | {r['seconds']:.1f} | {ratio} "
-                      f"| {spread} |")
+def write_table(protocol: Protocol, configs: dict[str, dict], args, command: str) -> str:
+    store = protocol.store
+    dense = {split: store.get("dense", "-", 0, split) for split in args.splits}
+
+    def values(name: str, level: str, split: str, key: str) -> list[float]:
+        seeds = args.seeds if level in args.seeded_levels else args.seeds[:1]
+        return [r[key] for s in seeds if (r := store.get(name, level, s, split)) is not None and key in r]
+
+    time_split = "bench" if "bench" in args.splits else args.splits[0]
+    header = ["level", "config"] + [f"{'WikiText-2' if s == 'bench' else 'dev'} PPL/dense" for s in args.splits]
+    header += ["prune s", "x SparseGPT time", "block sparsity min-max"]
+    lines = [
+        "# High sparsity: OWL budgets and block reconstruction (SmolLM2-135M, BENCH.md v1 + v1.1 dev split)",
+        "",
+        f"`{command}` ({datetime.date.today().isoformat()}, {args.threads or 'default'} torch thread(s)); rows in "
+        f"`{repo_relative(store.path)}`.",
+        "",
+        f"{protocol.settings.num_samples} x {protocol.settings.seq_len} C4 calibration tokens; WikiText-2: "
+        "calibrated on all 800 documents, PPL on WikiText-2 test" + (f" (dense {dense['bench']['ppl']:.2f})"
+                                                                     if dense.get("bench") else "")
+        + "; dev: calibrated on documents 0-699, PPL on documents 700-799" + (f" (dense {dense['dev']['ppl']:.2f})"
+                                                                             if dense.get("dev") else "")
+        + f". Levels {', '.join(args.seeded_levels) or '-'} at calibration seeds {', '.join(map(str, args.seeds))} "
+        f"(mean ± std), the others at seed {args.seeds[0]}. Seconds: the {time_split} runs, 1-thread runs made at "
+        "different times on a shared 2-core machine: compare them within a level only roughly.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|---|" + "---:|" * (len(header) - 3) + "---|",
+    ]
+    for level in args.levels:
+        base = values("sparsegpt", level, time_split, "seconds")
+        for name in args.configs:
+            if not applies(configs[name], level):
+                continue
+            cells = [level, name]
+            for split in args.splits:
+                ratios = values(name, level, split, "ratio")
+                cells.append(mean_std(ratios, 3) if ratios else "…")
+            secs = values(name, level, time_split, "seconds")
+            cells.append(f"{statistics.mean(secs):.0f}" if secs else "…")
+            cells.append(f"{statistics.mean(secs) / statistics.mean(base):.2f}" if secs and base else "")
+            budgets = values(name, level, time_split, "block_sparsity")
+            cells.append(f"{min(budgets[0]):.3f}-{max(budgets[0]):.3f}" if budgets else "")
+            lines.append("| " + " | ".join(cells) + " |")
+    todo = [r for r in runs(configs, args.configs, args.levels, args.seeds, args.seeded_levels, args.splits)
+            if store.get(r[0], r[1], r[2], r[3]) is None]
+    lines += ["", "Configurations: " + "; ".join(f"`{n}`: " + ", ".join(f"{k}={v}" for k, v in configs[n].items())
+                                                for n in args.configs) + "."]
+    if todo:
+        lines += ["", f"Not finished yet: {len(todo)} run(s), next: " + ", ".join(" ".join(map(str, r))
+                                                                              for r in todo[:4]) + "."]
+    return write_report("\n".join(lines) + "\n", args.output)
+
+
+def draw_budgets(protocol: Protocol, path: Path, level: str = "0.7", seed: int = 0) -> Optional[Path]:
+    """The per-block sparsity of the OWL runs at `level` (one line per config and split found), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = [(name, split, row["block_sparsity"]) for name in ("d2prune+owl", "sparsegpt+owl", "max_quality")
+             for split in SPLITS if (row := protocol.store.get(name, level, seed, split)) and row.get("block_sparsity")]
+    if not found:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    seen = set()
+    for name, split, budgets in found:
+        if (split, tuple(budgets)) in seen:  # the budgets come from the dense model: equal for every method
+            continue
+        seen.add((split, tuple(budgets)))
+        ax.plot(range(len(budgets)), budgets, marker="o", ms=3,
+                label=f"OWL budgets, calibration on C4 documents {'0-799' if split == 'bench' else '0-699 (dev)'}")
+    ax.axhline(float(level), color="grey", lw=0.8, ls="--", label=f"uniform {float(level):.0%}")
+    ax.set_xlabel("block")
+    ax.set_ylabel("sparsity")
+    ax.set_title(f"SmolLM2-135M, per-block sparsity at {float(level):.0%} (OWL, λ = 0.08, M = 5)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_arguments(parser)
-    parser.add_argument("--levels", nargs="+", default=["0.5", "0.6", "0.7", "0.8"])
+    parser.add_argument("--levels", nargs="+", default=["0.5", "0.6", "0.7", "0.8", "2:4"])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--extra", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="An ad-hoc d2prune config to add to CONFIGS (repeatable); list it in --configs.")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeded-levels", nargs="*", default=["0.7"],
+                        help="Levels run at every --seeds (the others at the first seed only).")
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="Resumable rows file.")
-    parser.add_argument("--table", action="store_true", help="Print the table of the rows in --json and exit.")
+    parser.add_argument("--rows", default=str(RESULTS / "high_sparsity_rows.json"), help="Resumable rows file.")
+    parser.add_argument("--output", default=str(RESULTS / "high_sparsity.md"))
+    parser.add_argument("--table", action="store_true", help="Only rewrite the table (and figure) from the rows.")
+    parser.add_argument("--figure", action="store_true", help=f"Also draw the 70 %% OWL budgets ({FIGURE}, next to --output).")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("optimum_d2prune", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    set_threads(args.threads)
     configs = {**CONFIGS, **dict(parse_extra(e) for e in args.extra)}
     unknown = [c for c in args.configs if c not in configs]
     if unknown:
         parser.error(f"unknown config(s) {unknown}; known: {sorted(configs)} (add one with --extra)")
-    rows = load_rows(args.json)
-    if args.table:
-        print_table(rows, args.configs)
-        return 0
-    done = {row_key(r) for r in rows}
-
-    def save(row: dict) -> None:
-        rows.append(row)
-        done.add(row_key(row))
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
-        print(json.dumps(row), file=sys.stderr)
-
-    model, tokenizer = load_causal_lm(args.model, gguf_file=args.gguf_file)
-    dense_state = copy.deepcopy(model.state_dict())
-
-    def ppl() -> float:
-        return perplexity(model, tokenizer, args.eval, seq_len=args.seq_len, max_windows=args.eval_windows)
-
-    for seed in args.seeds:
-        args.seed = seed
-        calib = None
-        if ("dense", "-", seed, args.num_samples) not in done:
-            save({"config": "dense", "level": "-", "seed": seed, "num_samples": args.num_samples, "ppl": ppl(),
-                  "seconds": 0.0})
-        for level in args.levels:
-            for name in args.configs:
-                fields = {**configs[name], **level_kwargs(level), "seed": seed}
-                if ":" in level and fields.get("sparsity_allocation", "uniform") != "uniform":
-                    continue  # N:M masks are uniform by definition
-                if (name, level, seed, args.num_samples) in done:
-                    continue
-                calib = calib if calib is not None else calibration_batches(args, model, tokenizer)
-                model.load_state_dict(dense_state)
-                pruner = D2Pruner(D2PruneConfig(**fields))
-                start = time.perf_counter()
-                pruner.prune(model, calib)
-                seconds = time.perf_counter() - start
-                report = pruner.report
-                save({"config": name, "level": level, "seed": seed, "num_samples": args.num_samples, "ppl": ppl(),
-                      "seconds": seconds, "fields": fields, "sparsity": report.total_sparsity,
-                      "block_sparsity": report.block_sparsity,
-                      "reconstruction": [(r.error_before, r.error_after) for r in report.reconstruction]})
-    print(f"\nModel {args.model}; calibration {args.num_samples} x {args.seq_len} tokens of "
-          f"{Path(args.calibration).name}; WikiText-2 PPL on {args.eval_windows} x {args.seq_len} tokens; "
-          f"seeds {args.seeds}.")
-    print_table(rows, args.configs)
+    command = ("python benchmarks/high_sparsity.py"
+               + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])))
+    protocol = protocol_from_args(args, args.rows)
+    if not args.table:
+        for split in args.splits:
+            protocol.dense(split)
+        for name, level, seed, split in runs(configs, args.configs, args.levels, args.seeds, args.seeded_levels,
+                                             args.splits):
+            protocol.run(name, configs[name], level, seed, split)
+            write_table(protocol, configs, args, command)
+    if args.figure:
+        drawn = draw_budgets(protocol, Path(args.output).parent / FIGURE)
+        logging.info("per-block sparsity figure: %s", drawn or "no OWL run at 70 % yet")
+    print(write_table(protocol, configs, args, command))
     return 0
 
 

@@ -11,6 +11,7 @@ its time is not a timing) or in sampled process RSS (`--measure rss`: also a tim
                                                       # issue 11's 7B-shaped time (and RSS) check
     python benchmarks/memory.py --hidden 1024 --intermediate 2752 --heads 8 --samples 4 --seq-len 512   # quick
     python benchmarks/memory.py --estimate-table      # the README's estimates for 7B-70B (nothing is run)
+    python benchmarks/memory.py --moe --blocks 1       # a Qwen3-30B-A3B-shaped MoE block (128 experts, top 8)
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def main(argv=None) -> int:
     parser.add_argument("--intermediate", type=int, default=11008)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--moe", action="store_true",
+                        help="Qwen3-MoE blocks shaped like Qwen3-30B-A3B (hidden 2048, 32 heads / 4 KV heads of 128, "
+                             "128 experts of 768, top 8) instead of LLaMA ones; --hidden etc. are then ignored.")
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -99,11 +103,20 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model_config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                               num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
-                               num_hidden_layers=args.blocks, vocab_size=32000, max_position_embeddings=4096,
-                               attn_implementation="sdpa")
-    model = LlamaForCausalLM(model_config).eval()
+    if args.moe:
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        shape = {**BIG_MODELS["Qwen3-30B-A3B (MoE)"], "num_hidden_layers": args.blocks, "vocab_size": 32000}
+        model_config = Qwen3MoeConfig(**shape, max_position_embeddings=4096, attn_implementation="sdpa")
+        model = Qwen3MoeForCausalLM(model_config).eval()
+        title = "Qwen3-30B-A3B-shaped MoE blocks (hidden 2048, 32/4 heads, 128 experts of 768, top 8)"
+    else:
+        model_config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                                   num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
+                                   num_hidden_layers=args.blocks, vocab_size=32000, max_position_embeddings=4096,
+                                   attn_implementation="sdpa")
+        model = LlamaForCausalLM(model_config).eval()
+        title = (f"LLaMA-shaped blocks: hidden {args.hidden}, intermediate {args.intermediate}, {args.heads} heads")
     dense = copy.deepcopy(model.state_dict())
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model_config.vocab_size, (args.samples, args.seq_len), generator=generator)
@@ -132,8 +145,7 @@ def main(argv=None) -> int:
                      "ratio": max(predicted.phases.values()) / max(report.memory_increase_bytes, 1),
                      "seconds": seconds})
         print(json.dumps(rows[-1]), file=sys.stderr)
-    print(f"\nLLaMA-shaped blocks: hidden {args.hidden}, intermediate {args.intermediate}, {args.heads} heads, "
-          f"{args.blocks} blocks, {args.samples} x {args.seq_len} tokens (batch {args.batch_size}), fp32 CPU, "
+    print(f"\n{title}, {args.blocks} blocks, {args.samples} x {args.seq_len} tokens (batch {args.batch_size}), fp32 CPU, "
           f"{torch.get_num_threads()} threads; measured = peak increase per phase, "
           f"{'live tensor bytes' if args.measure == 'tensors' else 'process RSS'}.\n")
     print("| method | phase | measured GiB | estimate GiB | estimate / measured |")

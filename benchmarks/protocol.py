@@ -8,9 +8,15 @@ Two splits (../shared/docs/BENCH.md):
 - "dev" (v1.1): calibrate on documents 0-699 (same SparseGPT sampling), PPL on documents 700-799 joined by blank
   lines, tokenized once, first 32 non-overlapping 512-token windows. Every tuning decision uses this split.
 
-    from protocol import Protocol, ProtocolSettings, RowStore
-    bench = Protocol(ProtocolSettings(), store=RowStore("rows.json"))
+    from protocol import Protocol, ProtocolSettings, RowStore, RunCache
+    settings = ProtocolSettings()
+    bench = Protocol(settings, store=RowStore("rows.json", settings), cache=RunCache.shared(settings))
     row = bench.run("default", {}, "0.5", seed=0, split="dev")   # or the stored row when already done
+
+The shared run cache (`results/runs.json`) holds every finished run by its full resolved config and split, so the
+benchmark scripts (tune, ablation, high_sparsity) never prune the same configuration twice: a SparseGPT row of the
+ablation is the SparseGPT row of the high-sparsity table, the tuning sweep's default is the ablation's. A changed
+library default changes the resolved config, so a stale run is never reused.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ logger = logging.getLogger("protocol")
 # the benchmark data (BENCH.md): $D2PRUNE_DATA_DIR, else ../shared/data next to the repository
 SHARED = Path(os.environ.get("D2PRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SPLITS = ("bench", "dev")
+RESULTS = Path(__file__).resolve().parent / "results"
 #: BENCH.md v1.1: the dev split of c4_train_sample.jsonl
 DEV_CALIBRATION_DOCS = range(0, 700)
 DEV_EVAL_DOCS = range(700, 800)
@@ -78,6 +85,15 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--no-shared-runs", action="store_true",
+                        help="Neither read nor write the shared run cache (results/runs.json).")
+
+
+def protocol_from_args(args: argparse.Namespace, rows: Optional[Union[str, os.PathLike]]) -> "Protocol":
+    """The protocol of `add_protocol_arguments`' arguments, its rows in `rows`, with the shared run cache."""
+    settings = ProtocolSettings.from_args(args)
+    cache = RunCache(None, settings) if args.no_shared_runs else RunCache.shared(settings)
+    return Protocol(settings, RowStore(rows, settings), cache)
 
 
 @dataclass(frozen=True)
@@ -143,12 +159,60 @@ class RowStore:
         tmp.replace(self.path)
 
 
-class Protocol:
-    """One loaded model, its dense weights, the calibration samples of each (split, seed), and the row store."""
+class RunCache:
+    """Finished runs of every benchmark script, keyed by the run's resolved config (level and seed included) and
+    split; the measured fields only (a script's row adds its own name). Refuses a file of another protocol."""
 
-    def __init__(self, settings: ProtocolSettings, store: Optional[RowStore] = None):
+    FIELDS = ("ppl", "ratio", "seconds", "unupdated", "block_sparsity")
+
+    def __init__(self, path: Optional[Union[str, os.PathLike]], settings: ProtocolSettings):
+        self.path = Path(path) if path is not None else None
+        self.settings = settings
+        self.runs: dict[str, dict] = {}
+        if self.path is not None and self.path.is_file():
+            data = json.loads(self.path.read_text())
+            if data.get("protocol") != asdict(settings):
+                raise ValueError(f"{self.path} holds runs of another protocol ({data.get('protocol')}); this run "
+                                 f"uses {asdict(settings)}. Pass --no-shared-runs or another protocol's file.")
+            self.runs = {self.key(r["config"], r["split"]): r for r in data["runs"]}
+
+    @classmethod
+    def shared(cls, settings: ProtocolSettings) -> "RunCache":
+        """The repository's cache (`benchmarks/results/runs.json`) for the BENCH.md protocol, a throwaway one for
+        any other protocol (a smoke run with fewer windows must not write next to the real runs)."""
+        return cls(RESULTS / "runs.json" if settings == ProtocolSettings() else None, settings)
+
+    @staticmethod
+    def key(config: dict, split: str) -> str:
+        return json.dumps({"config": config, "split": split}, sort_keys=True)
+
+    def get(self, config: dict, split: str) -> Optional[dict]:
+        return self.runs.get(self.key(config, split))
+
+    def add(self, config: dict, split: str, row: dict) -> None:
+        self.runs[self.key(config, split)] = {"config": config, "split": split,
+                                               **{k: row[k] for k in self.FIELDS if k in row}}
+        if self.path is None:
+            return
+        # another script may have added runs since this one read the file: merge before writing
+        if self.path.is_file():
+            theirs = json.loads(self.path.read_text()).get("runs", [])
+            self.runs = {**{self.key(r["config"], r["split"]): r for r in theirs}, **self.runs}
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"protocol": asdict(self.settings), "runs": list(self.runs.values())}, indent=1)
+                       + "\n")
+        tmp.replace(self.path)
+
+
+class Protocol:
+    """One loaded model, its dense weights, the calibration samples of each (split, seed), the row store, and the
+    run cache shared between scripts."""
+
+    def __init__(self, settings: ProtocolSettings, store: Optional[RowStore] = None,
+                 cache: Optional[RunCache] = None):
         self.settings = settings
         self.store = store if store is not None else RowStore(None, settings)
+        self.cache = cache if cache is not None else RunCache(None, settings)
         self._model = None
         self._calibration: dict[tuple[str, int], list] = {}
 
@@ -208,6 +272,13 @@ class Protocol:
                                  "Delete its rows or pass another rows file.")
             return row
         dense = self.dense(split)
+        cached = self.cache.get(_comparable(config), split)
+        if cached is not None:  # the same run was made for another script (or another name)
+            row = {"name": name, "level": level, "seed": seed, "split": split, "overrides": overrides,
+                   **{k: cached[k] for k in RunCache.FIELDS if k in cached}, "config": _comparable(config)}
+            self.store.add(row)
+            logger.info("%s %s seed %d %s: PPL %.3f from the run cache", name, level, seed, split, row["ppl"])
+            return row
         model = self._load()
         calib = self.calibration(split, seed)
         model.load_state_dict(self._dense)
@@ -222,7 +293,10 @@ class Protocol:
         if report is not None and report.attention:
             counts = {p: sum(a.chosen == p for a in report.attention) for p in "qkv"}
             row["unupdated"] = "".join(f"{p}{n}" for p, n in counts.items() if n)
+        if report is not None and report.block_sparsity:
+            row["block_sparsity"] = [round(b, 6) for b in report.block_sparsity]
         self.store.add(row)
+        self.cache.add(row["config"], split, row)
         logger.info("%s %s seed %d %s: PPL %.3f (x%.3f dense) in %.1f s", name, level, seed, split, ppl,
                     row["ratio"], seconds)
         return row
@@ -266,3 +340,28 @@ def write_report(text: str, output: Optional[str]) -> str:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(text, encoding="utf-8")
     return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python benchmarks/protocol.py --import-rows FILE...`: add the config-carrying rows of row files (of the
+    default protocol) to the shared run cache."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--import-rows", nargs="+", required=True)
+    args = parser.parse_args(argv)
+    settings = ProtocolSettings()
+    cache = RunCache.shared(settings)
+    added = 0
+    for path in args.import_rows:
+        data = json.loads(Path(path).read_text())
+        if data.get("protocol") != asdict(settings):
+            raise SystemExit(f"{path} holds rows of another protocol: not imported.")
+        for row in data["rows"]:
+            if "config" in row and cache.get(row["config"], row["split"]) is None:
+                cache.add(row["config"], row["split"], row)
+                added += 1
+    print(f"{added} run(s) added to {cache.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

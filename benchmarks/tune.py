@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from protocol import (Protocol, ProtocolSettings, RowStore, add_protocol_arguments, repo_relative, set_threads,
+from protocol import (Protocol, add_protocol_arguments, protocol_from_args, repo_relative, set_threads,
                       write_report)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -223,8 +223,7 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     command = "python benchmarks/tune.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
 
-    settings = ProtocolSettings.from_args(args)
-    protocol = Protocol(settings, RowStore(args.rows, settings))
+    protocol = protocol_from_args(args, args.rows)
     sweep = Sweep(protocol, args.levels)
     protocol.dense("dev")
     for changes, seed in plan(args.params, args.noise_seeds):

@@ -194,8 +194,9 @@ def _shape(model_config: Any) -> dict[str, int]:
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
     expert_size = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", 4 * hidden)
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "num_experts_per_token", None) or 1
     return {"hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads,
-            "head_dim": head_dim, "experts": experts, "expert_size": expert_size,
+            "head_dim": head_dim, "experts": experts, "expert_size": expert_size, "top_k": top_k if experts else 0,
             "layers": config.num_hidden_layers, "vocab": getattr(config, "vocab_size", 0)}
 
 
@@ -212,10 +213,13 @@ def estimate(
     """Peak memory of each phase of pruning a LLaMA-style decoder (attention q/k/v/o, gated MLP or MoE experts).
 
     The terms follow the engine: calibration activations `N·T·d` (model dtype; on the CPU with
-    `offload_activations`), the statistics of one block (fp32 `cols²` sums of each input stream, q/k/v, o,
-    gate/up, down; MoE: one expert's at a time), one Hessian factor (`cols²`, the sum becomes the damped H in place),
+    `offload_activations`), the statistics of one block (fp32 `cols²` sums of each input stream: q/k/v, o
+    (`heads·head_dim` columns), gate/up, down), one Hessian factor (`cols²`, the sum becomes the damped H in place),
     the solve's working copies (`rows·cols` fp32 and bool), one batch's forward through a block, and for
     D²Prune's KL term the copied sequences, four sets of per-head queries/keys and a few `kl_chunk_mib` chunks.
+    MoE blocks (routed experts, no shared expert): the experts' inputs and routing are kept for the block (the
+    statistics of one expert at a time are built from them), and the forward holds `top_k` copies of each token's
+    hidden state (transformers' grouped experts path; the eager loop holds less).
     `model_on_device`: whether the model already lives on `device` (default: True on CPU, False elsewhere; then one
     block and the weights outside the blocks are counted as `resident`).
     """
@@ -225,7 +229,8 @@ def estimate(
     q_rows, kv_rows = s["heads"] * hd, s["kv_heads"] * hd
     act = torch.tensor([], dtype=dtype).element_size()
     tokens, batch_tokens = num_samples * seq_len, batch_size * seq_len
-    mlp = s["expert_size"] if s["experts"] else inter
+    moe = bool(s["experts"])
+    mlp = s["expert_size"] if moe else inter
     block_params = d * (q_rows + 2 * kv_rows) + q_rows * d + 3 * d * mlp * max(s["experts"], 1)
     outside = 2 * s["vocab"] * d
     on_device = device.type == "cpu" if model_on_device is None else model_on_device
@@ -233,15 +238,22 @@ def estimate(
     activations = 0 if (config.offload_activations and device.type != "cpu") else tokens * d * act
     if config.offload_activations and device.type != "cpu":
         activations = 2 * batch_tokens * d * act  # the batch streamed in and its output
-    widest = mlp if s["experts"] else inter
-    # one batch through a block at its peak, the MLP: the residual, the normed input, the output; act(gate), up and
-    # their product (the statistics hooks add a y² of the widest output)
-    forward = 3 * batch_tokens * d * act + 3 * batch_tokens * widest * max(act, _F32)
-    hook = batch_tokens * widest * _F32
-    sums = (3 * d * d + mlp * mlp) * _F32
+    # one batch through a block at its peak, the MLP: the residual, the normed input, the output; dense: act(gate), up
+    # and their product; MoE: the grouped path's four `[tokens·top_k, d]` tensors (the gathered inputs, the
+    # experts' outputs, weighted, and reordered)
+    if moe:
+        forward = 3 * batch_tokens * d * act + 4 * batch_tokens * s["top_k"] * d * act
+    else:
+        forward = 3 * batch_tokens * d * act + 3 * batch_tokens * inter * max(act, _F32)
+    hook = batch_tokens * max(q_rows, d if moe else inter) * _F32  # y² of the widest hooked output
+    qkv_sum, o_sum = d * d * _F32, q_rows * q_rows * _F32
+    mlp_sums = 0 if moe else (d * d + inter * inter) * _F32  # experts: built one at a time in the solve
+    sums = qkv_sum + o_sum + mlp_sums
+    # MoE: the experts module's inputs and routing indices of every calibration token, kept for the block
+    expert_inputs = tokens * (d * act + s["top_k"] * 8) if moe else 0
     uses_kl = config.uses_attention_awareness and config.attention_update == "dynamic" and config.kl_weight > 0
     kl_inputs = min(config.kl_num_samples, num_samples) * seq_len * (d + 2 * hd) * _F32 if uses_kl else 0
-    stats = activations + sums + kl_inputs + forward + hook
+    stats = activations + sums + expert_inputs + kl_inputs + forward + hook
 
     refit = config.resolve_refine_steps() > 0
 
@@ -262,20 +274,23 @@ def estimate(
     group = max(1, s["heads"] // s["kv_heads"])
     heads_chunk = max(group, heads_chunk // group * group)
     kl = 4 * seq_len * (q_rows + kv_rows) * _F32 + 6 * min(heads_chunk, s["heads"]) * per_head if uses_kl else 0
-    attention = activations + sums + kl_inputs + d * d * _F32 + candidates + max(kl, solve_work(q_rows, d))
+    held = activations + expert_inputs  # alive through the whole solve of a block
+    attention = held + sums + kl_inputs + qkv_sum + candidates + max(kl, solve_work(q_rows, d))
     if not config.uses_attention_awareness:
         attention = 0
-    solve = max(attention, activations + max(  # the solve phase holds the attention choice
-        sums + d * d * _F32 + solve_work(q_rows, d),  # q/k/v
-        (d * d + mlp * mlp) * _F32 + d * d * _F32 + solve_work(mlp, d),  # gate/up
+    solve = max(attention, held + max(  # the solve phase holds the attention choice
+        sums + qkv_sum + solve_work(q_rows, d),  # q/k/v: every sum of the block, the q/k/v factor
+        sums - qkv_sum + o_sum + solve_work(d, q_rows),  # o: its sum (the damped H) and its factor
+        (d * d + mlp * mlp) * _F32 + d * d * _F32 + solve_work(2 * mlp if moe else mlp, d),  # gate/up (one expert's)
         mlp * mlp * _F32 * 2 + solve_work(d, mlp),  # down: its sum (the damped H) and its factor
     ))
     propagate = activations + forward + batch_tokens * d * act
     phases = {"inputs": activations + batch_tokens * d * act, "statistics": stats, "attention choice": attention,
               "solve": solve, "propagate": propagate}
     components = {"activations": activations, "statistics sums": sums, "block forward (one batch)": forward + hook,
-                  "KL inputs": kl_inputs, "KL chunk": kl, "q/k/v candidates": candidates,
-                  "largest factor": mlp * mlp * _F32, "resident weights": resident}
+                  "expert inputs": expert_inputs, "KL inputs": kl_inputs, "KL chunk": kl,
+                  "q/k/v candidates": candidates, "largest factor": max(mlp, q_rows, d) ** 2 * _F32,
+                  "resident weights": resident}
     return MemoryEstimate({k: v for k, v in phases.items() if v}, resident, components)
 
 

@@ -114,6 +114,31 @@ def test_row_store_resumes_and_refuses_other_settings(tmp_path, protocol_module)
         protocol_module.RowStore(path, protocol_module.ProtocolSettings(num_samples=32))
 
 
+def test_run_cache_is_shared_by_config_not_by_name(tmp_path, protocol_module):
+    """A run finished by one script (under its name) is reused by another script's row of the same resolved config,
+    without loading the model; a config that differs in any resolved field is not; concurrent writers merge."""
+    from optimum_d2prune import D2PruneConfig
+
+    settings = protocol_module.ProtocolSettings(num_samples=2, eval_windows=2)
+    path = tmp_path / "runs.json"
+    config = protocol_module._comparable(D2PruneConfig(method="sparsegpt", sparsity=0.5, seed=1))
+    writer, other = protocol_module.RunCache(path, settings), protocol_module.RunCache(path, settings)
+    writer.add(config, "dev", {"ppl": 60.0, "ratio": 1.8, "seconds": 9.0, "name": "ignored"})
+    other.add(protocol_module._comparable(D2PruneConfig(sparsity=0.5)), "dev", {"ppl": 55.0})  # read before
+    cache = protocol_module.RunCache(path, settings)
+    assert len(cache.runs) == 2 and "name" not in cache.get(config, "dev")
+    bench = protocol_module.Protocol(settings, protocol_module.RowStore(None, settings), cache)
+    bench.store.add({"name": "dense", "level": "-", "seed": 0, "split": "dev", "overrides": {}, "ppl": 33.0})
+    row = bench.run("sparsegpt", {"method": "sparsegpt"}, "0.5", 1, "dev")
+    assert (row["name"], row["ppl"], row["seconds"]) == ("sparsegpt", 60.0, 9.0) and bench._model is None
+    assert bench.store.get("sparsegpt", "0.5", 1, "dev") == row
+    assert cache.get(protocol_module._comparable(D2PruneConfig(method="sparsegpt", sparsity=0.5, seed=2)),
+                     "dev") is None
+    assert cache.get(config, "bench") is None
+    with pytest.raises(ValueError, match="runs of another protocol"):
+        protocol_module.RunCache(path, protocol_module.ProtocolSettings())
+
+
 def test_protocol_rejects_an_unknown_split(protocol_module):
     bench = protocol_module.Protocol(protocol_module.ProtocolSettings())
     with pytest.raises(ValueError, match="`split` must be one of"):

@@ -66,6 +66,42 @@ def test_generic_probs_equal_output_attentions_with_padding(family):
         assert float(probs[1][:, valid[1]][..., ~valid[1]].abs().max()) == 0.0  # padded keys get no attention
 
 
+@pytest.mark.parametrize("family", FAMILIES + ["qwen3-moe"])
+def test_generic_query_row_subset_equals_the_rows_of_the_full_probabilities(family):
+    """The KL term's query subset is taken before the family's eager function (mask rows with it): the same
+    log-probabilities as the full ones' rows, for every family (sliding windows, softcapping, sinks, padding)."""
+    model = make_family(family, attn_implementation="sdpa")
+    ids, mask = padded_inputs()
+    adapter = get_adapter(model, generic=True)
+    rows = torch.tensor([0, 4, 5, 11])
+    for index, block in enumerate(adapter.blocks(model)):
+        attention, inputs = _capture(model, index, lambda: model(ids, attention_mask=mask, use_cache=False))
+        refs = adapter.projections(block)
+        scores = adapter.attention_scores(attention, inputs, {p: adapter_rows(block, refs[p]) for p in ("q", "k")})
+        for heads in scores.chunks(scores.group):
+            full = scores.probs(heads).clamp_min(1e-12).log()
+            torch.testing.assert_close(scores.log_probabilities(heads, rows), full[:, :, rows], rtol=1e-5, atol=1e-5)
+
+
+def test_generic_kl_chunk_holds_only_the_query_rows():
+    """Memory of one head chunk with 8 of 256 query rows: well under one full `[B, h, T, T]` tensor (issue 11: the
+    generic path used to compute every row and select afterwards)."""
+    from optimum_d2prune.testing.memory_counter import LiveTensorBytes
+
+    model = make_family("qwen3-moe", attn_implementation="sdpa")
+    ids = torch.randint(3, VOCAB, (1, 256), generator=torch.Generator().manual_seed(2))
+    adapter = get_adapter(model, generic=True)
+    block = adapter.blocks(model)[0]
+    attention, inputs = _capture(model, 0, lambda: model(ids, use_cache=False))
+    refs = adapter.projections(block)
+    scores = adapter.attention_scores(attention, inputs, {p: adapter_rows(block, refs[p]) for p in ("q", "k")})
+    heads = slice(0, scores.num_heads)
+    full_bytes = scores.num_heads * 256 * 256 * 4
+    with LiveTensorBytes() as counter:
+        log = scores.log_probabilities(heads, torch.arange(0, 256, 32))
+    assert log.shape[2] == 8 and counter.peak < full_bytes / 4, (counter.peak, full_bytes)
+
+
 def adapter_rows(block, ref):
     from optimum_d2prune.architectures.base import read_rows
 

@@ -384,7 +384,6 @@ def fixture(request, splits):
 
 def test_fixture_is_a_useful_classifier(fixture, splits):
     assert fixture.test_accuracy >= 0.93, fixture.test_accuracy  # measured: deit 94.7 %, timm 96.9 %
-    assert fixture.train_seconds < 180
     assert image_accuracy(fixture.model, digits.eval_batches(splits)).top1 == pytest.approx(fixture.test_accuracy)
 
 

@@ -357,28 +357,41 @@ def _capture_query_key(attention: nn.Module, kwargs: dict[str, Any]) -> Optional
 
 def _chunked_eager_scores(attention: nn.Module, eager: Any, query: torch.Tensor, key: torch.Tensor,
                           mask: Optional[torch.Tensor], args: tuple, kwargs: dict[str, Any]) -> AttentionScores:
-    """Probabilities from the family's eager function on slices of whole key-head groups, in fp32."""
+    """Probabilities from the family's eager function on slices of whole key-head groups, in fp32.
+
+    Query rows are independent in every eager attention (scores, mask, softcap, sinks and softmax act row by row),
+    so the KL term's subset of query positions is taken before the call, with the same rows of the mask: a chunk
+    holds `[B, h, rows, T]`, not `[B, h, T, T]`.
+    """
     query, key = query.detach().float(), key.detach().float()
     heads, group = query.shape[1], query.shape[1] // key.shape[1]
-    whole: list[torch.Tensor] = []  # fallback: a family whose eager function needs every head (per-head sinks)
+    all_heads = [False]  # fallback: a family whose eager function needs every head at once (per-head sinks)
+    last: list = []  # with all heads: (rows, weights) of the last call, reused by the other head slices
 
-    def run(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        _, weights = eager(attention, q, k, k, mask, *args, **{**kwargs, "dropout": 0.0})
+    def run(q: torch.Tensor, k: torch.Tensor, m: Optional[torch.Tensor]) -> torch.Tensor:
+        _, weights = eager(attention, q, k, k, m, *args, **{**kwargs, "dropout": 0.0})
         return weights.float()
 
-    def probs(sl: slice) -> torch.Tensor:
-        if whole:
-            return whole[0][:, sl]
-        if sl.stop - sl.start == heads:
-            return run(query, key)
-        try:
-            return run(query[:, sl], key[:, sl.start // group : sl.stop // group])
-        except RuntimeError as err:
-            logger.debug("%s: eager attention needs all heads at once (%s).", type(attention).__name__, err)
-            whole.append(run(query, key))
-            return whole[0][:, sl]
+    def weights(sl: slice, rows: Optional[torch.Tensor]) -> torch.Tensor:
+        q, m = query, mask
+        if rows is not None:
+            q = q.index_select(2, rows.to(q.device))
+            if m is not None and m.shape[-2] > 1:
+                m = m.index_select(-2, rows.to(m.device))
+        if not all_heads[0] and sl.stop - sl.start < heads:
+            try:
+                return run(q[:, sl], key[:, sl.start // group : sl.stop // group], m)
+            except RuntimeError as err:
+                logger.debug("%s: eager attention needs all heads at once (%s).", type(attention).__name__, err)
+                all_heads[0] = True
+        if not last or last[0] is not rows:
+            last[:] = [rows, run(q, key, m)]
+        return last[1][:, sl]
 
-    return AttentionScores(heads, group, probs)
+    def log_probs(sl: slice, rows: Optional[torch.Tensor]) -> torch.Tensor:
+        return weights(sl, rows).clamp_min(1e-12).log()
+
+    return AttentionScores(heads, group, lambda sl: weights(sl, None), log_probs)
 
 
 def _bound_arguments(attention: nn.Module, inputs: AttentionInputs) -> dict[str, Any]:
