@@ -43,7 +43,7 @@ DEFAULTS: dict[str, Any] = {"kl_weight": 10.0, "activation_scale": "auto", "refi
 #: The cost fields list only values cheaper than the default (tolerance 0.15 and 64 rows were chosen by the cost
 #: rule in an earlier sweep around 0 and every row: benchmarks/results/tuning_cost.md)
 GRID: dict[str, list] = {
-    "kl_weight": [0.0, 3.0, 30.0],
+    "kl_weight": [0.0, 3.0, 30.0, 100.0],
     "refine_steps": [0, 4, 16],
     "activation_scale": [256.0, 1024.0, 1500.0],
     "kl_num_samples": [2, 8],

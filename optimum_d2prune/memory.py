@@ -273,7 +273,12 @@ def estimate(
     heads_chunk = max(1, chunk // per_head)
     group = max(1, s["heads"] // s["kv_heads"])
     heads_chunk = max(group, heads_chunk // group * group)
-    kl = 4 * seq_len * (q_rows + kv_rows) * _F32 + 6 * min(heads_chunk, s["heads"]) * per_head if uses_kl else 0
+    # per sequence: the queries/keys of the reference and the three candidates, then either the probability chunks
+    # or, while a candidate's queries are built, that projection's output with its norm / position-encoding
+    # temporaries and the original q/k/v rows saved while the candidate's are swapped in
+    capture = 4 * seq_len * q_rows * _F32 + qkv * _F32
+    kl = (4 * seq_len * (q_rows + kv_rows) * _F32 + max(6 * min(heads_chunk, s["heads"]) * per_head, capture)
+          if uses_kl else 0)
     held = activations + expert_inputs  # alive through the whole solve of a block
     attention = held + sums + kl_inputs + qkv_sum + candidates + max(kl, solve_work(q_rows, d))
     if not config.uses_attention_awareness:

@@ -378,7 +378,9 @@ def _chunked_eager_scores(attention: nn.Module, eager: Any, query: torch.Tensor,
             q = q.index_select(2, rows.to(q.device))
             if m is not None and m.shape[-2] > 1:
                 m = m.index_select(-2, rows.to(m.device))
-        if not all_heads[0] and sl.stop - sl.start < heads:
+        if sl.stop - sl.start == heads:
+            return run(q, key, m)
+        if not all_heads[0]:
             try:
                 return run(q[:, sl], key[:, sl.start // group : sl.stop // group], m)
             except RuntimeError as err:
