@@ -62,13 +62,19 @@ ROW_NAMES = [r.name for r in ROWS]
 
 
 def runs(rows: list[Row], levels: list[str], seeds: list[int], splits: list[str]):
-    """(row, level, seed, split) in run order: level by level, seed 0 of every row before the extra seeds."""
-    for level in levels:
-        for seed in seeds:
+    """(row, level, seed, split) in run order: the seeded rows (the comparison a reader needs first: SparseGPT,
+    SparseGPT + refit, the default) at every level, one seed at a time; then the breakdown rows at the first seed."""
+    for seed in seeds:
+        for level in levels:
             for row in rows:
-                if seed == seeds[0] or row.seeded:
+                if row.seeded:
                     for split in splits:
                         yield row, level, seed, split
+    for level in levels:
+        for row in rows:
+            if not row.seeded:
+                for split in splits:
+                    yield row, level, seeds[0], split
 
 
 def write_table(protocol: Protocol, rows: list[Row], args, command: str) -> str:

@@ -191,6 +191,7 @@ def choose_unupdated_projection(
                 kl_sums[c] += total
             rows += n
             del log_reference
+        del reference, candidates  # before the next sequence's are built: one sequence's queries alive at a time
     if reduce is not None:
         *sums, rows = reduce([kl_sums[c] for c in PROJECTIONS] + [float(rows)])
         kl_sums = dict(zip(PROJECTIONS, sums))
