@@ -174,7 +174,7 @@ class RunCache:
             if data.get("protocol") != asdict(settings):
                 raise ValueError(f"{self.path} holds runs of another protocol ({data.get('protocol')}); this run "
                                  f"uses {asdict(settings)}. Pass --no-shared-runs or another protocol's file.")
-            self.runs = {self.key(r["config"], r["split"]): r for r in data["runs"]}
+            self.runs = {self.key(r["config"], r["split"], r["threads"]): r for r in data["runs"]}
 
     @classmethod
     def shared(cls, settings: ProtocolSettings) -> "RunCache":
@@ -183,21 +183,24 @@ class RunCache:
         return cls(RESULTS / "runs.json" if settings == ProtocolSettings() else None, settings)
 
     @staticmethod
-    def key(config: dict, split: str) -> str:
-        return json.dumps({"config": config, "split": split}, sort_keys=True)
+    def key(config: dict, split: str, threads: int) -> str:
+        """The torch thread count is part of a run's identity: the summation order changes with it, and 30 blocks
+        of pruning turn that into percents of PPL at high sparsity."""
+        return json.dumps({"config": config, "split": split, "threads": threads}, sort_keys=True)
 
-    def get(self, config: dict, split: str) -> Optional[dict]:
-        return self.runs.get(self.key(config, split))
+    def get(self, config: dict, split: str, threads: Optional[int] = None) -> Optional[dict]:
+        return self.runs.get(self.key(config, split, threads or torch.get_num_threads()))
 
-    def add(self, config: dict, split: str, row: dict) -> None:
-        self.runs[self.key(config, split)] = {"config": config, "split": split,
-                                               **{k: row[k] for k in self.FIELDS if k in row}}
+    def add(self, config: dict, split: str, row: dict, threads: Optional[int] = None) -> None:
+        threads = threads or torch.get_num_threads()
+        self.runs[self.key(config, split, threads)] = {"config": config, "split": split, "threads": threads,
+                                                        **{k: row[k] for k in self.FIELDS if k in row}}
         if self.path is None:
             return
         # another script may have added runs since this one read the file: merge before writing
         if self.path.is_file():
             theirs = json.loads(self.path.read_text()).get("runs", [])
-            self.runs = {**{self.key(r["config"], r["split"]): r for r in theirs}, **self.runs}
+            self.runs = {**{self.key(r["config"], r["split"], r["threads"]): r for r in theirs}, **self.runs}
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"protocol": asdict(self.settings), "runs": list(self.runs.values())}, indent=1)
                        + "\n")
@@ -343,10 +346,11 @@ def write_report(text: str, output: Optional[str]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python benchmarks/protocol.py --import-rows FILE...`: add the config-carrying rows of row files (of the
-    default protocol) to the shared run cache."""
+    """`python benchmarks/protocol.py --import-rows FILE... --threads N`: add the config-carrying rows of row files
+    (of the default protocol, run with N torch threads) to the shared run cache."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--import-rows", nargs="+", required=True)
+    parser.add_argument("--threads", type=int, required=True, help="The torch threads those rows ran with.")
     args = parser.parse_args(argv)
     settings = ProtocolSettings()
     cache = RunCache.shared(settings)
@@ -356,8 +360,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if data.get("protocol") != asdict(settings):
             raise SystemExit(f"{path} holds rows of another protocol: not imported.")
         for row in data["rows"]:
-            if "config" in row and cache.get(row["config"], row["split"]) is None:
-                cache.add(row["config"], row["split"], row)
+            if "config" in row and cache.get(row["config"], row["split"], args.threads) is None:
+                cache.add(row["config"], row["split"], row, args.threads)
                 added += 1
     print(f"{added} run(s) added to {cache.path}")
     return 0

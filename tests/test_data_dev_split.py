@@ -135,6 +135,7 @@ def test_run_cache_is_shared_by_config_not_by_name(tmp_path, protocol_module):
     assert cache.get(protocol_module._comparable(D2PruneConfig(method="sparsegpt", sparsity=0.5, seed=2)),
                      "dev") is None
     assert cache.get(config, "bench") is None
+    assert cache.get(config, "dev", threads=torch.get_num_threads() + 1) is None  # another summation order
     with pytest.raises(ValueError, match="runs of another protocol"):
         protocol_module.RunCache(path, protocol_module.ProtocolSettings())
 
