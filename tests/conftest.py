@@ -16,6 +16,14 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VOCAB = 96
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that need the benchmark data (`shared_data`, directly or through another fixture), so that
+    `-m benchmark_data` selects exactly them (CI checks that they skip with a reason when the data is absent)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.benchmark_data)
+
+
 def tiny_llama(layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
