@@ -20,15 +20,18 @@ def tune(monkeypatch):
         sys.modules.pop(name, None)
 
 
-def sweep_with(tune, ratios: dict[str, tuple[float, float]]):
-    """A Sweep whose store holds seed-0 dev rows with the given (50 %, 70 %) PPL/dense per config name."""
+def sweep_with(tune, ratios: dict[str, tuple[float, float]], default_seeds: tuple = ()):
+    """A Sweep whose store holds seed-0 dev rows with the given (50 %, 70 %) PPL/dense per config name, and the
+    default's rows at seeds 1, 2, ... from `default_seeds`."""
     from protocol import Protocol, ProtocolSettings, RowStore
 
     settings = ProtocolSettings()
     store = RowStore(None, settings)
-    for name, pair in ratios.items():
+    rows = [(name, 0, pair) for name, pair in ratios.items()]
+    rows += [("default", seed, pair) for seed, pair in enumerate(default_seeds, start=1)]
+    for name, seed, pair in rows:
         for level, ratio in zip(("0.5", "0.7"), pair):
-            store.add({"name": name, "level": level, "seed": 0, "split": "dev", "ratio": ratio, "ppl": ratio})
+            store.add({"name": name, "level": level, "seed": seed, "split": "dev", "ratio": ratio, "ppl": ratio})
     return tune.Sweep(Protocol(settings, store), ["0.5", "0.7"])
 
 
@@ -74,3 +77,15 @@ def test_plan_runs_the_default_first_and_the_costly_values_last(tune):
     assert order[-2:] == [({"activation_scale": 1500.0}, 0), ({"kl_num_samples": 8}, 0)]
     assert [c for c, s in order if s] == [{}, {}]
     assert tune.config_name({"kl_weight": 3.0, "refine_steps": 16}) == "kl_weight=3,refine_steps=16"
+
+
+def test_a_win_must_exceed_the_seed_noise(tune):
+    """Measured on the dev split: the default's mean PPL/dense over 50 % and 70 % moved by 0.2 between calibration
+    seeds, more than kl_weight=30's single-seed gain (0.08): such a change is within noise and does not win."""
+    rows = {"default": (1.825, 7.949), "kl_weight=30": (1.819, 7.806), "kl_weight=0": (1.70, 6.9)}
+    noisy = sweep_with(tune, rows, default_seeds=((1.806, 7.895), (1.794, 7.256)))
+    assert noisy.seed_noise() == pytest.approx(0.2003, abs=1e-3)
+    assert noisy.below_everywhere({"kl_weight": 30.0}) and not noisy.wins({"kl_weight": 30.0})
+    assert noisy.wins({"kl_weight": 0.0})  # 0.59 below: beyond the noise
+    assert noisy.choice(["kl_weight"]) == {"kl_weight": 0.0}
+    assert sweep_with(tune, rows).wins({"kl_weight": 30.0})  # no seed rows yet: the plain rule
