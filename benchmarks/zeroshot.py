@@ -130,7 +130,9 @@ def _results(row: dict) -> ZeroShotResults:
 
 def write_table(args, done: dict, plan: list[tuple[str, str]], command: str) -> str:
     """The table of the finished rows (accuracy ± lm-eval's standard error, in points), written to `--output`."""
-    rows = [(m, lv, done["rows"][row_key(m, lv)]) for m, lv in plan if row_key(m, lv) in done["rows"]]
+    levels = list(dict.fromkeys(lv for _, lv in plan))
+    order = sorted(plan, key=lambda p: (levels.index(p[1]), METHODS.index(p[0])))  # table order, whatever the run order
+    rows = [(m, lv, done["rows"][row_key(m, lv)]) for m, lv in order if row_key(m, lv) in done["rows"]]
     if not rows:
         return ""
     first = _results(rows[0][2])
