@@ -184,9 +184,12 @@ class RunCache:
 
     @staticmethod
     def key(config: dict, split: str, threads: int) -> str:
-        """The torch thread count is part of a run's identity: the summation order changes with it, and 30 blocks
-        of pruning turn that into percents of PPL at high sparsity."""
-        return json.dumps({"config": config, "split": split, "threads": threads}, sort_keys=True)
+        """The config with its method-dependent defaults resolved (`refine_steps=None` is 8 for D²Prune: a row that
+        names the value and one that leaves it to the library are the same run). The torch thread count is part of
+        a run's identity: the summation order changes with it, and 30 blocks of pruning turn that into percents of
+        PPL at high sparsity."""
+        resolved = {**config, "refine_steps": D2PruneConfig.from_dict(config).resolve_refine_steps()}
+        return json.dumps({"config": resolved, "split": split, "threads": threads}, sort_keys=True)
 
     def get(self, config: dict, split: str, threads: Optional[int] = None) -> Optional[dict]:
         return self.runs.get(self.key(config, split, threads or torch.get_num_threads()))

@@ -136,6 +136,10 @@ def test_run_cache_is_shared_by_config_not_by_name(tmp_path, protocol_module):
                      "dev") is None
     assert cache.get(config, "bench") is None
     assert cache.get(config, "dev", threads=torch.get_num_threads() + 1) is None  # another summation order
+    # a method-dependent default left to the library is the same run as the value named
+    named = protocol_module._comparable(D2PruneConfig(sparsity=0.5, refine_steps=8))
+    assert cache.get(named, "dev")["ppl"] == 55.0
+    assert cache.get(protocol_module._comparable(D2PruneConfig(sparsity=0.5, refine_steps=4)), "dev") is None
     with pytest.raises(ValueError, match="runs of another protocol"):
         protocol_module.RunCache(path, protocol_module.ProtocolSettings())
 
