@@ -124,6 +124,25 @@ def test_bad_arguments_fail_before_loading(extra, message, tmp_path, capsys, mon
     assert not (tmp_path / "out").exists()
 
 
+def test_a_job_too_large_for_the_device_is_refused_before_the_model_moves(tiny_checkpoint, tmp_path, capsys,
+                                                                          monkeypatch):
+    """The estimate is checked against the device's free memory after loading (the config is needed) and before
+    `model.to(device)`; the refusal prints the per-phase estimate and what to change, and writes nothing."""
+    import torch
+
+    import optimum_d2prune.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 64 * 2**10)  # 64 KiB free
+    monkeypatch.setattr(torch.nn.Module, "to", lambda *a, **k: pytest.fail("moved the model before refusing"))
+    out = tmp_path / "out"
+    code = main(["--model", str(tiny_checkpoint), "--output-dir", str(out), "--calibration", "self",
+                 "--num-samples", "2", "--seq-len", "16", "--eval", "none", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "GiB are free" in err and "Try:" in err and "| statistics |" in err
+    assert not out.exists()
+
+
 def test_cli_push_to_hub_uses_hub_api(tiny_checkpoint, tmp_path, monkeypatch):
     import huggingface_hub
 
