@@ -84,8 +84,10 @@ def write_table(protocol: Protocol, configs: dict[str, dict], args, command: str
                                                                      if dense.get("bench") else "")
         + "; dev: calibrated on documents 0-699, PPL on documents 700-799" + (f" (dense {dense['dev']['ppl']:.2f})"
                                                                              if dense.get("dev") else "")
-        + f". Levels {', '.join(args.seeded_levels) or '-'} at calibration seeds {', '.join(map(str, args.seeds))} "
-        f"(mean ± std), the others at seed {args.seeds[0]}. Seconds: the {time_split} runs, 1-thread runs made at "
+        + (f". Levels {', '.join(args.seeded_levels)} at calibration seeds {', '.join(map(str, args.seeds))} "
+           f"(mean ± std), the others at seed {args.seeds[0]}" if args.seeded_levels and len(args.seeds) > 1
+           else f". Every row at calibration seed {args.seeds[0]}")
+        + f". Seconds: the {time_split} runs, 1-thread runs made at "
         "different times on a shared 2-core machine: compare them within a level only roughly.",
         "",
         "| " + " | ".join(header) + " |",
