@@ -50,6 +50,8 @@ ROWS = [
          "refine_steps": 0}),
     Row("dual-taylor", "+ dual-Taylor terms only (all q/k/v updated, no refit)",
         {"method": "d2prune", "attention_update": "all", "refine_steps": 0}),
+    Row("dual-taylor+refit", f"dual-Taylor terms + refit ({REFIT}), all q/k/v updated (no attention awareness)",
+        {"method": "d2prune", "attention_update": "all", "refine_steps": D2_REFINE_STEPS}),
     *[Row(f"attention-{a}", f"+ attention awareness only (λ1 = 0, {label}, no refit)",
           {"method": "d2prune", "lambda1": 0.0, "attention_update": a, "refine_steps": 0})
       for a, label in (("q", "q un-updated"), ("k", "k un-updated"), ("v", "v un-updated"),
@@ -156,15 +158,20 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows-file", default=str(RESULTS / "ablation_rows.json"))
     parser.add_argument("--output", default=str(RESULTS / "ablation.md"))
+    parser.add_argument("--table", action="store_true", help="Only rewrite the table from the finished rows.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("optimum_d2prune", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
     set_threads(args.threads)
-    command = "python benchmarks/ablation.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python benchmarks/ablation.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+                                                        if a != "--table")
     rows = [r for r in ROWS if args.rows_only is None or r.name in args.rows_only]
 
     protocol = protocol_from_args(args, args.rows_file)
+    if args.table:
+        print(write_table(protocol, rows, args, command))
+        return 0
     for split in args.splits:
         protocol.dense(split)
     for row, level, seed, split in runs(rows, args.levels, args.seeds, args.splits):
