@@ -72,16 +72,16 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=Path, default=RESULTS / "zeroshot_rows.json",
                         help="JSON file of finished rows: rows already in it are not run again, new rows are added "
                              "as soon as each finishes (so a long run can be resumed or read part-way).")
-    parser.add_argument("--table-only", action="store_true",
+    parser.add_argument("--table", action="store_true",
                         help="Write the table of the finished rows of the plan to --output and run nothing.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     limit = args.limit or None
-    # the table names the command that runs its rows (a --table-only call runs none)
+    # the table names the command that runs its rows (a --table call runs none)
     command = "python benchmarks/zeroshot.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])
-                                                        if a != "--table-only")
+                                                        if a != "--table")
     settings = {"model": args.model, "calibration": Path(args.calibration).name, "num_samples": args.num_samples,
                 "seq_len": args.seq_len, "seed": args.seed, "limit": limit, "tasks": args.tasks}
     done = json.loads(args.rows.read_text()) if args.rows and args.rows.is_file() else {}
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
 
     plan = [("dense", "-")] if "dense" in args.methods else []
     plan += [(m, level) for level in args.levels for m in args.methods if m != "dense"]
-    if args.table_only:
+    if args.table:
         print(write_table(args, done, plan, command))
         return 0
     model = tokenizer = dense = calib = None
