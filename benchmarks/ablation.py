@@ -2,7 +2,8 @@
 
 Each row prunes the dense SmolLM2 twice: calibrated on all 800 C4 documents and scored on WikiText-2 (BENCH.md v1,
 "bench"), and calibrated on documents 0-699 and scored on documents 700-799 (v1.1 "dev"). SparseGPT, SparseGPT +
-refit and the default run at calibration seeds 0, 1, 2 (mean ± std); the other rows at seed 0. Rows go to `--rows`
+refit, the default and dual-Taylor + dynamic attention + refit (the default's unstructured setting, the same runs at
+unstructured levels) run at calibration seeds 0, 1, 2 (mean ± std); the other rows at seed 0. Rows go to `--rows-file`
 as they finish (an interrupted run resumes) and the table is rewritten after each.
 
     python benchmarks/ablation.py --threads 1           # benchmarks/results/ablation.md (hours on 1 CPU thread)
@@ -56,9 +57,12 @@ ROWS = [
           {"method": "d2prune", "lambda1": 0.0, "attention_update": a, "refine_steps": 0})
       for a, label in (("q", "q un-updated"), ("k", "k un-updated"), ("v", "v un-updated"),
                        ("dynamic", "dynamic q/k/v"))],
-    Row("both", "dual-Taylor + dynamic attention, no refit", {"method": "d2prune", "refine_steps": 0}),
-    Row("both+refit", f"+ refit ({REFIT})", {"method": "d2prune", "refine_steps": D2_REFINE_STEPS}),
-    Row("default", "D²Prune default", {"method": "d2prune"}, seeded=True),
+    Row("both", "dual-Taylor + dynamic attention, no refit",
+        {"method": "d2prune", "attention_update": "dynamic", "refine_steps": 0}),
+    # the default at unstructured levels (the same runs), the previous default at N:M: seeded at no extra cost
+    Row("both+refit", f"+ refit ({REFIT}): the default's unstructured setting",
+        {"method": "d2prune", "attention_update": "dynamic", "refine_steps": D2_REFINE_STEPS}, seeded=True),
+    Row("default", "D²Prune default (N:M: all q/k/v updated)", {"method": "d2prune"}, seeded=True),
 ]
 ROW_NAMES = [r.name for r in ROWS]
 
@@ -83,10 +87,22 @@ def write_table(protocol: Protocol, rows: list[Row], args, command: str) -> str:
     store = protocol.store
     settings = protocol.settings
 
+    def seeds_of(row: Row) -> list[int]:
+        return args.seeds if row.seeded else args.seeds[:1]
+
     def values(row: Row, level: str, split: str, key: str = "ppl") -> list[float]:
-        seeds = args.seeds if row.seeded else args.seeds[:1]
-        found = [store.get(row.name, level, s, split) for s in seeds]
+        found = [store.get(row.name, level, s, split) for s in seeds_of(row)]
         return [r[key] for r in found if r is not None]
+
+    def paired(row: Row, control: Row, level: str, split: str) -> list[float]:
+        """PPL of `row` over `control`'s at the same calibration seed: the seed moves both (at 50 % one seed to the
+        next moves SparseGPT by several percent), a paired ratio does not carry that into the comparison."""
+        ratios = []
+        for s in seeds_of(row):
+            mine, theirs = store.get(row.name, level, s, split), store.get(control.name, level, s, split)
+            if mine is not None and theirs is not None:
+                ratios.append(mine["ppl"] / theirs["ppl"])
+        return ratios
 
     def cell(vals: list[float], expected: int, digits: int = 2) -> str:
         if not vals:
@@ -94,12 +110,15 @@ def write_table(protocol: Protocol, rows: list[Row], args, command: str) -> str:
         text = mean_std(vals, digits)
         return text if len(vals) == expected else f"{text} ({len(vals)}/{expected} seeds)"
 
+    def change(ratios: list[float]) -> str:
+        return mean_std([100 * (r - 1) for r in ratios], 1) + " %" if ratios else ""
+
+    sparsegpt, refit = (next(r for r in ROWS if r.name == n) for n in ("sparsegpt", "sparsegpt+refit"))
     dense = {split: store.get("dense", "-", 0, split) for split in args.splits}
     header = ["level", "configuration"]
-    if "bench" in args.splits:
-        header += ["WikiText-2 PPL", "x SparseGPT"]
-    if "dev" in args.splits:
-        header += ["dev PPL", "x SparseGPT"]
+    for split, name in (("bench", "WikiText-2"), ("dev", "dev")):
+        if split in args.splits:
+            header += [f"{name} PPL", "x SparseGPT", "vs SparseGPT + refit"]
     header += ["prune s"]
     lines = [
         "# Ablation: where the gain comes from (SmolLM2-135M, BENCH.md v1 + v1.1 dev split)",
@@ -115,24 +134,24 @@ def write_table(protocol: Protocol, rows: list[Row], args, command: str) -> str:
         f"{settings.seq_len} tokens" + (f", dense {dense['dev']['ppl']:.2f}" if dense.get("dev") else "") + "). "
         f"Rows marked ± ran at calibration seeds {', '.join(map(str, args.seeds))} (mean ± sample std); the others "
         f"at seed {args.seeds[0]}. Prune seconds: the {'WikiText-2' if 'bench' in args.splits else 'dev'} runs. "
-        "x SparseGPT: PPL over SparseGPT's mean at the same level.",
+        "x SparseGPT and vs SparseGPT + refit are paired: the row's PPL over the control's at the same calibration "
+        "seed, then mean ± std over the seeds (a row at one seed is compared with the controls' run at that seed).",
         "",
         "| " + " | ".join(header) + " |",
         "|---|---|" + "---:|" * (len(header) - 2),
     ]
     time_split = "bench" if "bench" in args.splits else "dev"
     for level in args.levels:
-        base = {split: values(ROWS[0], level, split) for split in args.splits}
         for row in rows:
-            expected = len(args.seeds) if row.seeded else 1
+            expected = len(seeds_of(row))
             cells = [level, row.label + (" ±" if row.seeded and len(args.seeds) > 1 else "")]
             for split in ("bench", "dev"):
                 if split not in args.splits:
                     continue
-                vals = values(row, level, split)
-                cells.append(cell(vals, expected))
-                cells.append(f"{statistics.mean(vals) / statistics.mean(base[split]):.3f}"
-                             if vals and base[split] else "")
+                cells.append(cell(values(row, level, split), expected))
+                ratios = paired(row, sparsegpt, level, split)
+                cells.append(mean_std(ratios, 3) if ratios and row is not sparsegpt else "")
+                cells.append(change(paired(row, refit, level, split)) if row is not refit else "")
             secs = values(row, level, time_split, "seconds")
             cells.append(f"{statistics.mean(secs):.0f}" if secs else "…")
             lines.append("| " + " | ".join(cells) + " |")
@@ -158,7 +177,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows-file", default=str(RESULTS / "ablation_rows.json"))
     parser.add_argument("--output", default=str(RESULTS / "ablation.md"))
-    parser.add_argument("--table", action="store_true", help="Only rewrite the table from the finished rows.")
+    parser.add_argument("--table", action="store_true",
+                        help="Only rewrite the table from the finished rows (and from runs of other scripts in the "
+                             "run cache); prunes nothing.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("optimum_d2prune", "transformers"):
@@ -170,6 +191,8 @@ def main(argv=None) -> int:
 
     protocol = protocol_from_args(args, args.rows_file)
     if args.table:
+        for row, level, seed, split in runs(rows, args.levels, args.seeds, args.splits):
+            protocol.finished(row.name, row.overrides, level, seed, split)
         print(write_table(protocol, rows, args, command))
         return 0
     for split in args.splits:

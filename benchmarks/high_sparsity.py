@@ -163,8 +163,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows", default=str(RESULTS / "high_sparsity_rows.json"), help="Resumable rows file.")
     parser.add_argument("--output", default=str(RESULTS / "high_sparsity.md"))
-    parser.add_argument("--table", action="store_true", help="Only rewrite the table (and figure) from the rows.")
-    parser.add_argument("--figure", action="store_true", help=f"Also draw the 70 %% OWL budgets ({FIGURE}, next to --output).")
+    parser.add_argument("--table", action="store_true",
+                        help="Only rewrite the table (and figure) from the finished rows (and from runs of other "
+                             "scripts in the run cache); prunes nothing.")
+    parser.add_argument("--figure", action="store_true",
+                        help=f"Also draw the 70 %% OWL budgets ({FIGURE}, next to --output).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("optimum_d2prune", "transformers"):
@@ -177,11 +180,14 @@ def main(argv=None) -> int:
     command = ("python benchmarks/high_sparsity.py"
                + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])))
     protocol = protocol_from_args(args, args.rows)
-    if not args.table:
+    plan = list(runs(configs, args.configs, args.levels, args.seeds, args.seeded_levels, args.splits))
+    if args.table:
+        for name, level, seed, split in plan:
+            protocol.finished(name, configs[name], level, seed, split)
+    else:
         for split in args.splits:
             protocol.dense(split)
-        for name, level, seed, split in runs(configs, args.configs, args.levels, args.seeds, args.seeded_levels,
-                                             args.splits):
+        for name, level, seed, split in plan:
             protocol.run(name, configs[name], level, seed, split)
             write_table(protocol, configs, args, command)
     if args.figure:

@@ -262,12 +262,9 @@ class Protocol:
             self.store.add(row)
         return row["ppl"]
 
-    def run(self, name: str, overrides: dict[str, Any], level: str, seed: int, split: str) -> dict:
-        """Prune the dense model with `D2PruneConfig(**overrides, level, seed)` on the split's calibration samples
-        and score it; returns the stored row if this (name, level, seed, split) is already done.
-
-        `overrides` must name the method unless it is d2prune (e.g. `{"method": "sparsegpt"}`).
-        """
+    def finished(self, name: str, overrides: dict[str, Any], level: str, seed: int, split: str) -> Optional[dict]:
+        """The row of this run if it is done: stored under this name, or made by another script (the run cache, which
+        then also fills this script's rows file); None if it still has to run. Loads no model."""
         config = D2PruneConfig(**{"seed": seed, **level_kwargs(level), **overrides})
         row = self.store.get(name, level, seed, split, overrides)
         if row is not None:
@@ -277,14 +274,26 @@ class Protocol:
                                  "change?). "
                                  "Delete its rows or pass another rows file.")
             return row
-        dense = self.dense(split)
         cached = self.cache.get(_comparable(config), split)
-        if cached is not None:  # the same run was made for another script (or another name)
-            row = {"name": name, "level": level, "seed": seed, "split": split, "overrides": overrides,
-                   **{k: cached[k] for k in RunCache.FIELDS if k in cached}, "config": _comparable(config)}
-            self.store.add(row)
-            logger.info("%s %s seed %d %s: PPL %.3f from the run cache", name, level, seed, split, row["ppl"])
+        if cached is None:
+            return None
+        row = {"name": name, "level": level, "seed": seed, "split": split, "overrides": overrides,
+               **{k: cached[k] for k in RunCache.FIELDS if k in cached}, "config": _comparable(config)}
+        self.store.add(row)
+        logger.info("%s %s seed %d %s: PPL %.3f from the run cache", name, level, seed, split, row["ppl"])
+        return row
+
+    def run(self, name: str, overrides: dict[str, Any], level: str, seed: int, split: str) -> dict:
+        """Prune the dense model with `D2PruneConfig(**overrides, level, seed)` on the split's calibration samples
+        and score it; returns the finished row if this (name, level, seed, split) is already done.
+
+        `overrides` must name the method unless it is d2prune (e.g. `{"method": "sparsegpt"}`).
+        """
+        row = self.finished(name, overrides, level, seed, split)
+        if row is not None:
             return row
+        dense = self.dense(split)
+        config = D2PruneConfig(**{"seed": seed, **level_kwargs(level), **overrides})
         model = self._load()
         calib = self.calibration(split, seed)
         model.load_state_dict(self._dense)

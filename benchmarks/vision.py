@@ -33,7 +33,8 @@ from quality import level_kwargs, parse_value  # noqa: E402
 
 #: benchmark-only variants: (method, config overrides)
 VARIANTS = {
-    "d2prune-layer": ("d2prune", {"dynamic_strategy": "layer"}),  # per-block q/k/v choice (error + rho KL)
+    # per-block q/k/v choice (error + rho KL); named, since N:M patterns default to every projection updated
+    "d2prune-layer": ("d2prune", {"attention_update": "dynamic", "dynamic_strategy": "layer"}),
     "d2prune-all": ("d2prune", {"attention_update": "all"}),  # dual-Taylor + refit, q/k/v all updated
 }
 

@@ -132,6 +132,11 @@ def test_run_cache_is_shared_by_config_not_by_name(tmp_path, protocol_module):
     row = bench.run("sparsegpt", {"method": "sparsegpt"}, "0.5", 1, "dev")
     assert (row["name"], row["ppl"], row["seconds"]) == ("sparsegpt", 60.0, 9.0) and bench._model is None
     assert bench.store.get("sparsegpt", "0.5", 1, "dev") == row
+    # a table-only pass: finished runs come from the cache, the others are None, nothing is pruned or scored
+    table = protocol_module.Protocol(settings, protocol_module.RowStore(None, settings), cache)
+    assert table.finished("sgpt", {"method": "sparsegpt"}, "0.5", 1, "dev")["ppl"] == 60.0
+    assert table.finished("sgpt", {"method": "sparsegpt"}, "0.5", 2, "dev") is None
+    assert table._model is None and table.store.get("dense", "-", 0, "dev") is None
     assert cache.get(protocol_module._comparable(D2PruneConfig(method="sparsegpt", sparsity=0.5, seed=2)),
                      "dev") is None
     assert cache.get(config, "bench") is None

@@ -215,6 +215,24 @@ def test_presets_resolve_defaults_explicit_values_win_and_round_trip(tmp_path):
     assert switched.attention_update == "dynamic"  # re-resolved: the new preset does not set it
 
 
+def test_nm_patterns_update_every_projection_unless_told_otherwise():
+    """At N:M the default leaves no q/k/v un-updated (dev-split choice); an explicit value or the paper preset's fixed
+    v is kept, unstructured sparsity keeps the attention-aware choice, and the resolved value round-trips."""
+    assert D2PruneConfig(mask_structure="2:4").attention_update == "all"
+    assert D2PruneConfig(mask_structure="4:8", preset="max_quality").attention_update == "all"
+    assert D2PruneConfig(mask_structure="2:4", attention_update="dynamic").attention_update == "dynamic"
+    assert D2PruneConfig(mask_structure="2:4", preset="paper").attention_update == "v"
+    assert D2PruneConfig(sparsity=0.5).attention_update == "dynamic"
+    config = D2PruneConfig(mask_structure="2:4")
+    assert D2PruneConfig.from_dict(config.to_dict()) == config
+    default, report = _prune(mask_structure="2:4")
+    explicit, _ = _prune(mask_structure="2:4", attention_update="all")
+    assert not report.attention  # no projection was chosen to stay un-updated
+    assert all(torch.equal(a, b) for a, b in zip(_linears(default), _linears(explicit)))
+    _, dynamic = _prune(mask_structure="2:4", attention_update="dynamic")
+    assert dynamic.attention  # the control: asked for, the choice is made and recorded
+
+
 def test_paper_preset_is_the_published_algorithm():
     a, _ = _prune(sparsity=0.5, preset="paper")
     b, _ = _prune(sparsity=0.5, activation_scale=1500.0, lambda1=1.0, lambda2=0.0, attention_update="v",

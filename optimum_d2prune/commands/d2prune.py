@@ -68,7 +68,8 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                        help=f"Pruning method: {', '.join(METHODS)} or any method registered with "
                             "`optimum_d2prune.solvers.register_method` (default d2prune).")
     prune.add_argument("--attention-update", default=None,
-                       help='Which projection is pruned without weight update: "dynamic" (default), q, k, v, all, none.')
+                       help='Which projection is pruned without weight update: "dynamic" (default for unstructured '
+                            'sparsity), q, k, v, all (default for N:M), none.')
     prune.add_argument("--dynamic-strategy", choices=("auto", "layer", "global"), default=None,
                        help='How the dynamic q/k/v choice is made: "layer" (per block, one prune; the default for '
                             'language models) or "global" (one prune per candidate, best held-out perplexity; '
