@@ -87,8 +87,10 @@ def write_table(protocol: Protocol, configs: dict[str, dict], args, command: str
         + (f". Levels {', '.join(args.seeded_levels)} at calibration seeds {', '.join(map(str, args.seeds))} "
            f"(mean ± std), the others at seed {args.seeds[0]}" if args.seeded_levels and len(args.seeds) > 1
            else f". Every row at calibration seed {args.seeds[0]}")
-        + f". Seconds: the {time_split} runs, 1-thread runs made at "
-        "different times on a shared 2-core machine: compare them within a level only roughly.",
+        + f". Seconds: the {time_split} runs' pruning time as each run measured it; rows made at different times "
+        "share the machine with different numbers of other runs, so the seconds and their ratio compare only rows "
+        "that ran under the same load (for a timing claim run the configs of a level back to back on an idle "
+        "machine).",
         "",
         "| " + " | ".join(header) + " |",
         "|---|---|" + "---:|" * (len(header) - 3) + "---|",

@@ -187,8 +187,9 @@ class RunCache:
         """The config with its method-dependent defaults resolved (`refine_steps=None` is 8 for D²Prune: a row that
         names the value and one that leaves it to the library are the same run). The torch thread count is part of
         a run's identity: the summation order changes with it, and 30 blocks of pruning turn that into percents of
-        PPL at high sparsity."""
-        resolved = {**config, "refine_steps": D2PruneConfig.from_dict(config).resolve_refine_steps()}
+        PPL at high sparsity. A field added to the config since a run was cached takes its default there."""
+        full = D2PruneConfig.from_dict(config)
+        resolved = {**full.to_dict(), **config, "refine_steps": full.resolve_refine_steps()}
         return json.dumps({"config": resolved, "split": split, "threads": threads}, sort_keys=True)
 
     def get(self, config: dict, split: str, threads: Optional[int] = None) -> Optional[dict]:
@@ -268,7 +269,8 @@ class Protocol:
         config = D2PruneConfig(**{"seed": seed, **level_kwargs(level), **overrides})
         row = self.store.get(name, level, seed, split, overrides)
         if row is not None:
-            if "config" in row and row["config"] != _comparable(config):
+            # a field added to the config since the row was made takes its default there
+            if "config" in row and _comparable(D2PruneConfig.from_dict(row["config"])) != _comparable(config):
                 raise ValueError(f"{self.store.path}: row {name!r} {level} seed {seed} {split} was run with another "
                                  f"config ({row['config']}; now {_comparable(config)}: did a library default "
                                  "change?). "

@@ -25,6 +25,7 @@ REFERENCE_SEQ_LEN = 512
 CONFIG_NAME = "d2prune_config.json"
 DEFAULT_REFINE_STEPS = 8
 SPARSITY_ALLOCATIONS = ("uniform", "owl")
+RECONSTRUCTION_TARGETS = ("outputs", "all")
 
 #: values of the preset-managed fields when neither the user nor a preset sets them (`None` in the signature means
 #: "not set"; `refine_steps` keeps `None`: its default depends on the method)
@@ -38,10 +39,12 @@ FIELD_DEFAULTS: dict[str, Any] = {
     "owl_lambda": 0.08,
     "owl_m": 5.0,
     "block_reconstruction": False,
+    "reconstruction_targets": "outputs",
 }
 #: `preset` -> defaults for the fields the user did not set. "paper": the published algorithm (s = 1500, λ1 = 1,
-#: λ2 = 0, v left un-updated, no refit). "max_quality": the best combination measured so far on SmolLM2 (provisional:
-#: see benchmarks/results/high_sparsity_dev_notes.md). N:M masks stay uniform whatever the preset says.
+#: λ2 = 0, v left un-updated, no refit). "max_quality": the best combination measured on SmolLM2 (OWL budgets, block
+#: reconstruction of the output projections, the refit without early stop; README "Beyond the paper at high
+#: sparsity", benchmarks/results/high_sparsity_dev_notes.md). N:M masks stay uniform whatever the preset says.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"activation_scale": 1500.0, "lambda1": 1.0, "lambda2": 0.0, "attention_update": "v",
               "refine_steps": 0, "refine_tolerance": 0.0, "sparsity_allocation": "uniform",
@@ -143,6 +146,13 @@ class D2PruneConfig:
             "help": "After each block is pruned, refit the surviving weights of its output projections (the "
             "attention output and the last MLP linear, found from the block's structure) so that their outputs "
             "on the pruned block's inputs match the dense block's (default False)."
+        },
+    )
+    reconstruction_targets: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": 'What `block_reconstruction` refits: "outputs" (the default): the output projections; "all": '
+            "also every other linear whose input the block's pruning changes (gate/up, fc1: all but q/k/v)."
         },
     )
     dynamic_strategy: str = field(
@@ -302,6 +312,9 @@ class D2PruneConfig:
         self.owl_m = float(self.owl_m)
         if not isinstance(self.block_reconstruction, bool):
             raise ValueError(f"`block_reconstruction` must be a bool, got {self.block_reconstruction!r}.")
+        if self.reconstruction_targets not in RECONSTRUCTION_TARGETS:
+            raise ValueError(f"`reconstruction_targets` must be one of {RECONSTRUCTION_TARGETS}, got "
+                             f"{self.reconstruction_targets!r}.")
         if pattern.is_nm:
             self._check_solver_blocks(pattern)
 

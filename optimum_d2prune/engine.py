@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -40,7 +40,8 @@ from .memory import PeakMemory, TensorCounter
 from .moe import ExpertStatisticsCollector, expert_key, expert_matrix, expert_parameters, expert_solver
 from .offload import execution_device as _execution_device
 from .offload import onloaded
-from .reconstruction import output_projections, reconstruct_block_outputs
+from .reconstruction import (DenseOutputRecorder, output_projections, reconstruct_block_outputs,
+                             reconstruction_groups)
 from .report import ExpertRecord, LayerRecord, PruneReport
 from .solvers import Solver, SolverOutput, solvers_for
 
@@ -338,20 +339,29 @@ class PruningEngine:
                    if self.config.sequential or reconstruct else None)
         groups = ordered if self.config.sequential else [targets]
         dense = {t.name: t.weight().detach().clone() for t in targets} if reconstruct else {}
-        for number, group in enumerate(groups):
-            last = number == len(groups) - 1
-            stop_after = None if last else group[-1].module
-            group_aware = aware and _complete_attentions(group)
-            self._prune_group(index, block, group, captured, seq_len, update_solver, non_update_solver, report,
-                              group_aware, stop_after)
+        outputs = output_projections(ordered) if reconstruct else []
+        # one statistics pass over the whole dense block: record the reconstruction's targets there
+        recorder = (DenseOutputRecorder(outputs, captured[0].hidden_states.device)
+                    if outputs and len(groups) == 1 else None)
+        try:
+            for number, group in enumerate(groups):
+                last = number == len(groups) - 1
+                stop_after = None if last else group[-1].module
+                group_aware = aware and _complete_attentions(group)
+                self._prune_group(index, block, group, captured, seq_len, update_solver, non_update_solver, report,
+                                  group_aware, stop_after, [recorder] if recorder is not None else [])
+        finally:
+            if recorder is not None:
+                recorder.remove()
         if reconstruct:
-            outputs = [t for t in output_projections(ordered) if t.name not in report.skipped
-                       and t.module_name not in report.skipped]
+            refit = [[t for t in group if t.name not in report.skipped and t.module_name not in report.skipped]
+                     for group in reconstruction_groups(ordered, self.config.reconstruction_targets)]
             with self._phase("reconstruction"):
                 report.reconstruction += reconstruct_block_outputs(
-                    index, block, targets, outputs, dense, captured, self.config.damp_percent,
+                    index, block, targets, [group for group in refit if group], dense, captured,
+                    self.config.damp_percent,
                     self.config.resolve_refine_steps() or RECONSTRUCTION_STEPS, self.config.refine_tolerance,
-                    self.dist.all_reduce_tensors)
+                    self.dist.all_reduce_tensors, recorder)
 
     def _prune_group(
         self,
@@ -365,8 +375,11 @@ class PruningEngine:
         report: PruneReport,
         aware: bool,
         stop_after: Optional[nn.Module],
+        observers: Sequence = (),
     ) -> None:
-        """Collect statistics for `targets` (stopping the block's forward after `stop_after`), then prune them."""
+        """Collect statistics for `targets` (stopping the block's forward after `stop_after`), then prune them.
+
+        `observers` (hooks with a per-batch `token_mask`, e.g. `DenseOutputRecorder`) see the statistics pass."""
         scored = aware and scores_attention(self.attention_update, self.config.kl_weight)
         level = max((update_solver.statistics, non_update_solver.statistics), key=_LEVEL_RANK.__getitem__)
         modules = {t.module_name: t.module for t in targets if t.expert is None}
@@ -389,13 +402,13 @@ class PruningEngine:
                 hooks.add(stop_after.register_forward_hook(_raise_stop))
             try:
                 with self._phase("statistics"):
-                    _run_for_statistics(block, captured, collector, expert_collector, captures.values(),
-                                        _module_device(block))
+                    _run_for_statistics(block, captured, collector, expert_collector,
+                                        [*captures.values(), *observers], _module_device(block))
             finally:
                 hooks.remove()
                 collector.remove()
                 expert_collector.remove()
-                for capture in captures.values():
+                for capture in [*captures.values(), *observers]:
                     capture.remove()
             stats = {**collector.stats, **expert_collector.stats}
             self.dist.all_reduce_statistics(stats)

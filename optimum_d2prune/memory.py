@@ -253,7 +253,14 @@ def estimate(
     expert_inputs = tokens * (d * act + s["top_k"] * 8) if moe else 0
     uses_kl = config.uses_attention_awareness and config.attention_update == "dynamic" and config.kl_weight > 0
     kl_inputs = min(config.kl_num_samples, num_samples) * seq_len * (d + 2 * hd) * _F32 if uses_kl else 0
-    stats = activations + sums + expert_inputs + kl_inputs + forward + hook
+    # block reconstruction: a copy of the block's dense weights, and the two output projections' dense outputs
+    # recorded in the statistics pass (kept where the activations are; swapped weights instead with `sequential`)
+    rebuild = bool(config.block_reconstruction)
+    dense_copy = block_params * act if rebuild else 0
+    recorded = 0
+    if rebuild and not config.sequential and not (config.offload_activations and device.type != "cpu"):
+        recorded = 2 * tokens * d * act
+    stats = activations + sums + expert_inputs + kl_inputs + forward + hook + dense_copy + recorded
 
     refit = config.resolve_refine_steps() > 0
 
@@ -279,7 +286,7 @@ def estimate(
     capture = 4 * seq_len * q_rows * _F32 + qkv * _F32
     kl = (4 * seq_len * (q_rows + kv_rows) * _F32 + max(6 * min(heads_chunk, s["heads"]) * per_head, capture)
           if uses_kl else 0)
-    held = activations + expert_inputs  # alive through the whole solve of a block
+    held = activations + expert_inputs + dense_copy + recorded  # alive through the whole solve of a block
     attention = held + sums + kl_inputs + qkv_sum + candidates + max(kl, solve_work(q_rows, d))
     if not config.uses_attention_awareness:
         attention = 0
@@ -290,11 +297,14 @@ def estimate(
         mlp * mlp * _F32 * 2 + solve_work(d, mlp),  # down: its sum (the damped H) and its factor
     ))
     propagate = activations + forward + batch_tokens * d * act
+    # the down projection's refit: its fp32 sums (`cols²` and `rows·cols`) and the refit's working copies
+    reconstruction = held + forward + (inter * inter + d * inter) * _F32 + solve_work(d, inter) if rebuild else 0
     phases = {"inputs": activations + batch_tokens * d * act, "statistics": stats, "attention choice": attention,
-              "solve": solve, "propagate": propagate}
+              "solve": solve, "reconstruction": reconstruction, "propagate": propagate}
     components = {"activations": activations, "statistics sums": sums, "block forward (one batch)": forward + hook,
                   "expert inputs": expert_inputs, "KL inputs": kl_inputs, "KL chunk": kl,
                   "q/k/v candidates": candidates, "largest factor": max(mlp, q_rows, d) ** 2 * _F32,
+                  "reconstruction targets": dense_copy + recorded,
                   "resident weights": resident}
     return MemoryEstimate({k: v for k, v in phases.items() if v}, resident, components)
 

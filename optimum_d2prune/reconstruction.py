@@ -12,6 +12,12 @@ with `G = X_p X_pᵀ`, `C = X_d X_pᵀ` and δ the usual dampening (`damp_percen
 `solvers/obs.py` with another right-hand side, solved by the same preconditioned conjugate gradients; rows whose
 error would not go down keep their weights. Output projections are found from structure only: the single linear
 of the group that follows the q/k/v group, and the single linear of the block's last group (`output_projections`).
+
+Only `Y_d = W_d X_d` enters the sums (`W_d C = Σ y_d x_pᵀ`), so `DenseOutputRecorder` keeps it from the dense
+statistics pass the engine runs anyway (the size of the block's captured hidden states per projection): the pass
+after pruning then runs the pruned block only, half the forwards of swapping the dense weights back in per batch.
+Without a recording (sequential calibration: no pass runs the whole dense block) the dense weights are
+swapped in.
 """
 
 from __future__ import annotations
@@ -48,11 +54,58 @@ def output_projections(groups: list[list]) -> list:
     return [t for t in chosen if t is not None]
 
 
+def reconstruction_groups(groups: list[list], scope: str) -> list[list]:
+    """The targets to refit, one list per shared input stream, in execution order. "outputs": the output
+    projections (`output_projections`); "all": also every other plain linear whose input the block's pruning
+    changes, i.e. of every group after the q/k/v one (gate/up, fc1). Row blocks and expert matrices never."""
+    if scope == "outputs":
+        return [[t] for t in output_projections(groups)]
+    attention = next((i for i, g in enumerate(groups) if any(t.projection for t in g)), 0)
+    chosen = [[t for t in group if t.rows is None and t.expert is None and not t.projection]
+              for group in groups[attention + 1:]]
+    return [group for group in chosen if group]
+
+
+class DenseOutputRecorder:
+    """Keeps what each output projection adds to the residual stream (its output less its bias) on the calibration
+    tokens while the dense block runs its statistics pass: the target of the reconstruction, recorded once.
+
+    Attach it to the pass like an attention capture (`token_mask` set per batch, `remove()` after); one entry per
+    batch and projection, in the output's dtype, on `store_device` (where the calibration activations are kept).
+    """
+
+    def __init__(self, targets: list, store_device: torch.device) -> None:
+        self.outputs: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
+        self.token_mask: Optional[torch.Tensor] = None
+        self.store_device = store_device
+        self._handles = [t.module.register_forward_hook(self._hook_for(t.name)) for t in targets]
+
+    def _hook_for(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            flat = _flat_tokens(output, self.token_mask)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                flat = flat - bias.detach().float()
+            self.outputs[name].append(flat.to(self.store_device, output.dtype))
+
+        return hook
+
+    def complete(self, name: str, batches: int) -> Optional[list[torch.Tensor]]:
+        """The recording of `name` if the pass saw every one of the `batches` (None: swap the dense weights in)."""
+        recorded = self.outputs.get(name, [])
+        return recorded if len(recorded) == batches else None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 @dataclass
 class _Sums:
-    gram: torch.Tensor  # Σ x_p x_pᵀ
-    cross: torch.Tensor  # Σ x_d x_pᵀ (as [cols_d, cols_p])
-    energy: torch.Tensor  # per row Σ (w_d x_d)² (dense output energy: the constant of the error, for the report)
+    gram: torch.Tensor  # Σ x_p x_pᵀ (shared by the targets of one input stream)
+    cross: dict[str, torch.Tensor]  # per target Σ y_d x_pᵀ = W_d Σ x_d x_pᵀ ([rows, cols]: the right-hand side)
+    energy: dict[str, torch.Tensor]  # per target and row Σ y_d² (the constant of the error, for the report)
 
 
 def _flat_tokens(x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -82,74 +135,87 @@ def _input_of(block: nn.Module, module: nn.Module, batch: CapturedBatch) -> torc
     return seen[0]
 
 
-def _accumulate(block: nn.Module, target, block_targets: list, dense: dict[str, torch.Tensor],
-                captured: list[CapturedBatch]) -> _Sums:
-    """Sums over the calibration batches, swapping the block between its dense and pruned weights per batch."""
-    pruned = {t.name: t.weight().detach().clone() for t in block_targets}
-    cols = target.in_features
-    device = pruned[target.name].device
-    w_d = dense[target.name].to(device, torch.float32)
-    sums = _Sums(*(torch.zeros(cols, cols, dtype=torch.float32, device=device) for _ in range(2)),
-                 torch.zeros(w_d.shape[0], dtype=torch.float64, device=device))
+def _accumulate(block: nn.Module, group: list, block_targets: list, dense: dict[str, torch.Tensor],
+                captured: list[CapturedBatch], recorded: Optional[dict[str, list[torch.Tensor]]]) -> _Sums:
+    """Sums over the calibration batches for targets sharing one input. The dense outputs come from `recorded` or,
+    without it, from swapping the block between its dense and pruned weights per batch."""
+    swap = recorded is None
+    pruned = {t.name: t.weight().detach().clone() for t in block_targets} if swap else {}
+    cols = group[0].in_features
+    device = group[0].weight().device
+    w_d = {t.name: dense[t.name].to(device, torch.float32) for t in group}
+    sums = _Sums(torch.zeros(cols, cols, dtype=torch.float32, device=device),
+                 {name: torch.zeros_like(w) for name, w in w_d.items()},
+                 {name: torch.zeros(w.shape[0], dtype=torch.float64, device=device) for name, w in w_d.items()})
     try:
-        for batch in captured:
-            for t in block_targets:
-                t.write(dense[t.name])
-            x_d = _flat_tokens(_input_of(block, target.module, batch), batch.token_mask).to(device)
+        for number, batch in enumerate(captured):
+            if swap:
+                for t in block_targets:
+                    t.write(dense[t.name])
+                x_d = _flat_tokens(_input_of(block, group[0].module, batch), batch.token_mask).to(device)
+                for t in block_targets:
+                    t.write(pruned[t.name])
+            x_p = _flat_tokens(_input_of(block, group[0].module, batch), batch.token_mask).to(device)
+            sums.gram.addmm_(x_p.t(), x_p)
+            for name, w in w_d.items():
+                y_d = x_d @ w.t() if swap else recorded[name][number].to(device, torch.float32)
+                sums.cross[name].addmm_(y_d.t(), x_p)
+                sums.energy[name].add_(y_d.square().sum(0))
+    finally:
+        if swap:
             for t in block_targets:
                 t.write(pruned[t.name])
-            x_p = _flat_tokens(_input_of(block, target.module, batch), batch.token_mask).to(device)
-            sums.gram.addmm_(x_p.t(), x_p)
-            sums.cross.addmm_(x_d.t(), x_p)
-            sums.energy.add_((x_d @ w_d.t()).square().sum(0))
-    finally:
-        for t in block_targets:
-            t.write(pruned[t.name])
     return sums
 
 
-def _row_errors(w: torch.Tensor, w_d: torch.Tensor, sums: _Sums) -> torch.Tensor:
+def _row_errors(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     """Per row `‖w_d X_d − w X_p‖²` from the sums."""
-    return sums.energy - (2 * ((w_d @ sums.cross) * w).sum(1) - ((w @ sums.gram) * w).sum(1)).double()
+    return energy - (2 * (cross * w).sum(1) - ((w @ gram) * w).sum(1)).double()
 
 
 def reconstruct_block_outputs(
     index: int,
     block: nn.Module,
     block_targets: list,
-    outputs: list,
+    groups: list[list],
     dense: dict[str, torch.Tensor],
     captured: list[CapturedBatch],
     damp_percent: float,
     steps: int,
     tolerance: float = 0.0,
     reduce: Callable[[list[torch.Tensor]], None] = lambda tensors: None,
+    recorder: Optional[DenseOutputRecorder] = None,
 ) -> list[ReconstructionRecord]:
-    """Refit each of `outputs` (in execution order, so the later ones see the earlier refits) against the dense
-    block; `dense` maps every target name of the block to its weight before pruning. Returns one record each.
+    """Refit the targets of `groups` (`reconstruction_groups`, in execution order, so the later ones see the
+    earlier refits) against the dense block; `dense` maps every target name of the block to its weight before
+    pruning, `recorder` (optional) holds dense outputs from the statistics pass. Returns one record per target.
 
     `reduce` sums the accumulated tensors over data-parallel ranks (identity when not distributed).
     """
     records = []
-    for target in outputs:
-        sums = _accumulate(block, target, block_targets, dense, captured)
-        reduce([sums.gram, sums.cross, sums.energy])
-        w_d = dense[target.name].to(sums.gram.device, torch.float32)
-        w = target.weight().detach().to(sums.gram.device, torch.float32)
-        pruned = w == 0
+    for group in groups:
+        recorded = {t.name: recorder.complete(t.name, len(captured)) for t in group} if recorder is not None else {}
+        complete = bool(recorded) and all(r is not None for r in recorded.values())
+        sums = _accumulate(block, group, block_targets, dense, captured, recorded if complete else None)
+        reduce([sums.gram, *sums.cross.values(), *sums.energy.values()])
         diag = torch.diagonal(sums.gram)
         damp = damp_percent * float(diag.mean()) if float(diag.mean()) > 0 else 1.0
         hessian = sums.gram + damp * torch.eye(len(diag), device=diag.device)
-        rhs = w_d @ sums.cross + damp * w_d
-        refit = refit_surviving_weights(w_d, w, pruned, hessian, steps, tolerance=tolerance, target=rhs)
-        before, after = _row_errors(w, w_d, sums), _row_errors(refit, w_d, sums)
-        refit = torch.where((after < before).unsqueeze(1), refit, w)  # a row never gets worse
-        after = torch.minimum(after, before)
-        target.write(refit)
-        energy = float(sums.energy.sum())
-        scale = 1.0 / energy if energy > 0 else 0.0
-        record = ReconstructionRecord(index, target.name, float(before.sum()) * scale, float(after.sum()) * scale)
-        logger.debug("block %d %s: block-level refit error %.4g -> %.4g", index, target.name, record.error_before,
-                     record.error_after)
-        records.append(record)
+        for target in group:
+            w_d = dense[target.name].to(sums.gram.device, torch.float32)
+            w = target.weight().detach().to(sums.gram.device, torch.float32)
+            cross, energy = sums.cross[target.name], sums.energy[target.name]
+            refit = refit_surviving_weights(w_d, w, w == 0, hessian, steps, tolerance=tolerance,
+                                            target=cross + damp * w_d)
+            before = _row_errors(w, sums.gram, cross, energy)
+            after = _row_errors(refit, sums.gram, cross, energy)
+            refit = torch.where((after < before).unsqueeze(1), refit, w)  # a row never gets worse
+            after = torch.minimum(after, before)
+            target.write(refit)
+            total = float(energy.sum())
+            scale = 1.0 / total if total > 0 else 0.0
+            record = ReconstructionRecord(index, target.name, float(before.sum()) * scale, float(after.sum()) * scale)
+            logger.debug("block %d %s: block-level refit error %.4g -> %.4g", index, target.name, record.error_before,
+                         record.error_after)
+            records.append(record)
     return records

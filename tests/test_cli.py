@@ -167,3 +167,14 @@ def test_cli_push_to_hub_uses_hub_api(tiny_checkpoint, tmp_path, monkeypatch):
     assert code == 0
     assert calls[0] == ("me/tiny", True)
     assert CONFIG_NAME in calls[1] and "model.safetensors" in calls[1] and "report.html" not in calls[1]
+
+
+def test_high_sparsity_flags_reach_the_config(tmp_path):
+    from optimum_d2prune.commands.d2prune import build_parser, check_arguments
+
+    args = build_parser().parse_args(["--model", "some/model", "--output-dir", str(tmp_path / "out"), "--sparsity",
+                                      "0.7", "--preset", "max_quality", "--reconstruction-targets", "all",
+                                      "--no-block-reconstruction"])
+    config = check_arguments(args)
+    assert (config.preset, config.reconstruction_targets, config.block_reconstruction) == ("max_quality", "all", False)
+    assert config.sparsity_allocation == "owl"  # from the preset

@@ -12,7 +12,7 @@ from optimum_d2prune.configuration import PRESETS
 from optimum_d2prune.engine import PruningEngine, _sequential_groups
 from optimum_d2prune.hooks import capture_block_inputs
 from optimum_d2prune.masks import round_half_up
-from optimum_d2prune.reconstruction import output_projections
+from optimum_d2prune.reconstruction import DenseOutputRecorder, output_projections, reconstruction_groups
 from optimum_d2prune.solvers.obs import refit_surviving_weights
 
 
@@ -131,18 +131,26 @@ def test_refine_tolerance_is_used_by_the_solver():
 
 
 # ------------------------------------------------------------------ block-level reconstruction
-@pytest.mark.parametrize("name, expected", [("llama", ["self_attn.o_proj", "mlp.down_proj"]),
-                                            ("opt", ["self_attn.out_proj", "fc2"])])
-def test_output_projections_are_found_from_structure(name, expected):
+@pytest.mark.parametrize("name, expected, everything", [
+    ("llama", ["self_attn.o_proj", "mlp.down_proj"], [["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"],
+                                                      ["mlp.down_proj"]]),
+    ("opt", ["self_attn.out_proj", "fc2"], [["self_attn.out_proj"], ["fc1"], ["fc2"]]),
+])
+def test_output_projections_are_found_from_structure(name, expected, everything):
     model = make_tiny(name)
     config = D2PruneConfig()
     engine = PruningEngine(config, _adapter(model))
     blocks, _, targets = engine.plan(model)
     batch = capture_block_inputs(model, blocks[0], [{"input_ids": calib_batches(1)[0]}], torch.device("cpu"),
                                  torch.device("cpu"), engine.adapter.forward_model)[0]
-    outputs = output_projections(_sequential_groups(blocks[0], targets[0], batch, torch.device("cpu")))
+    groups = _sequential_groups(blocks[0], targets[0], batch, torch.device("cpu"))
+    outputs = output_projections(groups)
     assert len(outputs) == len(expected)
     assert all(t.name.endswith(f".0.{e}") for t, e in zip(outputs, expected))
+    assert [[t.name for t in g] for g in reconstruction_groups(groups, "outputs")] == [[t.name] for t in outputs]
+    prefix = outputs[0].name[: -len(expected[0])]
+    assert [[t.name for t in g] for g in reconstruction_groups(groups, "all")] == [
+        [prefix + n for n in group] for group in everything]
 
 
 def _adapter(model):
@@ -170,6 +178,48 @@ def test_block_reconstruction_lowers_the_block_output_error():
     for a, b in zip(_linears(plain), _linears(refit)):  # same masks: only surviving weights move
         assert torch.equal(a == 0, b == 0) or int((b == 0).sum()) >= int((a == 0).sum())
     assert "block-level refit" in report.summary()
+    wider, report = _prune(sparsity=0.7, refine_steps=0, block_reconstruction=True, reconstruction_targets="all")
+    assert [r.name.split(".", 3)[-1] for r in report.reconstruction[:4]] == [
+        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert len(report.reconstruction) == 16 and all(r.error_after <= r.error_before for r in report.reconstruction)
+    for a, b in zip(_linears(plain), _linears(wider)):
+        assert torch.equal(a == 0, b == 0) or int((b == 0).sum()) >= int((a == 0).sum())
+
+
+@pytest.mark.parametrize("name", ["llama4", "opt"])
+def test_reconstruction_from_the_recorded_dense_outputs_matches_swapping_the_dense_weights_in(name, monkeypatch):
+    """The dense outputs recorded in the statistics pass give the refit that re-running the dense block gives
+    (OPT: output projections with biases, made non-zero here). Block 0 only: later blocks see inputs that differ
+    by rounding, which can flip near-tied mask entries."""
+
+    def prune():
+        model = make_tiny(name)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        pruner = D2Pruner(D2PruneConfig(sparsity=0.7, block_reconstruction=True))
+        pruner.prune(model, calib_batches())
+        layers = model.model.decoder.layers if name == "opt" else model.model.layers
+        return [m.weight for m in layers[0].modules() if isinstance(m, torch.nn.Linear)], pruner.report
+
+    recorded, recorded_report = prune()
+    seen = []
+    original = DenseOutputRecorder.complete
+
+    def without_recording(self, target: str, batches: int):
+        seen.append(original(self, target, batches) is not None)
+        return None  # force the swap path
+
+    monkeypatch.setattr(DenseOutputRecorder, "complete", without_recording)
+    swapped, swapped_report = prune()
+    assert seen and all(seen)  # every output projection had a complete recording
+    assert len(recorded_report.reconstruction) == len(swapped_report.reconstruction) > 0
+    for a, b in zip(recorded, swapped):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # rounding of the bias subtraction
+    for r, s in zip(recorded_report.reconstruction[:2], swapped_report.reconstruction[:2]):
+        assert r.error_after == pytest.approx(s.error_after, rel=1e-3)
+        assert r.error_after < r.error_before
 
 
 # ------------------------------------------------------------------ configuration and presets
@@ -182,6 +232,7 @@ def test_block_reconstruction_lowers_the_block_output_error():
     ({"refine_tolerance": 1.5}, "refine_tolerance"),
     ({"refine_tolerance": "tight"}, "refine_tolerance"),
     ({"block_reconstruction": "yes"}, "block_reconstruction"),
+    ({"reconstruction_targets": "everything"}, "reconstruction_targets"),
     ({"preset": "fast"}, "preset"),
     ({"kl_query_rows": 0}, "kl_query_rows"),
     ({"kl_query_rows": 64.0}, "kl_query_rows"),
