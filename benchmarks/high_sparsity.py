@@ -7,7 +7,7 @@ configuration already pruned by the ablation or the tuning sweep is not pruned a
 run at every `--seeds` (mean ± std); the others at the first seed. `--figure` draws the per-block sparsity of the
 OWL budgets at 70 %.
 
-    python benchmarks/high_sparsity.py --threads 1          # 50/60/70/80 % and 2:4, five configs, both splits
+    python benchmarks/high_sparsity.py --threads 1          # 50/60/70/80 % and 2:4, six configs, both splits
     python benchmarks/high_sparsity.py --threads 1 --levels 0.7 --configs d2prune max_quality --splits dev
     python benchmarks/high_sparsity.py --extra "d2+recon:block_reconstruction=true" --configs d2+recon
 """
@@ -33,6 +33,7 @@ CONFIGS: dict[str, dict] = {
     "d2prune": {"method": "d2prune"},
     "d2prune+owl": {"method": "d2prune", "sparsity_allocation": "owl"},
     "max_quality": {"method": "d2prune", "preset": "max_quality"},
+    "max_quality+model": {"method": "d2prune", "preset": "max_quality", "reconstruction_reference": "model"},
 }
 FIGURE = "owl_block_sparsity_70.png"  # written next to --output
 

@@ -152,8 +152,10 @@ class BlockCheckpoint:
         hidden_states: list[torch.Tensor],
         report: PruneReport,
         write_weights: bool = True,
+        reference_states: Optional[list[torch.Tensor]] = None,
     ) -> None:
-        """Write block `block`'s pruned weights, then atomically replace the state with the new activations."""
+        """Write block `block`'s pruned weights, then atomically replace the state with the new activations (and
+        the dense model's, `reference_states`, when the run propagates them)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if write_weights:
             weights = {t.name: t.weight().detach().to("cpu").contiguous() for t in targets}
@@ -166,6 +168,7 @@ class BlockCheckpoint:
             "last_block": block,
             "block_digests": {b: d for b, d in self._digests.items() if b <= block},
             "hidden_states": [h.detach().to("cpu") for h in hidden_states],
+            "reference_states": [h.detach().to("cpu") for h in reference_states or []],
             "layers": [asdict(r) for r in report.layers],
             "attention": [asdict(a) for a in report.attention],
             "skipped": dict(report.skipped),
@@ -192,9 +195,9 @@ def _digest_matches(state: Any) -> bool:
 def _state_digest(state: dict[str, Any]) -> str:
     """SHA-256 of everything in a state except the digest itself (a flipped byte inside a tensor loads fine)."""
     h = hashlib.sha256()
-    rest = {k: v for k, v in state.items() if k not in ("digest", "hidden_states")}
+    rest = {k: v for k, v in state.items() if k not in ("digest", "hidden_states", "reference_states")}
     h.update(json.dumps(rest, sort_keys=True, default=str).encode())
-    for t in state.get("hidden_states", []):
+    for t in [*state.get("hidden_states", []), *state.get("reference_states", [])]:
         h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
         h.update(_tensor_bytes(t))
     return h.hexdigest()

@@ -26,6 +26,7 @@ CONFIG_NAME = "d2prune_config.json"
 DEFAULT_REFINE_STEPS = 8
 SPARSITY_ALLOCATIONS = ("uniform", "owl")
 RECONSTRUCTION_TARGETS = ("outputs", "all")
+RECONSTRUCTION_REFERENCES = ("block", "model")
 
 #: values of the preset-managed fields when neither the user nor a preset sets them (`None` in the signature means
 #: "not set"; `refine_steps` keeps `None`: its default depends on the method)
@@ -40,6 +41,7 @@ FIELD_DEFAULTS: dict[str, Any] = {
     "owl_m": 5.0,
     "block_reconstruction": False,
     "reconstruction_targets": "outputs",
+    "reconstruction_reference": "block",
 }
 #: `preset` -> defaults for the fields the user did not set. "paper": the published algorithm (s = 1500, λ1 = 1,
 #: λ2 = 0, v left un-updated, no refit). "max_quality": the best combination measured on SmolLM2 (OWL budgets, block
@@ -153,6 +155,17 @@ class D2PruneConfig:
         metadata={
             "help": 'What `block_reconstruction` refits: "outputs" (the default): the output projections; "all": '
             "also every other linear whose input the block's pruning changes (gate/up, fc1: all but q/k/v)."
+        },
+    )
+    reconstruction_reference: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": 'What the block\'s last output projection is refit to: "block" (the default): the dense block\'s '
+            'output on the pruned model\'s activations; "model": the dense model\'s block output, so that the '
+            "projection also takes out the error the pruned model's residual stream has accumulated (the dense "
+            "model's activations are propagated beside the pruned ones: a second copy of the calibration "
+            "activations and one more forward per block). Blocks whose output is not their residual stream plus "
+            'that projection\'s output (post-norm) keep "block".'
         },
     )
     dynamic_strategy: str = field(
@@ -315,6 +328,9 @@ class D2PruneConfig:
         if self.reconstruction_targets not in RECONSTRUCTION_TARGETS:
             raise ValueError(f"`reconstruction_targets` must be one of {RECONSTRUCTION_TARGETS}, got "
                              f"{self.reconstruction_targets!r}.")
+        if self.reconstruction_reference not in RECONSTRUCTION_REFERENCES:
+            raise ValueError(f"`reconstruction_reference` must be one of {RECONSTRUCTION_REFERENCES}, got "
+                             f"{self.reconstruction_reference!r}.")
         if pattern.is_nm:
             self._check_solver_blocks(pattern)
 

@@ -214,7 +214,10 @@ class PruningEngine:
             batch.block_arguments = block_arguments
         seq_len = captured[0].hidden_states.shape[1]
         update_solver, non_update_solver = solvers_for(self.config, seq_len)
-        first = self._resume(checkpoint, blocks, targets, captured, report, device)
+        # the dense model's own activations, propagated beside the pruned ones (`reconstruction_reference="model"`)
+        reference = ([b.hidden_states.clone() for b in captured] if self.config.block_reconstruction
+                     and self.config.reconstruction_reference == "model" else None)
+        first = self._resume(checkpoint, blocks, targets, captured, reference, report, device)
         if self.config.sparsity_allocation != "uniform":
             if not report.block_sparsity:  # a resumed run keeps the budgets measured on the dense model
                 report.block_sparsity = self._budgets(owl_ratios=lambda: dense_outlier_ratios(
@@ -229,12 +232,12 @@ class PruningEngine:
                 batch.use_block(index)
             with onloaded(blocks[index], device):
                 self._prune_block(index, blocks[index], targets[index], captured, seq_len, update_solver,
-                                  non_update_solver, report)
+                                  non_update_solver, report, reference)
                 with self._phase("propagate"):
                     _propagate(blocks[index], captured, device)
             if checkpoint is not None:
                 checkpoint.save(index, targets[index], [b.hidden_states for b in captured], report,
-                                write_weights=self.dist.rank == 0)
+                                write_weights=self.dist.rank == 0, reference_states=reference)
             block_layers = [r for r in report.layers if r.block == index]
             if block_layers:
                 progress.set_postfix(err=f"{max(r.error for r in block_layers):.3g}")
@@ -297,8 +300,9 @@ class PruningEngine:
                                       batches, weights)
         return BlockCheckpoint(self.config.checkpoint_dir, fingerprint, self.dist.rank, self.dist.world_size)
 
-    def _resume(self, checkpoint, blocks, targets, captured, report, device) -> int:
-        """Load the finished blocks of an interrupted run; return the first block still to prune."""
+    def _resume(self, checkpoint, blocks, targets, captured, reference, report, device) -> int:
+        """Load the finished blocks of an interrupted run (and the dense model's activations after them, for a
+        `reference` stream); return the first block still to prune."""
         state = checkpoint.load() if checkpoint is not None else None
         if state is None:
             return 0
@@ -308,6 +312,9 @@ class PruningEngine:
                 checkpoint.restore_weights(index, targets[index])
         for batch, hidden in zip(captured, state["hidden_states"]):
             batch.hidden_states = hidden.to(device=batch.hidden_states.device, dtype=batch.hidden_states.dtype)
+        if reference is not None:
+            reference[:] = [hidden.to(device=kept.device, dtype=kept.dtype)
+                            for kept, hidden in zip(reference, state["reference_states"])]
         restore_report(state, report)
         logger.info("Resuming from %s: blocks 0-%d are done.", checkpoint.directory, last)
         return last + 1
@@ -330,7 +337,13 @@ class PruningEngine:
         update_solver: Solver,
         non_update_solver: Solver,
         report: PruneReport,
+        reference: Optional[list[torch.Tensor]] = None,
     ) -> None:
+        """Prune the targets of one block. `reference`: the dense model's activations entering the block, replaced
+        by the dense block's outputs on them (the block reconstruction's target for the block's output)."""
+        if reference is not None:
+            with self._phase("propagate"):
+                _propagate_reference(block, captured, reference, _module_device(block))
         if not targets:
             return
         aware = self._awareness(targets)
@@ -361,7 +374,8 @@ class PruningEngine:
                     index, block, targets, [group for group in refit if group], dense, captured,
                     self.config.damp_percent,
                     self.config.resolve_refine_steps() or RECONSTRUCTION_STEPS, self.config.refine_tolerance,
-                    self.dist.all_reduce_tensors, recorder)
+                    self.dist.all_reduce_tensors, recorder, reference,
+                    outputs[-1].name if outputs and outputs[-1].name in {t.name for t in ordered[-1]} else None)
 
     def _prune_group(
         self,
@@ -636,14 +650,25 @@ def _target_stats(stats: dict, target: PruneTarget):
     return None if s is None else s.rows(target.rows)
 
 
+def _block_output(block: nn.Module, hidden: torch.Tensor, batch: CapturedBatch, device: torch.device) -> torch.Tensor:
+    """The block's output for `hidden` with `batch`'s other arguments, kept where `hidden` was stored (the CPU with
+    `offload_activations`: one batch at a time on the device)."""
+    out = block(hidden.to(device, non_blocking=True), *batch.args, **batch.kwargs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.to(hidden.device) if out.device != hidden.device else out
+
+
 def _propagate(block: nn.Module, captured: list[CapturedBatch], device: torch.device) -> None:
-    """Replace each batch's hidden states with the (pruned) block's output, kept where the inputs were stored
-    (the CPU with `offload_activations`: one batch at a time on the device)."""
+    """Replace each batch's hidden states with the (pruned) block's output."""
     for batch in captured:
-        store = batch.hidden_states.device
-        out = block(batch.hidden_states.to(device, non_blocking=True), *batch.args, **batch.kwargs)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        batch.hidden_states = out.to(store) if out.device != store else out
+        batch.hidden_states = _block_output(block, batch.hidden_states, batch, device)
+
+
+def _propagate_reference(block: nn.Module, captured: list[CapturedBatch], reference: list[torch.Tensor],
+                         device: torch.device) -> None:
+    """Advance the dense model's activations through the block, before it is pruned."""
+    for number, batch in enumerate(captured):
+        reference[number] = _block_output(block, reference[number], batch, device)
 
 
 def _input_device(model: nn.Module) -> torch.device:

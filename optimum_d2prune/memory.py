@@ -213,8 +213,9 @@ def estimate(
     """Peak memory of each phase of pruning a LLaMA-style decoder (attention q/k/v/o, gated MLP or MoE experts).
 
     The terms follow the engine: calibration activations `N·T·d` (model dtype; on the CPU with
-    `offload_activations`), the statistics of one block (fp32 `cols²` sums of each input stream: q/k/v, o
-    (`heads·head_dim` columns), gate/up, down), one Hessian factor (`cols²`, the sum becomes the damped H in place),
+    `offload_activations`; twice with `reconstruction_reference="model"`), the statistics of one block (fp32
+    `cols²` sums of each input stream: q/k/v, o (`heads·head_dim` columns), gate/up, down), one Hessian factor
+    (`cols²`, the sum becomes the damped H in place),
     the solve's working copies (`rows·cols` fp32 and bool), one batch's forward through a block, and for
     D²Prune's KL term the copied sequences, four sets of per-head queries/keys and a few `kl_chunk_mib` chunks.
     MoE blocks (routed experts, no shared expert): the experts' inputs and routing are kept for the block (the
@@ -235,9 +236,11 @@ def estimate(
     outside = 2 * s["vocab"] * d
     on_device = device.type == "cpu" if model_on_device is None else model_on_device
     resident = 0 if on_device else (block_params + outside) * act
-    activations = 0 if (config.offload_activations and device.type != "cpu") else tokens * d * act
-    if config.offload_activations and device.type != "cpu":
-        activations = 2 * batch_tokens * d * act  # the batch streamed in and its output
+    offloaded = config.offload_activations and device.type != "cpu"
+    activations = 2 * batch_tokens * d * act if offloaded else tokens * d * act  # offloaded: one batch in and out
+    # `reconstruction_reference="model"`: the dense model's activations, kept beside them from the first block on
+    two_streams = bool(config.block_reconstruction) and config.reconstruction_reference == "model"
+    reference = tokens * d * act if two_streams and not offloaded else 0
     # one batch through a block at its peak, the MLP: the residual, the normed input, the output; dense: act(gate), up
     # and their product; MoE: the grouped path's four `[tokens·top_k, d]` tensors (the gathered inputs, the
     # experts' outputs, weighted, and reordered)
@@ -258,9 +261,9 @@ def estimate(
     rebuild = bool(config.block_reconstruction)
     dense_copy = block_params * act if rebuild else 0
     recorded = 0
-    if rebuild and not config.sequential and not (config.offload_activations and device.type != "cpu"):
+    if rebuild and not config.sequential and not offloaded:
         recorded = 2 * tokens * d * act
-    stats = activations + sums + expert_inputs + kl_inputs + forward + hook + dense_copy + recorded
+    stats = activations + reference + sums + expert_inputs + kl_inputs + forward + hook + dense_copy + recorded
 
     refit = config.resolve_refine_steps() > 0
 
@@ -286,7 +289,7 @@ def estimate(
     capture = 4 * seq_len * q_rows * _F32 + qkv * _F32
     kl = (4 * seq_len * (q_rows + kv_rows) * _F32 + max(6 * min(heads_chunk, s["heads"]) * per_head, capture)
           if uses_kl else 0)
-    held = activations + expert_inputs + dense_copy + recorded  # alive through the whole solve of a block
+    held = activations + reference + expert_inputs + dense_copy + recorded  # alive through a block's solve
     attention = held + sums + kl_inputs + qkv_sum + candidates + max(kl, solve_work(q_rows, d))
     if not config.uses_attention_awareness:
         attention = 0
@@ -296,12 +299,13 @@ def estimate(
         (d * d + mlp * mlp) * _F32 + d * d * _F32 + solve_work(2 * mlp if moe else mlp, d),  # gate/up (one expert's)
         mlp * mlp * _F32 * 2 + solve_work(d, mlp),  # down: its sum (the damped H) and its factor
     ))
-    propagate = activations + forward + batch_tokens * d * act
+    propagate = activations + reference + forward + batch_tokens * d * act
     # the down projection's refit: its fp32 sums (`cols²` and `rows·cols`) and the refit's working copies
     reconstruction = held + forward + (inter * inter + d * inter) * _F32 + solve_work(d, inter) if rebuild else 0
     phases = {"inputs": activations + batch_tokens * d * act, "statistics": stats, "attention choice": attention,
               "solve": solve, "reconstruction": reconstruction, "propagate": propagate}
-    components = {"activations": activations, "statistics sums": sums, "block forward (one batch)": forward + hook,
+    components = {"activations": activations + reference, "statistics sums": sums,
+                  "block forward (one batch)": forward + hook,
                   "expert inputs": expert_inputs, "KL inputs": kl_inputs, "KL chunk": kl,
                   "q/k/v candidates": candidates, "largest factor": max(mlp, q_rows, d) ** 2 * _F32,
                   "reconstruction targets": dense_copy + recorded,

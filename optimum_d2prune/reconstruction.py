@@ -18,6 +18,14 @@ statistics pass the engine runs anyway (the size of the block's captured hidden 
 after pruning then runs the pruned block only, half the forwards of swapping the dense weights back in per batch.
 Without a recording (sequential calibration: no pass runs the whole dense block) the dense weights are
 swapped in.
+
+`reconstruction_reference="model"` changes the target of the block's last output projection (down_proj, fc2):
+with `h_d` the dense *model*'s block output (the engine propagates the dense model's activations beside the pruned
+ones) and `r_p` the pruned block's residual stream before that projection adds to it, the projection is refit to
+`h_d − r_p`, so it also takes out the error of the pruned attention and of the blocks before (the residual stream is
+read as the block output less the projection's output; blocks where shifting the projection's output does not shift
+the block output the same, post-norm ones, keep the dense-block target). Fitting every output projection to the
+dense model's own projection outputs instead was measured much worse (benchmarks/results/high_sparsity_dev_notes.md).
 """
 
 from __future__ import annotations
@@ -135,6 +143,35 @@ def _input_of(block: nn.Module, module: nn.Module, batch: CapturedBatch) -> torc
     return seen[0]
 
 
+def _block_pass(block: nn.Module, module: nn.Module, batch: CapturedBatch,
+                shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`module`'s input and output and the block's output when `batch` runs through `block` (with `shift` added to
+    the module's output: to check that the block output is the residual plus that output)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor):
+        seen[:] = [inputs[0], output]
+        return output + shift if shift else None
+
+    with HookManager() as hooks:
+        hooks.add(module.register_forward_hook(hook))
+        device = next(block.parameters()).device
+        out = block(batch.hidden_states.to(device), *batch.args, **batch.kwargs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if not seen:
+        raise RuntimeError("The output projection did not run during the block's forward.")
+    return seen[0], seen[1], out
+
+
+def _adds_to_the_output(block: nn.Module, module: nn.Module, batch: CapturedBatch) -> bool:
+    """Whether the block's output is its residual stream plus `module`'s output (LLaMA-style pre-norm blocks; not
+    post-norm ones such as OPT-350m's, or Gemma's normed MLP output): shifting the output by 1 must shift the
+    block's by 1 (the median entry: half-precision rounding of large activations moves single entries)."""
+    _, _, out = _block_pass(block, module, batch)
+    _, _, shifted = _block_pass(block, module, batch, shift=1.0)
+    return float((shifted.float() - out.float() - 1).abs().median()) < 0.1
+
+
 def _accumulate(block: nn.Module, group: list, block_targets: list, dense: dict[str, torch.Tensor],
                 captured: list[CapturedBatch], recorded: Optional[dict[str, list[torch.Tensor]]]) -> _Sums:
     """Sums over the calibration batches for targets sharing one input. The dense outputs come from `recorded` or,
@@ -168,6 +205,30 @@ def _accumulate(block: nn.Module, group: list, block_targets: list, dense: dict[
     return sums
 
 
+def _accumulate_to_model_output(block: nn.Module, target, dense: dict[str, torch.Tensor],
+                                captured: list[CapturedBatch], model_outputs: list[torch.Tensor]) -> _Sums:
+    """The sums for the block's last projection with the dense model's block outputs as the target: what it must
+    add to the pruned block's residual stream (the block output less the projection's output) to give them, less
+    its bias (the sums hold outputs less bias)."""
+    device = target.weight().device
+    w_d = dense[target.name].to(device, torch.float32)
+    cols = w_d.shape[1]
+    sums = _Sums(torch.zeros(cols, cols, dtype=torch.float32, device=device), {target.name: torch.zeros_like(w_d)},
+                 {target.name: torch.zeros(w_d.shape[0], dtype=torch.float64, device=device)})
+    bias = getattr(target.module, "bias", None)
+    for number, batch in enumerate(captured):
+        x_p, y_p, out = _block_pass(block, target.module, batch)
+        x_p = _flat_tokens(x_p, batch.token_mask).to(device)
+        residual = _flat_tokens(out, batch.token_mask) - _flat_tokens(y_p, batch.token_mask)
+        y_t = _flat_tokens(model_outputs[number], batch.token_mask).to(device) - residual.to(device)
+        if isinstance(bias, torch.Tensor):
+            y_t = y_t - bias.detach().float()
+        sums.gram.addmm_(x_p.t(), x_p)
+        sums.cross[target.name].addmm_(y_t.t(), x_p)
+        sums.energy[target.name].add_(y_t.square().sum(0))
+    return sums
+
+
 def _row_errors(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     """Per row `‖w_d X_d − w X_p‖²` from the sums."""
     return energy - (2 * (cross * w).sum(1) - ((w @ gram) * w).sum(1)).double()
@@ -185,10 +246,14 @@ def reconstruct_block_outputs(
     tolerance: float = 0.0,
     reduce: Callable[[list[torch.Tensor]], None] = lambda tensors: None,
     recorder: Optional[DenseOutputRecorder] = None,
+    model_outputs: Optional[list[torch.Tensor]] = None,
+    last_projection: Optional[str] = None,
 ) -> list[ReconstructionRecord]:
     """Refit the targets of `groups` (`reconstruction_groups`, in execution order, so the later ones see the
     earlier refits) against the dense block; `dense` maps every target name of the block to its weight before
-    pruning, `recorder` (optional) holds dense outputs from the statistics pass. Returns one record per target.
+    pruning, `recorder` (optional) holds dense outputs from the statistics pass, `model_outputs` (optional) the
+    dense model's outputs of the block per batch: `last_projection` (the block's last output projection) is then
+    refit to reproduce them. Returns one record per target.
 
     `reduce` sums the accumulated tensors over data-parallel ranks (identity when not distributed).
     """
@@ -196,7 +261,14 @@ def reconstruct_block_outputs(
     for group in groups:
         recorded = {t.name: recorder.complete(t.name, len(captured)) for t in group} if recorder is not None else {}
         complete = bool(recorded) and all(r is not None for r in recorded.values())
-        sums = _accumulate(block, group, block_targets, dense, captured, recorded if complete else None)
+        to_model = model_outputs is not None and [t.name for t in group] == [last_projection]
+        if to_model and not _adds_to_the_output(block, group[0].module, captured[0]):
+            logger.warning("Block %d: its output is not its residual stream plus %s's output (post-norm block?); "
+                           "that projection is refit to the dense block's output instead of the dense model's.",
+                           index, group[0].name)
+            to_model = False
+        sums = (_accumulate_to_model_output(block, group[0], dense, captured, model_outputs) if to_model else
+                _accumulate(block, group, block_targets, dense, captured, recorded if complete else None))
         reduce([sums.gram, *sums.cross.values(), *sums.energy.values()])
         diag = torch.diagonal(sums.gram)
         damp = damp_percent * float(diag.mean()) if float(diag.mean()) > 0 else 1.0

@@ -237,7 +237,8 @@ def test_estimate_models_the_block_reconstruction():
     from optimum_d2prune.pruner import prepare_batches
 
     measured, estimated = {}, {}
-    for name, kwargs in {"plain": {}, "rebuild": {"block_reconstruction": True}}.items():
+    for name, kwargs in {"plain": {}, "rebuild": {"block_reconstruction": True},
+                         "reference": {"block_reconstruction": True, "reconstruction_reference": "model"}}.items():
         model, batches = make_tiny("llama"), prepare_batches(calib_batches())
         config = D2PruneConfig(sparsity=0.5, **kwargs)
         with LiveTensorBytes() as counter:
@@ -249,6 +250,11 @@ def test_estimate_models_the_block_reconstruction():
     held = measured["rebuild"]["statistics"] - measured["plain"]["statistics"]  # weight copy + recorded outputs
     assert held > 0
     assert held == pytest.approx(estimated["rebuild"]["statistics"] - estimated["plain"]["statistics"], rel=0.2)
+    # the dense model's activations propagated beside the pruned ones: a second copy of the calibration activations
+    # (from the first block's pass on: not in the inputs phase)
+    for phase in ("statistics", "propagate", "reconstruction"):
+        assert measured["reference"][phase] == pytest.approx(estimated["reference"][phase], rel=0.2)
+    assert estimated["reference"]["statistics"] - estimated["rebuild"]["statistics"] == 8 * 24 * 64 * 4
     big = _llama_7b()
     rebuild = estimate(big, D2PruneConfig(block_reconstruction=True), 128, 2048, "cuda")
     offloaded = estimate(big, D2PruneConfig(block_reconstruction=True, offload_activations=True), 128, 2048, "cuda")

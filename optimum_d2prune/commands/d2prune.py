@@ -84,6 +84,10 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                        help="Refit each block's output projections against the dense block's outputs.")
     prune.add_argument("--reconstruction-targets", choices=("outputs", "all"), default=None,
                        help='What --block-reconstruction refits: "outputs" (default) or "all" linears but q/k/v.')
+    prune.add_argument("--reconstruction-reference", choices=("block", "model"), default=None,
+                       help='What --block-reconstruction fits the last output projection to: the dense block\'s '
+                            'output on the pruned model\'s activations ("block", default) or the dense model\'s '
+                            'block output ("model": also takes out the error accumulated before the block).')
     prune.add_argument("--seed", type=int, default=0, help="Seed of calibration sampling and pruning (default 0).")
     calib = parser.add_argument_group("calibration")
     calib.add_argument("--calibration", default="self",
@@ -206,7 +210,8 @@ def check_arguments(args: argparse.Namespace):
         kwargs["attention_update"] = args.attention_update
     if args.dynamic_strategy is not None:
         kwargs["dynamic_strategy"] = args.dynamic_strategy
-    for name in ("preset", "sparsity_allocation", "block_reconstruction", "reconstruction_targets"):
+    for name in ("preset", "sparsity_allocation", "block_reconstruction", "reconstruction_targets",
+                 "reconstruction_reference"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.kl_chunk_mib is not None:
