@@ -165,13 +165,18 @@ def main(argv=None) -> int:
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows", default=str(RESULTS / "high_sparsity_rows.json"), help="Resumable rows file.")
-    parser.add_argument("--output", default=str(RESULTS / "high_sparsity.md"))
+    parser.add_argument("--output", default=None,
+                        help="Where the table goes (default: results/high_sparsity.md with the default --rows, else "
+                             "next to --rows as .md, so that a partial sweep leaves the committed table alone).")
     parser.add_argument("--table", action="store_true",
                         help="Only rewrite the table (and figure) from the finished rows (and from runs of other "
                              "scripts in the run cache); prunes nothing.")
     parser.add_argument("--figure", action="store_true",
                         help=f"Also draw the 70 %% OWL budgets ({FIGURE}, next to --output).")
     args = parser.parse_args(argv)
+    if args.output is None:
+        default_rows = Path(args.rows).resolve() == (RESULTS / "high_sparsity_rows.json").resolve()
+        args.output = str(RESULTS / "high_sparsity.md" if default_rows else Path(args.rows).with_suffix(".md"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("optimum_d2prune", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
