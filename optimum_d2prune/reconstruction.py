@@ -123,53 +123,34 @@ def _flat_tokens(x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.T
     return flat
 
 
-def _input_of(block: nn.Module, module: nn.Module, batch: CapturedBatch) -> torch.Tensor:
-    """The input `module` receives when `batch` runs through `block` (the forward stops right after it)."""
-    seen: list[torch.Tensor] = []
-
-    def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        seen.append(inputs[0])
-        raise _StopForward
-
-    with HookManager() as hooks:
-        hooks.add(module.register_forward_hook(hook))
-        try:
-            device = next(block.parameters()).device  # activations may be offloaded to the CPU
-            block(batch.hidden_states.to(device), *batch.args, **batch.kwargs)
-        except _StopForward:
-            pass
-    if not seen:
-        raise RuntimeError("The output projection did not run during the block's forward.")
-    return seen[0]
-
-
-def _block_pass(block: nn.Module, module: nn.Module, batch: CapturedBatch,
-                shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`module`'s input and output and the block's output when `batch` runs through `block` (with `shift` added to
-    the module's output: to check that the block output is the residual plus that output)."""
+def _block_pass(block: nn.Module, module: nn.Module, batch: CapturedBatch, stop: bool = False,
+                shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """`module`'s input and output and the block's output when `batch` runs through `block`: with `stop` the
+    forward ends right after `module` (no block output), `shift` is added to the module's output."""
     seen: list[torch.Tensor] = []
 
     def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor):
         seen[:] = [inputs[0], output]
+        if stop:
+            raise _StopForward
         return output + shift if shift else None
 
+    out = None
     with HookManager() as hooks:
         hooks.add(module.register_forward_hook(hook))
-        device = next(block.parameters()).device
-        out = block(batch.hidden_states.to(device), *batch.args, **batch.kwargs)
-    out = out[0] if isinstance(out, (tuple, list)) else out
+        try:
+            device = next(block.parameters()).device  # activations may be offloaded to the CPU
+            out = block(batch.hidden_states.to(device), *batch.args, **batch.kwargs)
+        except _StopForward:
+            pass
     if not seen:
         raise RuntimeError("The output projection did not run during the block's forward.")
-    return seen[0], seen[1], out
+    return seen[0], seen[1], out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _adds_to_the_output(block: nn.Module, module: nn.Module, batch: CapturedBatch) -> bool:
-    """Whether the block's output is its residual stream plus `module`'s output (LLaMA-style pre-norm blocks; not
-    post-norm ones such as OPT-350m's, or Gemma's normed MLP output): shifting the output by 1 must shift the
-    block's by 1 (the median entry: half-precision rounding of large activations moves single entries)."""
-    _, _, out = _block_pass(block, module, batch)
-    _, _, shifted = _block_pass(block, module, batch, shift=1.0)
-    return float((shifted.float() - out.float() - 1).abs().median()) < 0.1
+def _input_of(block: nn.Module, module: nn.Module, batch: CapturedBatch) -> torch.Tensor:
+    """The input `module` receives when `batch` runs through `block` (the forward stops right after it)."""
+    return _block_pass(block, module, batch, stop=True)[0]
 
 
 def _accumulate(block: nn.Module, group: list, block_targets: list, dense: dict[str, torch.Tensor],
@@ -206,10 +187,13 @@ def _accumulate(block: nn.Module, group: list, block_targets: list, dense: dict[
 
 
 def _accumulate_to_model_output(block: nn.Module, target, dense: dict[str, torch.Tensor],
-                                captured: list[CapturedBatch], model_outputs: list[torch.Tensor]) -> _Sums:
+                                captured: list[CapturedBatch], model_outputs: list[torch.Tensor]) -> Optional[_Sums]:
     """The sums for the block's last projection with the dense model's block outputs as the target: what it must
     add to the pruned block's residual stream (the block output less the projection's output) to give them, less
-    its bias (the sums hold outputs less bias)."""
+    its bias (the sums hold outputs less bias). None when the block output is not that residual stream plus the
+    projection's output (post-norm blocks such as OPT-350m's, Gemma's normed MLP output): shifting the
+    projection's output by 1 on the first batch must shift the block's by 1 (the median entry: half-precision
+    rounding of large activations moves single entries)."""
     device = target.weight().device
     w_d = dense[target.name].to(device, torch.float32)
     cols = w_d.shape[1]
@@ -218,6 +202,10 @@ def _accumulate_to_model_output(block: nn.Module, target, dense: dict[str, torch
     bias = getattr(target.module, "bias", None)
     for number, batch in enumerate(captured):
         x_p, y_p, out = _block_pass(block, target.module, batch)
+        if number == 0:
+            shifted = _block_pass(block, target.module, batch, shift=1.0)[2]
+            if float((shifted.float() - out.float() - 1).abs().median()) >= 0.1:
+                return None
         x_p = _flat_tokens(x_p, batch.token_mask).to(device)
         residual = _flat_tokens(out, batch.token_mask) - _flat_tokens(y_p, batch.token_mask)
         y_t = _flat_tokens(model_outputs[number], batch.token_mask).to(device) - residual.to(device)
@@ -261,14 +249,15 @@ def reconstruct_block_outputs(
     for group in groups:
         recorded = {t.name: recorder.complete(t.name, len(captured)) for t in group} if recorder is not None else {}
         complete = bool(recorded) and all(r is not None for r in recorded.values())
-        to_model = model_outputs is not None and [t.name for t in group] == [last_projection]
-        if to_model and not _adds_to_the_output(block, group[0].module, captured[0]):
-            logger.warning("Block %d: its output is not its residual stream plus %s's output (post-norm block?); "
-                           "that projection is refit to the dense block's output instead of the dense model's.",
-                           index, group[0].name)
-            to_model = False
-        sums = (_accumulate_to_model_output(block, group[0], dense, captured, model_outputs) if to_model else
-                _accumulate(block, group, block_targets, dense, captured, recorded if complete else None))
+        sums = None
+        if model_outputs is not None and [t.name for t in group] == [last_projection]:
+            sums = _accumulate_to_model_output(block, group[0], dense, captured, model_outputs)
+            if sums is None:
+                logger.warning("Block %d: its output is not its residual stream plus %s's output (post-norm "
+                               "block?); that projection is refit to the dense block's output instead of the dense "
+                               "model's.", index, group[0].name)
+        if sums is None:
+            sums = _accumulate(block, group, block_targets, dense, captured, recorded if complete else None)
         reduce([sums.gram, *sums.cross.values(), *sums.energy.values()])
         diag = torch.diagonal(sums.gram)
         damp = damp_percent * float(diag.mean()) if float(diag.mean()) > 0 else 1.0
