@@ -34,7 +34,10 @@ CONFIGS: dict[str, dict] = {
     "d2prune+owl": {"method": "d2prune", "sparsity_allocation": "owl"},
     "max_quality": {"method": "d2prune", "preset": "max_quality"},
     "max_quality+model": {"method": "d2prune", "preset": "max_quality", "reconstruction_reference": "model"},
+    "max_quality+admm": {"method": "d2prune", "preset": "max_quality", "admm_steps": 60},
 }
+#: options in no preset, measured at these levels only (each run costs 15-25 min of one core)
+ONLY_AT: dict[str, tuple[str, ...]] = {"max_quality+model": ("0.5", "0.7"), "max_quality+admm": ("0.5", "0.7")}
 FIGURE = "owl_block_sparsity_70.png"  # written next to --output
 
 
@@ -45,8 +48,11 @@ def parse_extra(text: str) -> tuple[str, dict]:
     return name, {"method": "d2prune", **{k: parse_value(v) for k, v in fields.items()}}
 
 
-def applies(fields: dict, level: str) -> bool:
-    """OWL budgets are for unstructured sparsity only (an N:M pattern is uniform by definition)."""
+def applies(name: str, fields: dict, level: str) -> bool:
+    """OWL budgets are for unstructured sparsity only (an N:M pattern is uniform by definition); the options of
+    `ONLY_AT` run at their levels."""
+    if name in ONLY_AT and level not in ONLY_AT[name]:
+        return False
     return ":" not in level or fields.get("sparsity_allocation", "uniform") == "uniform"
 
 
@@ -58,7 +64,7 @@ def runs(configs: dict[str, dict], names: list[str], levels: list[str], seeds: l
             if seed != seeds[0] and level not in seeded:
                 continue
             for name in names:
-                if applies(configs[name], level):
+                if applies(name, configs[name], level):
                     for split in splits:
                         yield name, level, seed, split
 
@@ -99,12 +105,14 @@ def write_table(protocol: Protocol, configs: dict[str, dict], args, command: str
     for level in args.levels:
         base = values("sparsegpt", level, time_split, "seconds")
         for name in args.configs:
-            if not applies(configs[name], level):
+            if not applies(name, configs[name], level):
                 continue
             cells = [level, name]
+            planned = len(args.seeds) if level in args.seeded_levels else 1
             for split in args.splits:
                 ratios = values(name, level, split, "ratio")
-                cells.append(mean_std(ratios, 3) if ratios else "…")
+                partial = f" ({len(ratios)} of {planned} seeds)" if 0 < len(ratios) < planned else ""
+                cells.append(mean_std(ratios, 3) + partial if ratios else "…")
             secs = values(name, level, time_split, "seconds")
             cells.append(f"{statistics.mean(secs):.0f}" if secs else "…")
             cells.append(f"{statistics.mean(secs) / statistics.mean(base):.2f}" if secs and base else "")

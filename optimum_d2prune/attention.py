@@ -259,7 +259,7 @@ def plan_attention_updates(
                                          chunk_bytes=scorer.chunk_bytes, max_query_rows=scorer.max_query_rows)
     for p in PROJECTIONS:
         if p != record.chosen:
-            updated[p] = update_solver.refine(qkv[p].weight(), updated[p], stats_of(qkv[p]))
+            updated[p] = update_solver.refine(qkv[p].weight(), updated[p], stats_of(qkv[p]), patterns[p])
     # only the solutions the block keeps: the other three would stay in memory until their targets are written
     outputs = {(qkv[p].name, p != record.chosen): (non_updated if p == record.chosen else updated)[p]
                for p in PROJECTIONS}

@@ -42,6 +42,7 @@ FIELD_DEFAULTS: dict[str, Any] = {
     "block_reconstruction": False,
     "reconstruction_targets": "outputs",
     "reconstruction_reference": "block",
+    "admm_steps": 0,
 }
 #: `preset` -> defaults for the fields the user did not set. "paper": the published algorithm (s = 1500, λ1 = 1,
 #: λ2 = 0, v left un-updated, no refit). "max_quality": the best combination measured on SmolLM2 (OWL budgets, block
@@ -117,6 +118,14 @@ class D2PruneConfig:
             "help": "Stop the refit once its preconditioned residual is below this fraction of the initial one "
             "(`refine_steps` is then the maximum); 0: always `refine_steps` steps. Default 0.15, chosen on the dev "
             "split (benchmarks/results/tuning_cost.md); 0 in the presets."
+        },
+    )
+    admm_steps: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "ADMM steps (ALPS) that re-select the mask of every weight-updated layer, started from the OBS "
+            "solution, before the refit: a lower layer error for one eigendecomposition of H and one "
+            "`[rows, cols] @ [cols, cols]` product per step (default 0: off). sparsegpt and d2prune only."
         },
     )
     attention_update: Optional[str] = field(
@@ -269,6 +278,11 @@ class D2PruneConfig:
             not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0
         ):
             raise ValueError(f"`refine_steps` must be None or an integer >= 0, got {self.refine_steps!r}.")
+        if not isinstance(self.admm_steps, int) or isinstance(self.admm_steps, bool) or self.admm_steps < 0:
+            raise ValueError(f"`admm_steps` must be an integer >= 0, got {self.admm_steps!r}.")
+        if self.admm_steps and not any(hasattr(s, "admm_steps") for s in METHOD_REGISTRY[self.method](self, 1)):
+            raise ValueError(f"`admm_steps` re-selects the masks of weight-updating solvers; method={self.method!r} "
+                             "has none (use sparsegpt or d2prune, or admm_steps=0).")
         if not isinstance(self.kl_num_samples, int) or self.kl_num_samples < 1:
             raise ValueError(f"`kl_num_samples` must be a positive integer, got {self.kl_num_samples!r}.")
         if not isinstance(self.kl_chunk_mib, int) or isinstance(self.kl_chunk_mib, bool) or self.kl_chunk_mib < 1:

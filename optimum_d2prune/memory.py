@@ -265,15 +265,8 @@ def estimate(
         recorded = 2 * tokens * d * act
     stats = activations + reference + sums + expert_inputs + kl_inputs + forward + hook + dense_copy + recorded
 
-    refit = config.resolve_refine_steps() > 0
-
     def solve_work(rows: int, cols: int) -> int:
-        """Weight copies (fp32 + bool mask) and the row-chunked temporaries (`ROW_CHUNK_ELEMENTS` rows at a time):
-        about four `[chunk, cols]` fp32 matrices in the masking check; the refit's CG holds seven and writes into
-        a new `[rows, cols]` result."""
-        chunk = min(rows, max(1, ROW_CHUNK_ELEMENTS // cols)) * cols  # the rows of one `row_chunks` chunk
-        temporaries = rows * cols * _F32 + 7 * chunk * _F32 if refit else 4 * chunk * _F32
-        return rows * cols * (2 * _F32 + 1) + temporaries
+        return solve_work_bytes(rows, cols, config.resolve_refine_steps() > 0, config.admm_steps > 0)
 
     qkv = (q_rows + 2 * kv_rows) * d
     candidates = 2 * qkv * (_F32 + 1) if config.uses_attention_awareness else 0
@@ -300,8 +293,10 @@ def estimate(
         mlp * mlp * _F32 * 2 + solve_work(d, mlp),  # down: its sum (the damped H) and its factor
     ))
     propagate = activations + reference + forward + batch_tokens * d * act
-    # the down projection's refit: its fp32 sums (`cols²` and `rows·cols`) and the refit's working copies
-    reconstruction = held + forward + (inter * inter + d * inter) * _F32 + solve_work(d, inter) if rebuild else 0
+    # the down projection's refit (always some steps, never ADMM or a sweep): its fp32 sums (`cols²` and
+    # `rows·cols`) and the refit's working copies
+    refit_work = solve_work_bytes(d, inter, refit=True, admm=False, sweep=False)
+    reconstruction = held + forward + (inter * inter + d * inter) * _F32 + refit_work if rebuild else 0
     phases = {"inputs": activations + batch_tokens * d * act, "statistics": stats, "attention choice": attention,
               "solve": solve, "reconstruction": reconstruction, "propagate": propagate}
     components = {"activations": activations + reference, "statistics sums": sums,
@@ -311,6 +306,21 @@ def estimate(
                   "reconstruction targets": dense_copy + recorded,
                   "resident weights": resident}
     return MemoryEstimate({k: v for k, v in phases.items() if v}, resident, components)
+
+
+def solve_work_bytes(rows: int, cols: int, refit: bool, admm: bool, sweep: bool = True) -> int:
+    """Memory of one `[rows, cols]` layer solve beyond its statistics: weight copies (fp32 + bool mask) and the
+    row-chunked temporaries (`ROW_CHUNK_ELEMENTS` rows at a time): about four `[chunk, cols]` fp32 matrices in the
+    masking check; the refit's CG holds seven and writes into a new `[rows, cols]` result. ADMM (before the refit):
+    the unit-diagonal H, its eigenvectors and the eigensolver's workspace (three `cols²`), and six whole
+    `[rows, cols]` fp32 iterates and products. The sweep itself: a `[rows, 32, 32]` batched triangular system and
+    its solution (at most 2²⁴ entries per chunk of rows), which dominates for tall matrices with few columns;
+    `sweep=False` for a refit alone (the block reconstruction)."""
+    chunk = min(rows, max(1, ROW_CHUNK_ELEMENTS // cols)) * cols  # the rows of one `row_chunks` chunk
+    temporaries = rows * cols * _F32 + 7 * chunk * _F32 if refit else 4 * chunk * _F32
+    iterates = (3 * cols * cols + 6 * rows * cols) * _F32 + rows * cols if admm else 0
+    system = 2 * min(rows * 32 * 32, 1 << 24) * _F32 if sweep else 0
+    return rows * cols * (2 * _F32 + 1) + max(system, temporaries, iterates)
 
 
 class MemoryBudgetError(ValueError):

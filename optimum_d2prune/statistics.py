@@ -107,6 +107,12 @@ class InputStatistics:
             raise RuntimeError("`damp` has not run: there is no damped Hessian yet.")
         return x @ self.xtx
 
+    def damped_hessian(self) -> torch.Tensor:
+        """The damped H itself (the stored tensor, not a copy: read only)."""
+        if not self.is_damped:
+            raise RuntimeError("`damp` has not run: there is no damped Hessian yet.")
+        return self.xtx
+
     def damped_diagonal(self) -> torch.Tensor:
         if not self.is_damped:
             raise RuntimeError("`damp` has not run: there is no damped Hessian yet.")

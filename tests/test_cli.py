@@ -174,8 +174,10 @@ def test_high_sparsity_flags_reach_the_config(tmp_path):
 
     args = build_parser().parse_args(["--model", "some/model", "--output-dir", str(tmp_path / "out"), "--sparsity",
                                       "0.7", "--preset", "max_quality", "--reconstruction-targets", "all",
-                                      "--no-block-reconstruction", "--reconstruction-reference", "model"])
+                                      "--no-block-reconstruction", "--reconstruction-reference", "model",
+                                      "--admm-steps", "12"])
     config = check_arguments(args)
+    assert config.admm_steps == 12
     assert (config.preset, config.reconstruction_targets, config.block_reconstruction) == ("max_quality", "all", False)
     assert config.reconstruction_reference == "model"
     assert config.sparsity_allocation == "owl"  # from the preset

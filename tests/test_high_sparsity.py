@@ -81,6 +81,21 @@ def test_uniform_is_the_golden_per_matrix_count_and_owl_without_spread_is_unifor
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kwargs", [{"sparsity": 0.6}, {"sparsity": 0.6, "sparsity_allocation": "owl", "owl_m": 2.0},
+                                    {"mask_structure": "2:4"}], ids=["uniform", "owl", "2:4"])
+def test_admm_keeps_every_count_and_changes_the_masks_in_the_engine(kwargs):
+    """ADMM re-selects masks inside the engine (every weight-updated layer, D²Prune's attention choice included)
+    and keeps the allocation's exact zero counts per matrix (N:M: N of every M)."""
+    plain, _ = _prune(**kwargs)
+    admm, _ = _prune(admm_steps=9, **kwargs)
+    for a, b in zip(_linears(plain), _linears(admm)):
+        if "mask_structure" in kwargs:
+            assert bool(((b == 0).reshape(b.shape[0], -1, 4).sum(-1) >= 2).all())
+        else:
+            assert int((a == 0).sum()) == int((b == 0).sum())
+    assert sum(not torch.equal(a == 0, b == 0) for a, b in zip(_linears(plain), _linears(admm))) >= 4
+
+
 # ------------------------------------------------------------------ converged refit
 def _refit_problem(seed: int = 0, rows: int = 16, cols: int = 48):
     g = torch.Generator().manual_seed(seed)
@@ -282,6 +297,9 @@ def test_model_reference_keeps_the_dense_block_target_for_post_norm_blocks(caplo
     ({"kl_query_rows": 0}, "kl_query_rows"),
     ({"kl_query_rows": 64.0}, "kl_query_rows"),
     ({"measure_flips": "yes"}, "measure_flips"),
+    ({"admm_steps": -1}, "admm_steps"),
+    ({"admm_steps": 2.5}, "admm_steps"),
+    ({"method": "wanda", "admm_steps": 10}, "weight-updating"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

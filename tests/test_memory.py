@@ -260,3 +260,29 @@ def test_estimate_models_the_block_reconstruction():
     offloaded = estimate(big, D2PruneConfig(block_reconstruction=True, offload_activations=True), 128, 2048, "cuda")
     recorded = 2 * 128 * 2048 * 4096 * 4  # two output projections' dense outputs, fp32 config
     assert rebuild.components["reconstruction targets"] - offloaded.components["reconstruction targets"] == recorded
+
+
+
+@pytest.mark.parametrize("rows,cols", [(32, 512), (256, 128)])
+@pytest.mark.parametrize("refit,admm", [(False, False), (True, False), (True, True)])
+def test_solve_work_matches_a_measured_solve(rows, cols, refit, admm):
+    """One layer solve's memory (the estimate's `solve_work_bytes` plus the Cholesky factor) against the live-tensor
+    counter: the OBS sweep, the refit and ADMM's eigendecomposition and iterates, wide and tall matrices."""
+    from optimum_d2prune.masks import SparsityPattern
+    from optimum_d2prune.memory import solve_work_bytes
+    from optimum_d2prune.solvers import OBSSolver
+    from optimum_d2prune.statistics import InputStatistics, LinearStatistics
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(rows, cols, generator=g)
+    inputs = InputStatistics(cols, "hessian", torch.device("cpu"))
+    stats = LinearStatistics(inputs, 64)
+    x = torch.randn(4 * cols, cols, generator=g)
+    inputs.add(x)
+    stats.add_output(x @ weight.t())
+    solver = OBSSolver(refine_steps=8 if refit else 0, admm_steps=6 if admm else 0)
+    with LiveTensorBytes() as counter:
+        out = solver.prune(weight, stats, SparsityPattern.parse("unstructured", 0.5))
+    del out
+    expected = cols * cols * 4 + solve_work_bytes(rows, cols, refit, admm)
+    assert counter.peak == pytest.approx(expected, rel=0.35)

@@ -183,12 +183,16 @@ def test_nm_pattern_exact(solver, nm):
     assert bool((zeros == pattern.n).all())
 
 
-@pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5)])
-def test_refit_keeps_the_mask_and_lowers_the_error(structure, sparsity):
+def _layer_problem(structure: str, sparsity: float):
+    """A weight, its statistics on correlated inputs (seed 9) and a pattern: the refit and ADMM tests' problem."""
     torch.manual_seed(0)
     W = torch.randn(ROWS, COLS)
-    stats = make_stats(W, correlated_inputs(9))
-    pattern = SparsityPattern.parse(structure, sparsity)
+    return W, make_stats(W, correlated_inputs(9)), SparsityPattern.parse(structure, sparsity)
+
+
+@pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5)])
+def test_refit_keeps_the_mask_and_lowers_the_error(structure, sparsity):
+    W, stats, pattern = _layer_problem(structure, sparsity)
     plain = OBSSolver().prune(W, stats, pattern)
     refit = OBSSolver(refine_steps=16).prune(W, stats, pattern)
     assert torch.equal(plain.mask, refit.mask)
@@ -198,6 +202,36 @@ def test_refit_keeps_the_mask_and_lowers_the_error(structure, sparsity):
     x = torch.cat(correlated_inputs(9))
     grad = ((refit.weight - W) @ (x.t() @ x)) * ~refit.mask
     assert grad.abs().max() < 2e-2 * ((W @ (x.t() @ x)).abs().max())
+
+
+@pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5)])
+def test_admm_moves_the_mask_to_a_lower_error_with_the_same_pattern(structure, sparsity):
+    W, stats, pattern = _layer_problem(structure, sparsity)
+    refit = OBSSolver(refine_steps=16).prune(W, stats, pattern)
+    admm = OBSSolver(refine_steps=16, admm_steps=30).prune(W, stats, pattern)
+    assert torch.equal(admm.weight == 0, admm.mask)
+    if pattern.is_nm:
+        zeros = admm.mask.reshape(ROWS, COLS // pattern.m, pattern.m).sum(-1)
+        assert bool((zeros == pattern.n).all())
+    else:
+        assert int(admm.mask.sum()) == int(refit.mask.sum())
+    assert not torch.equal(admm.mask, refit.mask)
+    assert admm.error < 0.97 * refit.error
+    # the candidate path (solve without refinement, then `refine`) gives the same result as one solve
+    solver = OBSSolver(refine_steps=16, admm_steps=30)
+    late = solver.refine(W, solver.without_refinement().prune(W, stats, pattern), stats, pattern)
+    assert torch.equal(late.mask, admm.mask)
+
+
+def test_admm_prunes_dead_inputs_first():
+    torch.manual_seed(0)
+    xs = correlated_inputs(4, cols=64)
+    for x in xs:
+        x[:, :5] = 0.0  # five inputs never active
+    W = torch.randn(16, 64)
+    out = OBSSolver(refine_steps=8, admm_steps=12).prune(W, make_stats(W, xs), SparsityPattern.parse("unstructured", 0.5))
+    assert bool(out.mask[:, :5].all())
+    assert int(out.mask.sum()) == 16 * 32
 
 
 def test_deterministic_masks():

@@ -88,6 +88,9 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                        help='What --block-reconstruction fits the last output projection to: the dense block\'s '
                             'output on the pruned model\'s activations ("block", default) or the dense model\'s '
                             'block output ("model": also takes out the error accumulated before the block).')
+    prune.add_argument("--admm-steps", type=int, default=None,
+                       help="ADMM steps (ALPS) that re-select each weight-updated layer's mask from the OBS solution "
+                            "before the refit (default 0: off; sparsegpt and d2prune).")
     prune.add_argument("--seed", type=int, default=0, help="Seed of calibration sampling and pruning (default 0).")
     calib = parser.add_argument_group("calibration")
     calib.add_argument("--calibration", default="self",
@@ -211,7 +214,7 @@ def check_arguments(args: argparse.Namespace):
     if args.dynamic_strategy is not None:
         kwargs["dynamic_strategy"] = args.dynamic_strategy
     for name in ("preset", "sparsity_allocation", "block_reconstruction", "reconstruction_targets",
-                 "reconstruction_reference"):
+                 "reconstruction_reference", "admm_steps"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.kl_chunk_mib is not None:

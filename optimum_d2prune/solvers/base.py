@@ -87,7 +87,8 @@ class Solver(ABC):
         """The same solver minus any final refinement (used to score candidates cheaply)."""
         return self
 
-    def refine(self, weight: torch.Tensor, out: SolverOutput, stats: Optional[LinearStatistics]) -> SolverOutput:
+    def refine(self, weight: torch.Tensor, out: SolverOutput, stats: Optional[LinearStatistics],
+               pattern: SparsityPattern) -> SolverOutput:
         """Apply the refinement `without_refinement` skipped (identity for solvers without one)."""
         return out
 

@@ -21,7 +21,8 @@ def d2prune(config: "D2PruneConfig", seq_len: int) -> tuple[Solver, Solver]:
     return (
         OBSSolver(dual_taylor=dual, block_size=config.block_size, damp_percent=config.damp_percent,
                   refine_steps=config.resolve_refine_steps(), refine_tolerance=config.refine_tolerance,
-                  refine_budget=config.refine_steps is None, measure_flips=config.measure_flips),
+                  refine_budget=config.refine_steps is None, measure_flips=config.measure_flips,
+                  admm_steps=config.admm_steps),
         WandaSolver(dual_taylor=dual),
     )
 
@@ -29,7 +30,8 @@ def d2prune(config: "D2PruneConfig", seq_len: int) -> tuple[Solver, Solver]:
 @register_method("sparsegpt")
 def sparsegpt(config: "D2PruneConfig", seq_len: int) -> tuple[Solver, Solver]:
     solver = OBSSolver(block_size=config.block_size, damp_percent=config.damp_percent,
-                       refine_steps=config.resolve_refine_steps(), refine_tolerance=config.refine_tolerance)
+                       refine_steps=config.resolve_refine_steps(), refine_tolerance=config.refine_tolerance,
+                       admm_steps=config.admm_steps)
     return solver, solver
 
 

@@ -10,6 +10,7 @@ import torch
 
 from ..masks import SparsityPattern, group_zero_counts, lowest_k_mask, nm_mask
 from ..statistics import InputStatistics, LinearStatistics
+from .admm import admm_support
 from .base import DualTaylor, Solver, SolverOutput
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ class OBSSolver(Solver):
     #: also select the baseline mask of each segment to count the entries the dual-Taylor terms change (a
     #: diagnostic: a second kthvalue/sort per segment)
     measure_flips: bool = False
+    #: ADMM steps that re-select the mask from the sweep's solution before the refit (`admm.py`); 0: off
+    admm_steps: int = 0
 
     statistics = "hessian"
     updates_weights = True
@@ -94,6 +97,7 @@ class OBSSolver(Solver):
     @property
     def name(self) -> str:  # type: ignore[override]
         name = "d2-sparsegpt" if self.dual_taylor.active else "sparsegpt"
+        name = f"{name}+admm" if self.admm_steps else name
         return f"{name}+refit" if self.refine_steps else name
 
     def prune(self, weight: torch.Tensor, stats: Optional[LinearStatistics], pattern: SparsityPattern) -> SolverOutput:
@@ -144,13 +148,13 @@ class OBSSolver(Solver):
             w[:, i1:i2] = new_block
             w[:, i2:].addmm_(err, upper[i1:i2, i2:], alpha=-1)  # in place: no [rows, cols] temporary
         flipped = flipped if dual and self.measure_flips else None
-        if self.refine_steps:  # the error is measured after the refit only
-            return self.refine(weight, SolverOutput(w, mask, float("nan"), flipped), stats)
+        if self.refine_steps or self.admm_steps:  # the error is measured after the refinement only
+            return self.refine(weight, SolverOutput(w, mask, float("nan"), flipped), stats, pattern)
         w, error = no_worse_than_masking(weight, w, mask, stats)
         return SolverOutput(w, mask, error, flipped)
 
     def without_refinement(self) -> "OBSSolver":
-        return replace(self, refine_steps=0)
+        return replace(self, refine_steps=0, admm_steps=0)
 
     def refit_steps(self, weight: torch.Tensor, stats: LinearStatistics) -> int:
         """The refit steps for this matrix: `refine_steps`, capped by the budget when `refine_budget` is set."""
@@ -158,8 +162,15 @@ class OBSSolver(Solver):
             return self.refine_steps
         return max(0, min(self.refine_steps, stats.inputs.num_tokens // max(weight.shape[0], 1) - 1))
 
-    def refine(self, weight: torch.Tensor, out: SolverOutput, stats: Optional[LinearStatistics]) -> SolverOutput:
-        """Least-squares refit of `out`'s surviving weights (see `refit_surviving_weights`)."""
+    def refine(self, weight: torch.Tensor, out: SolverOutput, stats: Optional[LinearStatistics],
+               pattern: SparsityPattern) -> SolverOutput:
+        """ADMM re-selection of `out`'s mask (`admm_steps`), then the least-squares refit of its surviving weights
+        (see `refit_surviving_weights`)."""
+        if self.admm_steps:
+            _, dead = inverse_hessian_cholesky(stats, self.damp_percent)  # the statistics now hold the damped H
+            w, mask = admm_support(weight, out.weight, out.mask, stats.inputs.damped_hessian(), pattern,
+                                   self.admm_steps, dead)
+            out = SolverOutput(w, mask, float("nan"), out.flipped)
         steps = self.refit_steps(weight, stats) if self.refine_steps else 0
         if not steps:
             if out.error == out.error:  # already final (a candidate solved without refinement)
