@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Union
 
 import torch
 
-from .solvers.obs import ROW_CHUNK_ELEMENTS
+from .solvers.obs import ROW_CHUNK_ELEMENTS, SWEEP_SUB_BLOCK, SWEEP_SYSTEM_ELEMENTS
 
 if TYPE_CHECKING:
     from .configuration import D2PruneConfig
@@ -313,13 +313,13 @@ def solve_work_bytes(rows: int, cols: int, refit: bool, admm: bool, sweep: bool 
     row-chunked temporaries (`ROW_CHUNK_ELEMENTS` rows at a time): about four `[chunk, cols]` fp32 matrices in the
     masking check; the refit's CG holds seven and writes into a new `[rows, cols]` result. ADMM (before the refit):
     the unit-diagonal H, its eigenvectors and the eigensolver's workspace (three `cols²`), and six whole
-    `[rows, cols]` fp32 iterates and products. The sweep itself: a `[rows, 32, 32]` batched triangular system and
-    its solution (at most 2²⁴ entries per chunk of rows), which dominates for tall matrices with few columns;
-    `sweep=False` for a refit alone (the block reconstruction)."""
+    `[rows, cols]` fp32 iterates and products. The sweep itself: a `[rows, sub, sub]` batched triangular system and
+    its solution (at most `SWEEP_SYSTEM_ELEMENTS` entries per chunk of rows), which dominates for tall matrices with
+    few columns; `sweep=False` for a refit alone (the block reconstruction)."""
     chunk = min(rows, max(1, ROW_CHUNK_ELEMENTS // cols)) * cols  # the rows of one `row_chunks` chunk
     temporaries = rows * cols * _F32 + 7 * chunk * _F32 if refit else 4 * chunk * _F32
     iterates = (3 * cols * cols + 6 * rows * cols) * _F32 + rows * cols if admm else 0
-    system = 2 * min(rows * 32 * 32, 1 << 24) * _F32 if sweep else 0
+    system = 2 * min(rows * SWEEP_SUB_BLOCK**2, SWEEP_SYSTEM_ELEMENTS) * _F32 if sweep else 0
     return rows * cols * (2 * _F32 + 1) + max(system, temporaries, iterates)
 
 

@@ -228,7 +228,13 @@ def row_chunks(matrix: torch.Tensor) -> list[tuple[int, int]]:
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
-def _obs_segment_errors(cur: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, sub: int = 32) -> torch.Tensor:
+#: columns of the sweep's sub-blocks, and the most entries of one batched `[rows, sub, sub]` triangular system
+SWEEP_SUB_BLOCK = 32
+SWEEP_SYSTEM_ELEMENTS = 1 << 24  # ~64 MB of fp32
+
+
+def _obs_segment_errors(cur: torch.Tensor, mask: torch.Tensor, u: torch.Tensor,
+                        sub: int = SWEEP_SUB_BLOCK) -> torch.Tensor:
     """Scaled OBS errors `e` of a segment, all rows at once.
 
     SparseGPT's loop sets, column by column, `e_i = m_i · w_i / u_ii` with `w_i` the column after the updates
@@ -250,7 +256,7 @@ def _obs_segment_errors(cur: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, 
         return d * cur
     strict_t = torch.triu(u, diagonal=1).t()
     out = torch.empty_like(cur)
-    chunk = max(1, (1 << 24) // (n * n))  # bound the batched system to ~64 MB of fp32
+    chunk = max(1, SWEEP_SYSTEM_ELEMENTS // (n * n))  # bound the batched system
     for r1 in range(0, cur.shape[0], chunk):
         r2 = r1 + chunk
         dr = d[r1:r2]
