@@ -229,7 +229,8 @@ def test_admm_prunes_dead_inputs_first():
     for x in xs:
         x[:, :5] = 0.0  # five inputs never active
     W = torch.randn(16, 64)
-    out = OBSSolver(refine_steps=8, admm_steps=12).prune(W, make_stats(W, xs), SparsityPattern.parse("unstructured", 0.5))
+    pattern = SparsityPattern.parse("unstructured", 0.5)
+    out = OBSSolver(refine_steps=8, admm_steps=12).prune(W, make_stats(W, xs), pattern)
     assert bool(out.mask[:, :5].all())
     assert int(out.mask.sum()) == 16 * 32
 
