@@ -47,6 +47,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: BENCH.md v1.1: the dev split of c4_train_sample.jsonl
 DEV_CALIBRATION_DOCS = range(0, 700)
 DEV_EVAL_DOCS = range(700, 800)
+#: config fields whose default (or a preset's value) changed after runs without them were cached, and the value those
+#: runs had; any other field missing from a stored config takes today's default
+PREDATING_VALUES = {"admm_steps": 0}
 
 
 def parse_value(text: str):
@@ -187,7 +190,9 @@ class RunCache:
         """The config with its method-dependent defaults resolved (`refine_steps=None` is 8 for D²Prune: a row that
         names the value and one that leaves it to the library are the same run). The torch thread count is part of
         a run's identity: the summation order changes with it, and 30 blocks of pruning turn that into percents of
-        PPL at high sparsity. A field added to the config since a run was cached takes its default there."""
+        PPL at high sparsity. A field added to the config since a run was cached takes the value runs had before
+        it existed (`stored_config`)."""
+        config = stored_config(config)
         full = D2PruneConfig.from_dict(config)
         resolved = {**full.to_dict(), **config, "refine_steps": full.resolve_refine_steps()}
         return json.dumps({"config": resolved, "split": split, "threads": threads}, sort_keys=True)
@@ -269,8 +274,8 @@ class Protocol:
         config = D2PruneConfig(**{"seed": seed, **level_kwargs(level), **overrides})
         row = self.store.get(name, level, seed, split, overrides)
         if row is not None:
-            # a field added to the config since the row was made takes its default there
-            if "config" in row and _comparable(D2PruneConfig.from_dict(row["config"])) != _comparable(config):
+            stored = D2PruneConfig.from_dict(stored_config(row["config"])) if "config" in row else None
+            if stored is not None and _comparable(stored) != _comparable(config):
                 raise ValueError(f"{self.store.path}: row {name!r} {level} seed {seed} {split} was run with another "
                                  f"config ({row['config']}; now {_comparable(config)}: did a library default "
                                  "change?). "
@@ -317,6 +322,12 @@ class Protocol:
         logger.info("%s %s seed %d %s: PPL %.3f (x%.3f dense) in %.1f s", name, level, seed, split, ppl,
                     row["ratio"], seconds)
         return row
+
+
+def stored_config(config: dict) -> dict:
+    """A config stored with a run, the fields of `PREDATING_VALUES` it lacks set to what every run had before they
+    existed (a preset that now sets one must not claim the older runs)."""
+    return {**PREDATING_VALUES, **config}
 
 
 def _comparable(config: D2PruneConfig) -> dict:

@@ -46,13 +46,15 @@ FIELD_DEFAULTS: dict[str, Any] = {
 }
 #: `preset` -> defaults for the fields the user did not set. "paper": the published algorithm (s = 1500, λ1 = 1,
 #: λ2 = 0, v left un-updated, no refit). "max_quality": the best combination measured on SmolLM2 (OWL budgets, block
-#: reconstruction of the output projections, the refit without early stop; README "Beyond the paper at high
-#: sparsity", benchmarks/results/high_sparsity_dev_notes.md). N:M masks stay uniform whatever the preset says.
+#: reconstruction of the output projections, the refit without early stop, 20 ADMM steps of mask re-selection: the
+#: layer objective stops moving by 20, solvers/admm.py; README "Beyond the paper at high sparsity",
+#: benchmarks/results/high_sparsity_dev_notes.md). N:M masks stay uniform whatever the preset says.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"activation_scale": 1500.0, "lambda1": 1.0, "lambda2": 0.0, "attention_update": "v",
               "refine_steps": 0, "refine_tolerance": 0.0, "sparsity_allocation": "uniform",
               "block_reconstruction": False},
-    "max_quality": {"sparsity_allocation": "owl", "block_reconstruction": True, "refine_tolerance": 0.0},
+    "max_quality": {"sparsity_allocation": "owl", "block_reconstruction": True, "refine_tolerance": 0.0,
+                    "admm_steps": 20},
 }
 PRESET_FIELDS = tuple(sorted({*FIELD_DEFAULTS, *(k for p in PRESETS.values() for k in p)}))
 
@@ -86,7 +88,7 @@ class D2PruneConfig:
         metadata={
             "help": f'Defaults for the fields {PRESET_FIELDS} that are not given explicitly: None (the library '
             'defaults), "paper" (the published D²Prune: s = 1500, λ1 = 1, λ2 = 0, v left un-updated, no refit) or '
-            '"max_quality" (non-uniform OWL budgets and block-level reconstruction). Explicit values '
+            '"max_quality" (non-uniform OWL budgets, block-level reconstruction, 20 ADMM steps). Explicit values '
             "always win; the resolved values are what `to_dict` records."
         },
     )
@@ -125,7 +127,8 @@ class D2PruneConfig:
         metadata={
             "help": "ADMM steps (ALPS) that re-select the mask of every weight-updated layer, started from the OBS "
             "solution, before the refit: a lower layer error for one eigendecomposition of H and one "
-            "`[rows, cols] @ [cols, cols]` product per step (default 0: off). sparsegpt and d2prune only."
+            "`[rows, cols] @ [cols, cols]` product per step (default 0: off; 20 in the max_quality preset). "
+            "sparsegpt and d2prune only."
         },
     )
     attention_update: Optional[str] = field(
@@ -253,7 +256,7 @@ class D2PruneConfig:
         self.mask_structure = pattern.structure
         if pattern.is_nm:
             self.sparsity = pattern.sparsity
-        self._resolve_preset(pattern)
+        unset = self._resolve_preset(pattern)
         for name in ("lambda1", "lambda2", "kl_weight", "damp_percent"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
@@ -281,8 +284,11 @@ class D2PruneConfig:
         if not isinstance(self.admm_steps, int) or isinstance(self.admm_steps, bool) or self.admm_steps < 0:
             raise ValueError(f"`admm_steps` must be an integer >= 0, got {self.admm_steps!r}.")
         if self.admm_steps and not any(hasattr(s, "admm_steps") for s in METHOD_REGISTRY[self.method](self, 1)):
-            raise ValueError(f"`admm_steps` re-selects the masks of weight-updating solvers; method={self.method!r} "
-                             "has none (use sparsegpt or d2prune, or admm_steps=0).")
+            if "admm_steps" in unset:  # the preset's value, for a method that has no mask to re-select
+                self.admm_steps = 0
+            else:
+                raise ValueError(f"`admm_steps` re-selects the masks of weight-updating solvers; "
+                                 f"method={self.method!r} has none (use sparsegpt or d2prune, or admm_steps=0).")
         if not isinstance(self.kl_num_samples, int) or self.kl_num_samples < 1:
             raise ValueError(f"`kl_num_samples` must be a positive integer, got {self.kl_num_samples!r}.")
         if not isinstance(self.kl_chunk_mib, int) or isinstance(self.kl_chunk_mib, bool) or self.kl_chunk_mib < 1:
@@ -348,8 +354,9 @@ class D2PruneConfig:
         if pattern.is_nm:
             self._check_solver_blocks(pattern)
 
-    def _resolve_preset(self, pattern: SparsityPattern) -> None:
-        """Fill the preset-managed fields left unset (`None`): the preset's value, else the library default."""
+    def _resolve_preset(self, pattern: SparsityPattern) -> set[str]:
+        """Fill the preset-managed fields left unset (`None`): the preset's value, else the library default.
+        Returns the names of the fields filled."""
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"`preset` must be None or one of {tuple(PRESETS)}, got {self.preset!r}.")
         values = {**FIELD_DEFAULTS, **PRESETS.get(self.preset, {})}
@@ -360,9 +367,10 @@ class D2PruneConfig:
             # that cost 3-5 % dev PPL at each of 3 calibration seeds (README "Where the gain comes from"); a preset
             # that names a projection (the paper's v) keeps it. The baselines never read the field.
             values["attention_update"] = PRESETS.get(self.preset, {}).get("attention_update", "all")
-        for name, value in values.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        unset = {name for name in values if getattr(self, name) is None}
+        for name in unset:
+            setattr(self, name, values[name])
+        return unset
 
     def _check_solver_blocks(self, pattern: SparsityPattern) -> None:
         """Solvers that work in column blocks (OBS) pick N of every M inputs inside each block: refuse an M that does

@@ -375,7 +375,8 @@ class PruningEngine:
                     self.config.damp_percent,
                     self.config.resolve_refine_steps() or RECONSTRUCTION_STEPS, self.config.refine_tolerance,
                     self.dist.all_reduce_tensors, recorder, reference,
-                    outputs[-1].name if outputs and outputs[-1].name in {t.name for t in ordered[-1]} else None)
+                    outputs[-1].name if outputs and outputs[-1].name in {t.name for t in ordered[-1]} else None,
+                    report.reconstruction)
 
     def _prune_group(
         self,

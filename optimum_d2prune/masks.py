@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -83,15 +84,34 @@ def group_zero_counts(sparsity: float, group_sizes: list[int]) -> list[int]:
     return counts
 
 
-def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+def kth_smallest(flat: torch.Tensor, k: int, near: Optional[torch.Tensor] = None,
+                 bands: tuple[float, ...] = (0.05, 0.25)) -> torch.Tensor:
+    """The `k`-th smallest entry of the 1-D `flat` (1-based). With `near` (a guess, e.g. the previous step's value
+    of an iterative method) the entries within ±band of it are selected from when they hold the answer (the
+    narrowest of `bands` that does): comparisons and a small `kthvalue` instead of a full one (several times faster
+    on a 1M-entry matrix); the same value."""
+    if near is not None and float(near) > 0:
+        for band in bands:
+            low, high = near * (1 - band), near * (1 + band)
+            below = int((flat < low).sum())
+            if below < k:
+                inside = (flat >= low) & (flat < high)
+                if below + int(inside.sum()) >= k:
+                    return torch.kthvalue(flat[inside], k - below).values
+    return torch.kthvalue(flat, k).values
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int, threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Boolean mask (True = prune) of the `k` lowest entries of `scores`; ties at the threshold are broken by
-    position (first come first pruned), so the result is deterministic and holds exactly `k` entries."""
+    position (first come first pruned), so the result is deterministic and holds exactly `k` entries.
+    `threshold`, when known, is the `k`-th smallest score (`kth_smallest`)."""
     flat = scores.reshape(-1)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= flat.numel():
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, k).values
+    if threshold is None:
+        threshold = kth_smallest(flat, k)
     mask = flat < threshold
     missing = k - int(mask.sum())
     if missing > 0:  # fill up with the first entries equal to the threshold

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -236,6 +236,7 @@ def reconstruct_block_outputs(
     recorder: Optional[DenseOutputRecorder] = None,
     model_outputs: Optional[list[torch.Tensor]] = None,
     last_projection: Optional[str] = None,
+    previous: Sequence[ReconstructionRecord] = (),
 ) -> list[ReconstructionRecord]:
     """Refit the targets of `groups` (`reconstruction_groups`, in execution order, so the later ones see the
     earlier refits) against the dense block; `dense` maps every target name of the block to its weight before
@@ -243,19 +244,22 @@ def reconstruct_block_outputs(
     dense model's outputs of the block per batch: `last_projection` (the block's last output projection) is then
     refit to reproduce them. Returns one record per target.
 
-    `reduce` sums the accumulated tensors over data-parallel ranks (identity when not distributed).
+    `reduce` sums the accumulated tensors over data-parallel ranks (identity when not distributed); `previous`, the
+    records of the blocks before, keeps the post-norm fallback's warning to the first block it happens in.
     """
     records = []
     for group in groups:
         recorded = {t.name: recorder.complete(t.name, len(captured)) for t in group} if recorder is not None else {}
         complete = bool(recorded) and all(r is not None for r in recorded.values())
-        sums = None
+        sums, fallback = None, False
         if model_outputs is not None and [t.name for t in group] == [last_projection]:
             sums = _accumulate_to_model_output(block, group[0], dense, captured, model_outputs)
-            if sums is None:
+            fallback = sums is None
+            if fallback and not any(r.reference_fallback for r in previous):
                 logger.warning("Block %d: its output is not its residual stream plus %s's output (post-norm "
                                "block?); that projection is refit to the dense block's output instead of the dense "
-                               "model's.", index, group[0].name)
+                               "model's, here and in every later block where this holds (the report's "
+                               "`reconstruction` records say which).", index, group[0].name)
         if sums is None:
             sums = _accumulate(block, group, block_targets, dense, captured, recorded if complete else None)
         reduce([sums.gram, *sums.cross.values(), *sums.energy.values()])
@@ -275,7 +279,8 @@ def reconstruct_block_outputs(
             target.write(refit)
             total = float(energy.sum())
             scale = 1.0 / total if total > 0 else 0.0
-            record = ReconstructionRecord(index, target.name, float(before.sum()) * scale, float(after.sum()) * scale)
+            record = ReconstructionRecord(index, target.name, float(before.sum()) * scale, float(after.sum()) * scale,
+                                          reference_fallback=fallback)
             logger.debug("block %d %s: block-level refit error %.4g -> %.4g", index, target.name, record.error_before,
                          record.error_after)
             records.append(record)

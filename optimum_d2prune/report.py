@@ -57,6 +57,9 @@ class ReconstructionRecord:
     name: str
     error_before: float
     error_after: float
+    #: `reconstruction_reference="model"` asked for the dense model's output, but the block is not "residual stream
+    #: plus this projection" (post-norm): refit to the dense block's output instead
+    reference_fallback: bool = False
 
 
 @dataclass

@@ -149,6 +149,27 @@ def test_run_cache_is_shared_by_config_not_by_name(tmp_path, protocol_module):
         protocol_module.RunCache(path, protocol_module.ProtocolSettings())
 
 
+def test_a_run_cached_before_a_field_existed_keeps_the_value_it_ran_with(tmp_path, protocol_module):
+    """A max_quality run cached before `admm_steps` existed ran without ADMM: it is the `admm_steps=0` run, not the
+    run of today's preset (which sets 20), in the cache and in a rows file alike."""
+    from optimum_d2prune import D2PruneConfig
+
+    settings = protocol_module.ProtocolSettings(num_samples=2, eval_windows=2)
+    old = protocol_module._comparable(D2PruneConfig(preset="max_quality", sparsity=0.7, admm_steps=0))
+    del old["admm_steps"]
+    cache = protocol_module.RunCache(tmp_path / "runs.json", settings)
+    cache.add(old, "dev", {"ppl": 150.0})
+    table = protocol_module.Protocol(settings, protocol_module.RowStore(None, settings), cache)
+    preset = {"preset": "max_quality"}
+    assert table.finished("mq", preset, "0.7", 0, "dev") is None
+    assert table.finished("mq-admm", {**preset, "admm_steps": 0}, "0.7", 0, "dev")["ppl"] == 150.0
+    rows = protocol_module.Protocol(settings, protocol_module.RowStore(None, settings))
+    rows.store.add({"name": "mq", "level": "0.7", "seed": 0, "split": "dev", "overrides": preset, "ppl": 150.0,
+                    "config": old})
+    with pytest.raises(ValueError, match="was run with another config"):
+        rows.finished("mq", preset, "0.7", 0, "dev")
+
+
 def test_protocol_rejects_an_unknown_split(protocol_module):
     bench = protocol_module.Protocol(protocol_module.ProtocolSettings())
     with pytest.raises(ValueError, match="`split` must be one of"):

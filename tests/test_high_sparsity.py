@@ -269,14 +269,16 @@ def test_model_reference_keeps_the_dense_block_target_for_post_norm_blocks(caplo
         model.config.do_layer_norm_before = False
         for layer in model.model.decoder.layers:
             layer.do_layer_norm_before = False
-        D2Pruner(D2PruneConfig(sparsity=0.6, block_reconstruction=True,
-                               reconstruction_reference=reference)).prune(model, calib_batches())
-        return model
+        pruner = D2Pruner(D2PruneConfig(sparsity=0.6, block_reconstruction=True, reconstruction_reference=reference))
+        pruner.prune(model, calib_batches())
+        return model, pruner.report
 
-    block = prune("block")
+    block, _ = prune("block")
     with caplog.at_level("WARNING"):
-        model = prune("model")
-    assert "post-norm" in caplog.text
+        model, report = prune("model")
+    assert caplog.text.count("post-norm") == 1  # once per run, not once per block
+    fallen = {r.block for r in report.reconstruction if r.reference_fallback}
+    assert fallen == set(range(len(model.model.decoder.layers)))
     for a, b in zip(block.parameters(), model.parameters()):
         assert torch.equal(a, b)
 
@@ -320,6 +322,9 @@ def test_presets_resolve_defaults_explicit_values_win_and_round_trip(tmp_path):
     for key, value in PRESETS["max_quality"].items():
         assert getattr(best, key) == value
     assert D2PruneConfig(preset="max_quality", mask_structure="2:4").sparsity_allocation == "uniform"
+    # the preset's ADMM steps are for the methods that update weights; the others take the rest of the preset
+    assert [D2PruneConfig(preset="max_quality", method=m).admm_steps for m in ("sparsegpt", "wanda", "magnitude")] \
+        == [PRESETS["max_quality"]["admm_steps"], 0, 0]
     path = tmp_path / "config.json"
     mine.to_json_file(path)
     again = D2PruneConfig.from_json_file(path)

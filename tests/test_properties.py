@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from optimum_d2prune import D2PruneConfig  # noqa: E402
-from optimum_d2prune.masks import SparsityPattern, group_zero_counts, round_half_up  # noqa: E402
+from optimum_d2prune.masks import (SparsityPattern, group_zero_counts, kth_smallest, lowest_k_mask,  # noqa: E402
+                                   round_half_up)
 from optimum_d2prune.solvers import DualTaylor, MagnitudeSolver, OBSSolver, WandaSolver, solvers_for  # noqa: E402
 from optimum_d2prune.solvers.base import relative_error  # noqa: E402
 from optimum_d2prune.solvers.obs import MASKING_MARGIN  # noqa: E402
@@ -98,6 +99,25 @@ def test_group_counts_add_up_and_stay_within_one(sparsity, sizes):
     counts = group_zero_counts(sparsity, sizes)
     assert sum(counts) == round_half_up(sparsity * sum(sizes))
     assert all(abs(c - sparsity * s) <= 1 + 1e-9 and 0 <= c <= s for c, s in zip(counts, sizes))
+
+
+@SETTINGS
+@given(st.integers(1, 4000), st.floats(0.0, 1.0), st.floats(-2.0, 3.0), st.booleans(), st.integers(0, 2**16))
+def test_kth_smallest_from_a_guess_is_the_exact_kth_value(numel, fraction, guess_offset, ties, seed):
+    """The guessed band (ADMM's projection passes the previous step's threshold) changes the cost, never the value
+    or the mask: guesses inside, far below and far above the answer, zero, ties and -inf (dead inputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    flat = torch.rand(numel, generator=gen)
+    if ties:
+        flat = (flat * 8).floor()
+    flat[torch.rand(numel, generator=gen) < 0.05] = float("-inf")
+    k = max(1, min(numel, round(fraction * numel)))
+    exact = torch.kthvalue(flat, k).values
+    guess = exact + guess_offset * (float(exact.abs()) if torch.isfinite(exact) else 1.0)
+    found = kth_smallest(flat, k, near=guess)
+    assert torch.equal(found, exact)
+    if k < numel:
+        assert torch.equal(lowest_k_mask(flat, k, found), lowest_k_mask(flat, k))
 
 
 @SETTINGS

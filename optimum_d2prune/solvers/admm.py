@@ -4,7 +4,9 @@ The OBS sweep picks each column block's mask once, greedily, from saliencies of 
 then change. ALPS solves the layer problem `min_w (w - w0) H (w - w0)ᵀ s.t. w sparse` by operator splitting: a
 dense variable `B` (a ridge solve), a sparse copy `D` (the projection of `B + V/ρ` onto the pattern) and a dual `V`,
 with the penalty ρ raised while the support still moves. Here it starts from the sweep's solution instead of the
-dense weights, so it refines a good mask rather than searching from scratch, in a few tens of steps.
+dense weights, so it refines a good mask rather than searching from scratch: on SmolLM2's layers at 70 % (blocks 0
+and 11 of `max_quality`, 32 x 512 C4 calibration tokens) the refit layer error after 20 steps equals that after 60 to
+three digits, and 10 steps give 90-95 % of the gain (`max_quality` runs 20).
 
 Work is done in the coordinates where H has a unit diagonal (`b = w·sqrt(diag H)`), in which the Euclidean
 projection keeps the entries of largest `|w|·‖x‖` (Wanda's metric) and one ρ schedule fits every layer.
@@ -12,9 +14,11 @@ projection keeps the entries of largest `|w|·‖x‖` (Wanda's metric) and one 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ..masks import SparsityPattern, lowest_k_mask, nm_mask
+from ..masks import SparsityPattern, kth_smallest, lowest_k_mask, nm_mask
 
 #: ρ at the first step, on the unit-diagonal Hessian. Started from the OBS solution, ρ sets how far the first steps
 #: may move from it: on the SmolLM2 dev split at 50 % (max_quality), 1.0 for 30 steps moved 0.5-1 % of the mask and
@@ -32,7 +36,7 @@ def admm_support(dense: torch.Tensor, start: torch.Tensor, mask: torch.Tensor, h
 
     `hessian` is the layer's (damped) H; `dead` marks never-active inputs, pruned first as in the sweep. Costs one
     symmetric eigendecomposition of H, one `[rows, cols] @ [cols, cols]` product per step and one `cols³` product
-    per change of ρ (every `RHO_PERIOD` steps).
+    per change of ρ (every `RHO_PERIOD` steps); the projection's threshold is searched near the previous step's.
     """
     scale = torch.diagonal(hessian).sqrt()
     unit = hessian / scale[:, None]
@@ -43,12 +47,12 @@ def admm_support(dense: torch.Tensor, start: torch.Tensor, mask: torch.Tensor, h
     count = int(mask.sum())
     sparse = start * scale
     dual = torch.zeros_like(sparse)
-    support, rho = mask, INITIAL_RHO
+    support, rho, threshold = mask, INITIAL_RHO, None
     inverse = _ridge_inverse(eigvals, eigvecs, rho)
     for step in range(steps):
         free = (target - dual).add_(sparse, alpha=rho) @ inverse  # B = (w0 H − V + ρ D)(H + ρI)⁻¹
         shifted = dual.div(rho).add_(free)
-        support = _project(shifted, pattern, count, dead)
+        support, threshold = _project(shifted, pattern, count, dead, threshold)
         sparse = shifted.masked_fill_(support, 0.0)
         dual.add_(free.sub_(sparse), alpha=rho)
         if (step + 1) % RHO_PERIOD == 0:
@@ -67,9 +71,16 @@ def _ridge_inverse(eigvals: torch.Tensor, eigvecs: torch.Tensor, rho: float) -> 
     return (eigvecs / (eigvals + rho)) @ eigvecs.t()
 
 
-def _project(values: torch.Tensor, pattern: SparsityPattern, count: int, dead: torch.Tensor) -> torch.Tensor:
-    """The mask of the Euclidean projection onto the pattern: prune the smallest magnitudes (dead inputs first)."""
+def _project(values: torch.Tensor, pattern: SparsityPattern, count: int, dead: torch.Tensor,
+             previous: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The mask of the Euclidean projection onto the pattern: prune the smallest magnitudes (dead inputs first).
+    Unstructured: also the magnitude threshold, the next step's starting guess (it moves little between steps)."""
     score = values.abs()
     if bool(dead.any()):
         score[:, dead] = float("-inf")
-    return nm_mask(score, pattern.n, pattern.m) if pattern.is_nm else lowest_k_mask(score, count)
+    if pattern.is_nm:
+        return nm_mask(score, pattern.n, pattern.m), None
+    if not 0 < count < score.numel():
+        return lowest_k_mask(score, count), None
+    threshold = kth_smallest(score.view(-1), count, near=previous)
+    return lowest_k_mask(score, count, threshold), threshold
