@@ -33,14 +33,13 @@ CONFIGS: dict[str, dict] = {
     "d2prune": {"method": "d2prune"},
     "d2prune+owl": {"method": "d2prune", "sparsity_allocation": "owl"},
     "max_quality": {"method": "d2prune", "preset": "max_quality"},
-    # the max_quality preset before ADMM entered it (session 12), and two options measured on top of that one
+    # the max_quality preset before ADMM entered it (session 12), and an option measured on top of that one
     "max_quality-admm": {"method": "d2prune", "preset": "max_quality", "admm_steps": 0},
     "max_quality-admm+model": {"method": "d2prune", "preset": "max_quality", "admm_steps": 0,
                                "reconstruction_reference": "model"},
-    "max_quality+admm60": {"method": "d2prune", "preset": "max_quality", "admm_steps": 60},
 }
 #: options in no preset, measured at these levels only (each run costs 15-25 min of one core)
-ONLY_AT: dict[str, tuple[str, ...]] = {"max_quality-admm+model": ("0.5", "0.7"), "max_quality+admm60": ("0.5", "0.7")}
+ONLY_AT: dict[str, tuple[str, ...]] = {"max_quality-admm+model": ("0.5", "0.7")}
 FIGURE = "owl_block_sparsity_70.png"  # written next to --output
 
 

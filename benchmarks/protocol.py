@@ -50,6 +50,18 @@ DEV_EVAL_DOCS = range(700, 800)
 #: config fields whose default (or a preset's value) changed after runs without them were cached, and the value those
 #: runs had; any other field missing from a stored config takes today's default
 PREDATING_VALUES = {"admm_steps": 0}
+#: library changes that altered the results of some configs without changing the configs: (revision, what changed,
+#: which resolved configs it changed). A run stored before a revision that applies to its config (a run without a
+#: "revision" is revision 0) is not the run today's library makes: the cache misses it and a rows file refuses it.
+REVISIONS = (
+    (1, "ADMM of the block-refit projections on the block objective instead of their layer's",
+     lambda config: bool(config.get("admm_steps")) and bool(config.get("block_reconstruction"))),
+)
+
+
+def revision(config: dict) -> int:
+    """The latest revision of `REVISIONS` that applies to the resolved `config` (0: none)."""
+    return max((number for number, _, applies in REVISIONS if applies(config)), default=0)
 
 
 def parse_value(text: str):
@@ -177,7 +189,8 @@ class RunCache:
             if data.get("protocol") != asdict(settings):
                 raise ValueError(f"{self.path} holds runs of another protocol ({data.get('protocol')}); this run "
                                  f"uses {asdict(settings)}. Pass --no-shared-runs or another protocol's file.")
-            self.runs = {self.key(r["config"], r["split"], r["threads"]): r for r in data["runs"]}
+            self.runs = {self.key(r["config"], r["split"], r["threads"], r.get("revision", 0)): r
+                         for r in data["runs"]}
 
     @classmethod
     def shared(cls, settings: ProtocolSettings) -> "RunCache":
@@ -186,30 +199,36 @@ class RunCache:
         return cls(RESULTS / "runs.json" if settings == ProtocolSettings() else None, settings)
 
     @staticmethod
-    def key(config: dict, split: str, threads: int) -> str:
+    def key(config: dict, split: str, threads: int, stored_revision: Optional[int] = None) -> str:
         """The config with its method-dependent defaults resolved (`refine_steps=None` is 8 for D²Prune: a row that
         names the value and one that leaves it to the library are the same run). The torch thread count is part of
         a run's identity: the summation order changes with it, and 30 blocks of pruning turn that into percents of
         PPL at high sparsity. A field added to the config since a run was cached takes the value runs had before
-        it existed (`stored_config`)."""
+        it existed (`stored_config`). `stored_revision`: a stored run's library revision; None for a run of
+        today's library (`revision`)."""
         config = stored_config(config)
         full = D2PruneConfig.from_dict(config)
         resolved = {**full.to_dict(), **config, "refine_steps": full.resolve_refine_steps()}
-        return json.dumps({"config": resolved, "split": split, "threads": threads}, sort_keys=True)
+        number = revision(resolved) if stored_revision is None else stored_revision
+        return json.dumps({"config": resolved, "split": split, "threads": threads, "revision": number},
+                          sort_keys=True)
 
     def get(self, config: dict, split: str, threads: Optional[int] = None) -> Optional[dict]:
         return self.runs.get(self.key(config, split, threads or torch.get_num_threads()))
 
     def add(self, config: dict, split: str, row: dict, threads: Optional[int] = None) -> None:
         threads = threads or torch.get_num_threads()
+        number = revision(D2PruneConfig.from_dict(stored_config(config)).to_dict())
         self.runs[self.key(config, split, threads)] = {"config": config, "split": split, "threads": threads,
+                                                        **({"revision": number} if number else {}),
                                                         **{k: row[k] for k in self.FIELDS if k in row}}
         if self.path is None:
             return
         # another script may have added runs since this one read the file: merge before writing
         if self.path.is_file():
             theirs = json.loads(self.path.read_text()).get("runs", [])
-            self.runs = {**{self.key(r["config"], r["split"], r["threads"]): r for r in theirs}, **self.runs}
+            self.runs = {**{self.key(r["config"], r["split"], r["threads"], r.get("revision", 0)): r for r in theirs},
+                         **self.runs}
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"protocol": asdict(self.settings), "runs": list(self.runs.values())}, indent=1)
                        + "\n")
@@ -280,12 +299,17 @@ class Protocol:
                                  f"config ({row['config']}; now {_comparable(config)}: did a library default "
                                  "change?). "
                                  "Delete its rows or pass another rows file.")
+            if row.get("revision", 0) != revision(config.to_dict()):
+                raise ValueError(f"{self.store.path}: row {name!r} {level} seed {seed} {split} was run before the "
+                                 f"library changed what this config does (benchmarks/protocol.py REVISIONS, "
+                                 f"revision {revision(config.to_dict())}). Delete its rows or pass another rows file.")
             return row
         cached = self.cache.get(_comparable(config), split)
         if cached is None:
             return None
         row = {"name": name, "level": level, "seed": seed, "split": split, "overrides": overrides,
-               **{k: cached[k] for k in RunCache.FIELDS if k in cached}, "config": _comparable(config)}
+               **{k: cached[k] for k in RunCache.FIELDS if k in cached}, "config": _comparable(config),
+               **_revision_field(config)}
         self.store.add(row)
         logger.info("%s %s seed %d %s: PPL %.3f from the run cache", name, level, seed, split, row["ppl"])
         return row
@@ -310,7 +334,7 @@ class Protocol:
         seconds = time.perf_counter() - start
         ppl = self.score(split)
         row = {"name": name, "level": level, "seed": seed, "split": split, "overrides": overrides, "ppl": ppl,
-               "ratio": ppl / dense, "seconds": seconds, "config": _comparable(config)}
+               "ratio": ppl / dense, "seconds": seconds, "config": _comparable(config), **_revision_field(config)}
         report = pruner.report
         if report is not None and report.attention:
             counts = {p: sum(a.chosen == p for a in report.attention) for p in "qkv"}
@@ -328,6 +352,12 @@ def stored_config(config: dict) -> dict:
     """A config stored with a run, the fields of `PREDATING_VALUES` it lacks set to what every run had before they
     existed (a preset that now sets one must not claim the older runs)."""
     return {**PREDATING_VALUES, **config}
+
+
+def _revision_field(config: D2PruneConfig) -> dict:
+    """What a row stores of its library revision (nothing for revision 0, as rows stored before revisions)."""
+    number = revision(config.to_dict())
+    return {"revision": number} if number else {}
 
 
 def _comparable(config: D2PruneConfig) -> dict:

@@ -138,6 +138,9 @@ class PruningEngine:
         self.pattern: SparsityPattern = config.pattern
         #: per-target patterns of a non-uniform allocation (exact zero counts); targets not in it use `pattern`
         self.patterns: dict[str, SparsityPattern] = {}
+        #: targets of the block being pruned whose masks the block reconstruction re-selects by ADMM (their layer
+        #: solve stops after the sweep: the block objective decides their masks and weights)
+        self.block_admm: frozenset[str] = frozenset()
         self.attention_update = attention_update or config.attention_update
         self.dist = DistributedContext()  # set from the process group in `run`
         self.memory: Optional[PeakMemory] = None  # the running measurement (per-phase peaks)
@@ -353,6 +356,8 @@ class PruningEngine:
         groups = ordered if self.config.sequential else [targets]
         dense = {t.name: t.weight().detach().clone() for t in targets} if reconstruct else {}
         outputs = output_projections(ordered) if reconstruct else []
+        scope = reconstruction_groups(ordered, self.config.reconstruction_targets) if reconstruct else []
+        self.block_admm = frozenset(t.name for group in scope for t in group if self.config.admm_steps)
         # one statistics pass over the whole dense block: record the reconstruction's targets there
         recorder = (DenseOutputRecorder(outputs, captured[0].hidden_states.device)
                     if outputs and len(groups) == 1 else None)
@@ -368,7 +373,7 @@ class PruningEngine:
                 recorder.remove()
         if reconstruct:
             refit = [[t for t in group if t.name not in report.skipped and t.module_name not in report.skipped]
-                     for group in reconstruction_groups(ordered, self.config.reconstruction_targets)]
+                     for group in scope]
             with self._phase("reconstruction"):
                 report.reconstruction += reconstruct_block_outputs(
                     index, block, targets, [group for group in refit if group], dense, captured,
@@ -376,7 +381,7 @@ class PruningEngine:
                     self.config.resolve_refine_steps() or RECONSTRUCTION_STEPS, self.config.refine_tolerance,
                     self.dist.all_reduce_tensors, recorder, reference,
                     outputs[-1].name if outputs and outputs[-1].name in {t.name for t in ordered[-1]} else None,
-                    report.reconstruction)
+                    report.reconstruction, self.config.admm_steps, self._pattern)
 
     def _prune_group(
         self,
@@ -476,6 +481,8 @@ class PruningEngine:
         stream's statistics after its last reader."""
         for position, t in enumerate(targets):
             solver = non_update_solver if (t.attention, t.projection) in unupdated else update_solver
+            if t.name in self.block_admm:  # the reconstruction re-selects its mask and refits it: the sweep only
+                solver = solver.without_refinement()
             if t.expert is not None:
                 solver = self._expert_solver(index, t, solver, tokens, report)
             tic = time.perf_counter()

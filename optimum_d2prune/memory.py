@@ -293,9 +293,9 @@ def estimate(
         mlp * mlp * _F32 * 2 + solve_work(d, mlp),  # down: its sum (the damped H) and its factor
     ))
     propagate = activations + reference + forward + batch_tokens * d * act
-    # the down projection's refit (always some steps, never ADMM or a sweep): its fp32 sums (`cols²` and
-    # `rows·cols`) and the refit's working copies
-    refit_work = solve_work_bytes(d, inter, refit=True, admm=False, sweep=False)
+    # the down projection's refit (always some steps, never a sweep; ADMM first when `admm_steps`): its fp32 sums
+    # (`cols²` and `rows·cols`) and the working copies
+    refit_work = solve_work_bytes(d, inter, refit=True, admm=config.admm_steps > 0, sweep=False)
     reconstruction = held + forward + (inter * inter + d * inter) * _F32 + refit_work if rebuild else 0
     phases = {"inputs": activations + batch_tokens * d * act, "statistics": stats, "attention choice": attention,
               "solve": solve, "reconstruction": reconstruction, "propagate": propagate}

@@ -10,8 +10,11 @@ X_d its input in the dense block on the same block inputs, this pass solves, per
 
 with `G = X_p X_pᵀ`, `C = X_d X_pᵀ` and δ the usual dampening (`damp_percent · mean diag G`). It is the refit of
 `solvers/obs.py` with another right-hand side, solved by the same preconditioned conjugate gradients; rows whose
-error would not go down keep their weights. Output projections are found from structure only: the single linear
-of the group that follows the q/k/v group, and the single linear of the block's last group (`output_projections`).
+error would not go down keep their weights. With `admm_steps` the projection's mask is first re-selected by ADMM on
+this objective (`solvers/admm.py` with `target = W_d C + δW_d`; the layer solve then stops after its sweep), and
+the whole matrix keeps its old weights if the error would not go down (its zeros may move between rows). Output
+projections are found from structure only: the single linear of the group that follows the q/k/v group, and the
+single linear of the block's last group (`output_projections`).
 
 Only `Y_d = W_d X_d` enters the sums (`W_d C = Σ y_d x_pᵀ`), so `DenseOutputRecorder` keeps it from the dense
 statistics pass the engine runs anyway (the size of the block's captured hidden states per projection): the pass
@@ -38,7 +41,9 @@ import torch
 from torch import nn
 
 from .hooks import CapturedBatch, HookManager, _StopForward
+from .masks import SparsityPattern
 from .report import ReconstructionRecord
+from .solvers.admm import admm_support
 from .solvers.obs import refit_surviving_weights
 
 logger = logging.getLogger(__name__)
@@ -237,6 +242,8 @@ def reconstruct_block_outputs(
     model_outputs: Optional[list[torch.Tensor]] = None,
     last_projection: Optional[str] = None,
     previous: Sequence[ReconstructionRecord] = (),
+    admm_steps: int = 0,
+    pattern_of: Optional[Callable[[object], SparsityPattern]] = None,
 ) -> list[ReconstructionRecord]:
     """Refit the targets of `groups` (`reconstruction_groups`, in execution order, so the later ones see the
     earlier refits) against the dense block; `dense` maps every target name of the block to its weight before
@@ -246,6 +253,9 @@ def reconstruct_block_outputs(
 
     `reduce` sums the accumulated tensors over data-parallel ranks (identity when not distributed); `previous`, the
     records of the blocks before, keeps the post-norm fallback's warning to the first block it happens in.
+    `admm_steps` > 0 re-selects each refit target's mask by ADMM on this objective first (`solvers/admm.py`,
+    `pattern_of(target)` its sparsity pattern): the mask then minimises the error the next block sees rather than
+    the layer's own (the engine stops these targets' layer solves after the sweep).
     """
     records = []
     for group in groups:
@@ -266,16 +276,24 @@ def reconstruct_block_outputs(
         diag = torch.diagonal(sums.gram)
         damp = damp_percent * float(diag.mean()) if float(diag.mean()) > 0 else 1.0
         hessian = sums.gram + damp * torch.eye(len(diag), device=diag.device)
+        dead = diag == 0
         for target in group:
             w_d = dense[target.name].to(sums.gram.device, torch.float32)
             w = target.weight().detach().to(sums.gram.device, torch.float32)
             cross, energy = sums.cross[target.name], sums.energy[target.name]
-            refit = refit_surviving_weights(w_d, w, w == 0, hessian, steps, tolerance=tolerance,
-                                            target=cross + damp * w_d)
+            rhs = cross + damp * w_d
+            start, mask = w, w == 0
+            if admm_steps:
+                start, mask = admm_support(w_d, w, mask, hessian, pattern_of(target), admm_steps, dead, target=rhs)
+            refit = refit_surviving_weights(w_d, start, mask, hessian, steps, tolerance=tolerance, target=rhs)
             before = _row_errors(w, sums.gram, cross, energy)
             after = _row_errors(refit, sums.gram, cross, energy)
-            refit = torch.where((after < before).unsqueeze(1), refit, w)  # a row never gets worse
-            after = torch.minimum(after, before)
+            if admm_steps and not pattern_of(target).is_nm:  # zeros moved between rows: the whole matrix or nothing
+                better = (after.sum() < before.sum()).expand_as(after)
+            else:
+                better = after < before  # a row never gets worse
+            refit = torch.where(better.unsqueeze(1), refit, w)
+            after = torch.where(better, after, before)
             target.write(refit)
             total = float(energy.sum())
             scale = 1.0 / total if total > 0 else 0.0

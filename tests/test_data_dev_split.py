@@ -3,6 +3,7 @@ others, with errors that say what is wrong."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -167,6 +168,36 @@ def test_a_run_cached_before_a_field_existed_keeps_the_value_it_ran_with(tmp_pat
     rows.store.add({"name": "mq", "level": "0.7", "seed": 0, "split": "dev", "overrides": preset, "ppl": 150.0,
                     "config": old})
     with pytest.raises(ValueError, match="was run with another config"):
+        rows.finished("mq", preset, "0.7", 0, "dev")
+
+
+def test_a_run_cached_before_a_library_revision_is_not_taken_for_todays(tmp_path, protocol_module):
+    """A max_quality run cached before the block-refit projections' ADMM moved to the block objective (revision 1)
+    is not today's run, in the cache or a rows file; a config the revision does not touch still hits, and a run
+    stored today is found again."""
+    from optimum_d2prune import D2PruneConfig
+
+    settings = protocol_module.ProtocolSettings(num_samples=2, eval_windows=2)
+    preset = {"preset": "max_quality"}
+    config = protocol_module._comparable(D2PruneConfig(sparsity=0.7, seed=0, **preset))
+    untouched = protocol_module._comparable(D2PruneConfig(sparsity=0.7, seed=0, admm_steps=0, **preset))
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps({"protocol": dataclasses.asdict(settings), "runs": [
+        {"config": c, "split": "dev", "threads": torch.get_num_threads(), "ppl": p}
+        for c, p in ((config, 150.0), (untouched, 160.0))]}))
+    cache = protocol_module.RunCache(path, settings)
+    table = protocol_module.Protocol(settings, protocol_module.RowStore(None, settings), cache)
+    assert table.finished("mq", preset, "0.7", 0, "dev") is None
+    assert table.finished("mq-admm", {**preset, "admm_steps": 0}, "0.7", 0, "dev")["ppl"] == 160.0
+    cache.add(config, "dev", {"ppl": 140.0})
+    assert json.loads(path.read_text())["runs"][-1]["revision"] == 1
+    again = protocol_module.Protocol(settings, protocol_module.RowStore(None, settings),
+                                     protocol_module.RunCache(path, settings))
+    assert again.finished("mq", preset, "0.7", 0, "dev")["ppl"] == 140.0
+    rows = protocol_module.Protocol(settings, protocol_module.RowStore(None, settings))
+    rows.store.add({"name": "mq", "level": "0.7", "seed": 0, "split": "dev", "overrides": preset, "ppl": 150.0,
+                    "config": config})
+    with pytest.raises(ValueError, match="library changed what this config does"):
         rows.finished("mq", preset, "0.7", 0, "dev")
 
 

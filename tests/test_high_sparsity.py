@@ -11,8 +11,9 @@ from optimum_d2prune.allocation import budget_zero_counts, outlier_ratio, owl_sp
 from optimum_d2prune.configuration import PRESETS
 from optimum_d2prune.engine import PruningEngine, _sequential_groups
 from optimum_d2prune.hooks import capture_block_inputs
-from optimum_d2prune.masks import round_half_up
+from optimum_d2prune.masks import SparsityPattern, lowest_k_mask, round_half_up
 from optimum_d2prune.reconstruction import DenseOutputRecorder, output_projections, reconstruction_groups
+from optimum_d2prune.solvers.admm import admm_support
 from optimum_d2prune.solvers.obs import refit_surviving_weights
 
 
@@ -94,6 +95,46 @@ def test_admm_keeps_every_count_and_changes_the_masks_in_the_engine(kwargs):
         else:
             assert int((a == 0).sum()) == int((b == 0).sum())
     assert sum(not torch.equal(a == 0, b == 0) for a, b in zip(_linears(plain), _linears(admm))) >= 4
+
+
+def test_admm_with_the_layer_target_solves_the_layer_problem():
+    """`target` is the objective's linear term: `w0·H` given explicitly reproduces the layer problem."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 64, generator=g) * torch.linspace(0.2, 3.0, 64)
+    h = x.t() @ x / 512 + 0.01 * torch.eye(64)
+    w0 = torch.randn(24, 64, generator=g)
+    mask = lowest_k_mask(w0.abs() * torch.diagonal(h).sqrt(), int(0.7 * w0.numel()))
+    dead = torch.zeros(64, dtype=torch.bool)
+    own, own_mask = admm_support(w0, w0.masked_fill(mask, 0), mask, h, SparsityPattern(0.7), 12, dead)
+    given, given_mask = admm_support(torch.full_like(w0, float("nan")), w0.masked_fill(mask, 0), mask, h,
+                                     SparsityPattern(0.7), 12, dead, target=w0 @ h)
+    assert not torch.equal(own_mask, mask)  # the steps moved the support
+    assert torch.equal(own_mask, given_mask) and torch.allclose(own, given, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [{"sparsity": 0.6}, {"sparsity": 0.6, "sparsity_allocation": "owl", "owl_m": 2.0},
+                                    {"mask_structure": "2:4"}], ids=["uniform", "owl", "2:4"])
+def test_block_reconstruction_reselects_the_output_projections_masks_on_the_block_objective(kwargs):
+    """With the block reconstruction, o_proj/down_proj get their ADMM on the block objective instead of their own
+    layer's: the layer solve stops after the sweep, the reconstruction moves their masks and keeps every count."""
+    plain, _ = _prune(block_reconstruction=True, **kwargs)
+    admm, report = _prune(block_reconstruction=True, admm_steps=9, **kwargs)
+    outputs = {r.name for r in report.reconstruction}
+    assert {r.name.rsplit(".", 1)[-1] for r in report.reconstruction} == {"o_proj", "down_proj"}
+    for record in report.layers:
+        assert ("+admm" in record.solver) != (record.name in outputs or not record.updated), record
+    moved = 0
+    for name, module in admm.named_modules():
+        if not (isinstance(module, torch.nn.Linear) and ".layers." in name):
+            continue
+        a, b = plain.get_submodule(name).weight, module.weight
+        if "mask_structure" in kwargs:
+            assert bool(((b == 0).reshape(b.shape[0], -1, 4).sum(-1) >= 2).all())
+        else:
+            assert int((a == 0).sum()) == int((b == 0).sum()), name
+        moved += name.endswith(("o_proj", "down_proj")) and not torch.equal(a == 0, b == 0)
+    assert moved >= 2
+    assert all(r.error_after <= r.error_before for r in report.reconstruction)
 
 
 # ------------------------------------------------------------------ converged refit

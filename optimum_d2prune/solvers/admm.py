@@ -6,7 +6,11 @@ dense variable `B` (a ridge solve), a sparse copy `D` (the projection of `B + V/
 with the penalty ρ raised while the support still moves. Here it starts from the sweep's solution instead of the
 dense weights, so it refines a good mask rather than searching from scratch: on SmolLM2's layers at 70 % (blocks 0
 and 11 of `max_quality`, 32 x 512 C4 calibration tokens) the refit layer error after 20 steps equals that after 60 to
-three digits, and 10 steps give 90-95 % of the gain (`max_quality` runs 20).
+three digits, and 10 steps give 90-95 % of the gain.
+
+With the block reconstruction, the projections it refits (o_proj, down_proj) run it there instead, on the block
+objective `‖W_d X_d − W X_p‖²` (the `target` argument; reconstruction.py): their masks then follow the error the
+next block sees.
 
 Work is done in the coordinates where H has a unit diagonal (`b = w·sqrt(diag H)`), in which the Euclidean
 projection keeps the entries of largest `|w|·‖x‖` (Wanda's metric) and one ρ schedule fits every layer.
@@ -30,9 +34,13 @@ RHO_GROWTH = ((0.1, 1.3), (0.005, 1.2), (0.0, 1.1))  # (changed fraction above, 
 
 
 def admm_support(dense: torch.Tensor, start: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor,
-                 pattern: SparsityPattern, steps: int, dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 pattern: SparsityPattern, steps: int, dead: torch.Tensor,
+                 target: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`steps` ADMM iterations from the pruned `start` (`mask`: True = pruned); returns the sparse solution and its
     mask, with exactly as many zeros as `mask` (unstructured, over the whole matrix) or N of every M (N:M).
+
+    `target` replaces the linear term `dense·H` of the objective (`w H wᵀ − 2 w·target`): the block-level
+    reconstruction's right-hand side, as in `refit_surviving_weights`; `dense` is then not read.
 
     `hessian` is the layer's (damped) H; `dead` marks never-active inputs, pruned first as in the sweep. Costs one
     symmetric eigendecomposition of H, one `[rows, cols] @ [cols, cols]` product per step and one `cols³` product
@@ -41,7 +49,10 @@ def admm_support(dense: torch.Tensor, start: torch.Tensor, mask: torch.Tensor, h
     scale = torch.diagonal(hessian).sqrt()
     unit = hessian / scale[:, None]
     unit /= scale[None, :]
-    target = (dense.to(start.device, torch.float32) * scale) @ unit  # w0·H
+    if target is None:
+        target = (dense.to(start.device, torch.float32) * scale) @ unit  # w0·H in the unit-diagonal coordinates
+    else:
+        target = target.to(start.device, torch.float32) / scale
     eigvals, eigvecs = torch.linalg.eigh(unit)
     del unit
     count = int(mask.sum())
