@@ -64,6 +64,12 @@ def revision(config: dict) -> int:
     return max((number for number, _, applies in REVISIONS if applies(config)), default=0)
 
 
+def revision_field(config: dict) -> dict:
+    """What a run or row stores of its library revision: nothing for revision 0 (as those stored before)."""
+    number = revision(config)
+    return {"revision": number} if number else {}
+
+
 def parse_value(text: str):
     """`--set KEY=VALUE` value: int, float, true/false/none, else the string."""
     for cast in (int, float):
@@ -206,21 +212,24 @@ class RunCache:
         PPL at high sparsity. A field added to the config since a run was cached takes the value runs had before
         it existed (`stored_config`). `stored_revision`: a stored run's library revision; None for a run of
         today's library (`revision`)."""
-        config = stored_config(config)
-        full = D2PruneConfig.from_dict(config)
-        resolved = {**full.to_dict(), **config, "refine_steps": full.resolve_refine_steps()}
+        resolved = RunCache._resolved(config)
         number = revision(resolved) if stored_revision is None else stored_revision
         return json.dumps({"config": resolved, "split": split, "threads": threads, "revision": number},
                           sort_keys=True)
+
+    @staticmethod
+    def _resolved(config: dict) -> dict:
+        config = stored_config(config)
+        full = D2PruneConfig.from_dict(config)
+        return {**full.to_dict(), **config, "refine_steps": full.resolve_refine_steps()}
 
     def get(self, config: dict, split: str, threads: Optional[int] = None) -> Optional[dict]:
         return self.runs.get(self.key(config, split, threads or torch.get_num_threads()))
 
     def add(self, config: dict, split: str, row: dict, threads: Optional[int] = None) -> None:
         threads = threads or torch.get_num_threads()
-        number = revision(D2PruneConfig.from_dict(stored_config(config)).to_dict())
         self.runs[self.key(config, split, threads)] = {"config": config, "split": split, "threads": threads,
-                                                        **({"revision": number} if number else {}),
+                                                        **revision_field(self._resolved(config)),
                                                         **{k: row[k] for k in self.FIELDS if k in row}}
         if self.path is None:
             return
@@ -309,7 +318,7 @@ class Protocol:
             return None
         row = {"name": name, "level": level, "seed": seed, "split": split, "overrides": overrides,
                **{k: cached[k] for k in RunCache.FIELDS if k in cached}, "config": _comparable(config),
-               **_revision_field(config)}
+               **revision_field(config.to_dict())}
         self.store.add(row)
         logger.info("%s %s seed %d %s: PPL %.3f from the run cache", name, level, seed, split, row["ppl"])
         return row
@@ -334,7 +343,8 @@ class Protocol:
         seconds = time.perf_counter() - start
         ppl = self.score(split)
         row = {"name": name, "level": level, "seed": seed, "split": split, "overrides": overrides, "ppl": ppl,
-               "ratio": ppl / dense, "seconds": seconds, "config": _comparable(config), **_revision_field(config)}
+               "ratio": ppl / dense, "seconds": seconds, "config": _comparable(config),
+               **revision_field(config.to_dict())}
         report = pruner.report
         if report is not None and report.attention:
             counts = {p: sum(a.chosen == p for a in report.attention) for p in "qkv"}
@@ -352,12 +362,6 @@ def stored_config(config: dict) -> dict:
     """A config stored with a run, the fields of `PREDATING_VALUES` it lacks set to what every run had before they
     existed (a preset that now sets one must not claim the older runs)."""
     return {**PREDATING_VALUES, **config}
-
-
-def _revision_field(config: D2PruneConfig) -> dict:
-    """What a row stores of its library revision (nothing for revision 0, as rows stored before revisions)."""
-    number = revision(config.to_dict())
-    return {"revision": number} if number else {}
 
 
 def _comparable(config: D2PruneConfig) -> dict:

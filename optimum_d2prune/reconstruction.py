@@ -283,12 +283,13 @@ def reconstruct_block_outputs(
             cross, energy = sums.cross[target.name], sums.energy[target.name]
             rhs = cross + damp * w_d
             start, mask = w, w == 0
-            if admm_steps:
-                start, mask = admm_support(w_d, w, mask, hessian, pattern_of(target), admm_steps, dead, target=rhs)
+            pattern = pattern_of(target) if admm_steps else None
+            if pattern is not None:
+                start, mask = admm_support(w_d, w, mask, hessian, pattern, admm_steps, dead, target=rhs)
             refit = refit_surviving_weights(w_d, start, mask, hessian, steps, tolerance=tolerance, target=rhs)
             before = _row_errors(w, sums.gram, cross, energy)
             after = _row_errors(refit, sums.gram, cross, energy)
-            if admm_steps and not pattern_of(target).is_nm:  # zeros moved between rows: the whole matrix or nothing
+            if pattern is not None and not pattern.is_nm:  # zeros moved between rows: the whole matrix or nothing
                 better = (after.sum() < before.sum()).expand_as(after)
             else:
                 better = after < before  # a row never gets worse
