@@ -7,7 +7,7 @@ configuration already pruned by the ablation or the tuning sweep is not pruned a
 run at every `--seeds` (mean ± std); the others at the first seed. `--figure` draws the per-block sparsity of the
 OWL budgets at 70 %.
 
-    python benchmarks/high_sparsity.py --threads 1          # 50/60/70/80 % and 2:4, six configs, both splits
+    python benchmarks/high_sparsity.py --threads 1          # 50/60/70/80 % and 2:4, every config, both splits
     python benchmarks/high_sparsity.py --threads 1 --levels 0.7 --configs d2prune max_quality --splits dev
     python benchmarks/high_sparsity.py --extra "d2+recon:block_reconstruction=true" --configs d2+recon
 """
@@ -37,9 +37,15 @@ CONFIGS: dict[str, dict] = {
     "max_quality-admm": {"method": "d2prune", "preset": "max_quality", "admm_steps": 0},
     "max_quality-admm+model": {"method": "d2prune", "preset": "max_quality", "admm_steps": 0,
                                "reconstruction_reference": "model"},
+    # what D²Prune's own saliency and attention awareness are worth once the preset's additions are there
+    "sparsegpt+max_quality": {"method": "sparsegpt", "preset": "max_quality"},
 }
-#: options in no preset, measured at these levels only (each run costs 15-25 min of one core)
-ONLY_AT: dict[str, tuple[str, ...]] = {"max_quality-admm+model": ("0.5", "0.7")}
+#: ablation rows, measured at these levels only (each run costs 10-25 min of one core)
+ONLY_AT: dict[str, tuple[str, ...]] = {"max_quality-admm+model": ("0.5", "0.7"),
+                                       "sparsegpt+max_quality": ("0.5", "0.7")}
+#: ablation rows that run at the first seed only at these seeded levels (same cost)
+FIRST_SEED_AT: dict[str, tuple[str, ...]] = {"max_quality-admm": ("0.5",), "max_quality-admm+model": ("0.5",),
+                                             "sparsegpt+max_quality": ("0.5",)}
 FIGURE = "owl_block_sparsity_70.png"  # written next to --output
 
 
@@ -58,15 +64,19 @@ def applies(name: str, fields: dict, level: str) -> bool:
     return ":" not in level or fields.get("sparsity_allocation", "uniform") == "uniform"
 
 
+def seeds_of(name: str, level: str, seeds: list[int], seeded: list[str]) -> list[int]:
+    """The calibration seeds a config runs at: every one at the seeded levels (but `FIRST_SEED_AT`'s), the first
+    elsewhere."""
+    return seeds if level in seeded and level not in FIRST_SEED_AT.get(name, ()) else seeds[:1]
+
+
 def runs(configs: dict[str, dict], names: list[str], levels: list[str], seeds: list[int], seeded: list[str],
          splits: list[str]):
     """(name, level, seed, split) in run order: every config at the first seed, then the extra seeds."""
     for seed in seeds:
         for level in levels:
-            if seed != seeds[0] and level not in seeded:
-                continue
             for name in names:
-                if applies(name, configs[name], level):
+                if applies(name, configs[name], level) and seed in seeds_of(name, level, seeds, seeded):
                     for split in splits:
                         yield name, level, seed, split
 
@@ -76,7 +86,7 @@ def write_table(protocol: Protocol, configs: dict[str, dict], args, command: str
     dense = {split: store.get("dense", "-", 0, split) for split in args.splits}
 
     def values(name: str, level: str, split: str, key: str) -> list[float]:
-        seeds = args.seeds if level in args.seeded_levels else args.seeds[:1]
+        seeds = seeds_of(name, level, args.seeds, args.seeded_levels)
         return [r[key] for s in seeds if (r := store.get(name, level, s, split)) is not None and key in r]
 
     time_split = "bench" if "bench" in args.splits else args.splits[0]
@@ -94,7 +104,8 @@ def write_table(protocol: Protocol, configs: dict[str, dict], args, command: str
         + "; dev: calibrated on documents 0-699, PPL on documents 700-799" + (f" (dense {dense['dev']['ppl']:.2f})"
                                                                              if dense.get("dev") else "")
         + (f". Levels {', '.join(args.seeded_levels)} at calibration seeds {', '.join(map(str, args.seeds))} "
-           f"(mean ± std), the others at seed {args.seeds[0]}" if args.seeded_levels and len(args.seeds) > 1
+           f"(mean ± std; a row marked \"(seed {args.seeds[0]})\" ran at that seed only), the others at seed "
+           f"{args.seeds[0]}" if args.seeded_levels and len(args.seeds) > 1
            else f". Every row at calibration seed {args.seeds[0]}")
         + f". Seconds: the {time_split} runs' pruning time as each run measured it; rows made at different times "
         "share the machine with different numbers of other runs, so the seconds and their ratio compare only rows "
@@ -110,10 +121,12 @@ def write_table(protocol: Protocol, configs: dict[str, dict], args, command: str
             if not applies(name, configs[name], level):
                 continue
             cells = [level, name]
-            planned = len(args.seeds) if level in args.seeded_levels else 1
+            planned = len(seeds_of(name, level, args.seeds, args.seeded_levels))
+            single = planned == 1 and level in args.seeded_levels and len(args.seeds) > 1
             for split in args.splits:
                 ratios = values(name, level, split, "ratio")
                 partial = f" ({len(ratios)} of {planned} seeds)" if 0 < len(ratios) < planned else ""
+                partial += f" (seed {args.seeds[0]})" if single and ratios else ""
                 cells.append(mean_std(ratios, 3) + partial if ratios else "…")
             secs = values(name, level, time_split, "seconds")
             cells.append(f"{statistics.mean(secs):.0f}" if secs else "…")
@@ -139,7 +152,8 @@ def draw_budgets(protocol: Protocol, path: Path, level: str = "0.7", seed: int =
     import matplotlib.pyplot as plt
 
     found = [(name, split, row["block_sparsity"]) for name in ("d2prune+owl", "sparsegpt+owl", "max_quality")
-             for split in SPLITS if (row := protocol.store.get(name, level, seed, split)) and row.get("block_sparsity")]
+             for split in SPLITS
+             if (row := protocol.store.get(name, level, seed, split)) and row.get("block_sparsity")]
     if not found:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -170,7 +184,7 @@ def main(argv=None) -> int:
     parser.add_argument("--extra", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="An ad-hoc d2prune config to add to CONFIGS (repeatable); list it in --configs.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--seeded-levels", nargs="*", default=["0.7"],
+    parser.add_argument("--seeded-levels", nargs="*", default=["0.5", "0.7"],
                         help="Levels run at every --seeds (the others at the first seed only).")
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     parser.add_argument("--threads", type=int, default=None)

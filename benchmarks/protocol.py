@@ -264,6 +264,12 @@ class Protocol:
             self._dense = copy.deepcopy(self._model.state_dict())
         return self._model
 
+    def dense_model(self):
+        """The model with its dense weights (put back after an earlier run pruned them)."""
+        model = self._load()
+        model.load_state_dict(self._dense)
+        return model
+
     def calibration(self, split: str, seed: int) -> list:
         _check_split(split)
         key = (split, seed)
@@ -290,7 +296,7 @@ class Protocol:
         """Dense PPL of a split (stored as the row ("dense", "-", 0, split))."""
         row = self.store.get("dense", "-", 0, split)
         if row is None:
-            self._load().load_state_dict(self._dense)
+            self.dense_model()
             row = {"name": "dense", "level": "-", "seed": 0, "split": split, "overrides": {},
                    "ppl": self.score(split), "seconds": 0.0}
             self.store.add(row)
@@ -334,9 +340,8 @@ class Protocol:
             return row
         dense = self.dense(split)
         config = D2PruneConfig(**{"seed": seed, **level_kwargs(level), **overrides})
-        model = self._load()
         calib = self.calibration(split, seed)
-        model.load_state_dict(self._dense)
+        model = self.dense_model()
         pruner = D2Pruner(config)
         start = time.perf_counter()
         pruner.prune(model, calib)
@@ -396,11 +401,19 @@ def repo_relative(path: Optional[Path]) -> str:
         return str(path)
 
 
+#: a results file's hand-written part starts at this line; regenerating the table keeps it
+HAND_NOTES = "<!-- hand-written notes below: kept when the table above is regenerated -->"
+
+
 def write_report(text: str, output: Optional[str]) -> str:
-    """Write a results table to `output` (when given, creating its folder) and return it."""
+    """Write a results table to `output` (when given, creating its folder) and return it. What the file holds from
+    the `HAND_NOTES` line on is written after the new table: notes are not lost to a rerun of the script."""
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(text, encoding="utf-8")
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = path.read_text(encoding="utf-8") if path.is_file() else ""
+        notes = old[old.index(HAND_NOTES):] if HAND_NOTES in old else ""
+        path.write_text(text + ("\n" + notes if notes else ""), encoding="utf-8")
     return text
 
 

@@ -206,6 +206,41 @@ def test_protocol_rejects_an_unknown_split(protocol_module):
     with pytest.raises(ValueError, match="`split` must be one of"):
         bench.calibration("test", 0)
 
+def test_a_regenerated_table_keeps_the_hand_written_notes(tmp_path, protocol_module):
+    """Rewriting a results file replaces the table above the marker and keeps what was written below it; a file
+    without the marker is the script's alone."""
+    path = tmp_path / "table.md"
+    notes = protocol_module.HAND_NOTES + "\n## Notes\n\n- measured by hand\n"
+    path.write_text("| old table |\n\n" + notes)
+    assert protocol_module.write_report("| new table |\n", str(path)) == "| new table |\n"
+    assert path.read_text() == "| new table |\n\n" + notes
+    protocol_module.write_report("| newer table |\n", str(path))
+    assert path.read_text() == "| newer table |\n\n" + notes
+    bare = tmp_path / "bare.md"
+    bare.write_text("| old table |\n\n## Notes without the marker\n")
+    protocol_module.write_report("| new table |\n", str(bare))
+    assert bare.read_text() == "| new table |\n"
+
+
+def test_high_sparsity_seeds_skip_the_ablation_rows_at_their_single_seed_levels(monkeypatch):
+    """At a seeded level every config runs at each seed but those of `FIRST_SEED_AT`, which run at the first."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import high_sparsity
+
+    try:
+        configs = {name: high_sparsity.CONFIGS[name] for name in ("max_quality", "max_quality-admm")}
+        plan = list(high_sparsity.runs(configs, list(configs), ["0.5", "0.6", "0.7"], [0, 1, 2], ["0.5", "0.7"],
+                                       ["dev"]))
+        seeds = {(name, level): sorted(s for n, lv, s, _ in plan if (n, lv) == (name, level))
+                 for name, level, _, _ in plan}
+        assert seeds == {("max_quality", "0.5"): [0, 1, 2], ("max_quality", "0.6"): [0],
+                         ("max_quality", "0.7"): [0, 1, 2], ("max_quality-admm", "0.5"): [0],
+                         ("max_quality-admm", "0.6"): [0], ("max_quality-admm", "0.7"): [0, 1, 2]}
+    finally:
+        sys.modules.pop("high_sparsity", None)
+        sys.modules.pop("protocol", None)
+
+
 
 # ------------------------------------------------------------------ the real dev split
 def test_dev_split_of_the_c4_sample(shared_data, tokenizer_dir):
