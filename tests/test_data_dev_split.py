@@ -206,6 +206,7 @@ def test_protocol_rejects_an_unknown_split(protocol_module):
     with pytest.raises(ValueError, match="`split` must be one of"):
         bench.calibration("test", 0)
 
+
 def test_a_regenerated_table_keeps_the_hand_written_notes(tmp_path, protocol_module):
     """Rewriting a results file replaces the table above the marker and keeps what was written below it; a file
     without the marker is the script's alone."""
@@ -239,7 +240,6 @@ def test_high_sparsity_seeds_skip_the_ablation_rows_at_their_single_seed_levels(
     finally:
         sys.modules.pop("high_sparsity", None)
         sys.modules.pop("protocol", None)
-
 
 
 # ------------------------------------------------------------------ the real dev split
