@@ -214,6 +214,10 @@ class RunCache:
         today's library (`revision`)."""
         resolved = RunCache._resolved(config)
         number = revision(resolved) if stored_revision is None else stored_revision
+        return RunCache._key(resolved, split, threads, number)
+
+    @staticmethod
+    def _key(resolved: dict, split: str, threads: int, number: int) -> str:
         return json.dumps({"config": resolved, "split": split, "threads": threads, "revision": number},
                           sort_keys=True)
 
@@ -228,9 +232,10 @@ class RunCache:
 
     def add(self, config: dict, split: str, row: dict, threads: Optional[int] = None) -> None:
         threads = threads or torch.get_num_threads()
-        self.runs[self.key(config, split, threads)] = {"config": config, "split": split, "threads": threads,
-                                                        **revision_field(self._resolved(config)),
-                                                        **{k: row[k] for k in self.FIELDS if k in row}}
+        resolved = self._resolved(config)
+        self.runs[self._key(resolved, split, threads, revision(resolved))] = {
+            "config": config, "split": split, "threads": threads, **revision_field(resolved),
+            **{k: row[k] for k in self.FIELDS if k in row}}
         if self.path is None:
             return
         # another script may have added runs since this one read the file: merge before writing
