@@ -33,18 +33,25 @@ CONFIGS: dict[str, dict] = {
     "d2prune": {"method": "d2prune"},
     "d2prune+owl": {"method": "d2prune", "sparsity_allocation": "owl"},
     "max_quality": {"method": "d2prune", "preset": "max_quality"},
-    # the max_quality preset before ADMM entered it (session 12), and an option measured on top of that one
+    # the preset with the other budgets: OWL where it is uniform (below PRESET_OWL_FROM; the preset until session 14),
+    # uniform where it is OWL
+    "max_quality+owl": {"method": "d2prune", "preset": "max_quality", "sparsity_allocation": "owl"},
+    "max_quality-owl": {"method": "d2prune", "preset": "max_quality", "sparsity_allocation": "uniform"},
+    # the preset without ADMM; the preset of session 12 (OWL at every level, no ADMM), and an option measured on it
     "max_quality-admm": {"method": "d2prune", "preset": "max_quality", "admm_steps": 0},
-    "max_quality-admm+model": {"method": "d2prune", "preset": "max_quality", "admm_steps": 0,
-                               "reconstruction_reference": "model"},
+    "max_quality+owl-admm": {"method": "d2prune", "preset": "max_quality", "sparsity_allocation": "owl",
+                             "admm_steps": 0},
+    "max_quality+owl-admm+model": {"method": "d2prune", "preset": "max_quality", "sparsity_allocation": "owl",
+                                   "admm_steps": 0, "reconstruction_reference": "model"},
     # what D²Prune's own saliency and attention awareness are worth once the preset's additions are there
     "sparsegpt+max_quality": {"method": "sparsegpt", "preset": "max_quality"},
 }
 #: ablation rows, measured at these levels only (each run costs 10-25 min of one core)
-ONLY_AT: dict[str, tuple[str, ...]] = {"max_quality-admm+model": ("0.5", "0.7"),
+ONLY_AT: dict[str, tuple[str, ...]] = {"max_quality+owl": ("0.5", "0.6", "0.7"), "max_quality-owl": ("0.8",),
+                                       "max_quality-admm": ("0.5", "2:4"), "max_quality+owl-admm+model": ("0.7",),
                                        "sparsegpt+max_quality": ("0.5", "0.7")}
 #: ablation rows that run at the first seed only at these seeded levels (same cost)
-FIRST_SEED_AT: dict[str, tuple[str, ...]] = {"max_quality-admm": ("0.5",), "max_quality-admm+model": ("0.5",),
+FIRST_SEED_AT: dict[str, tuple[str, ...]] = {"max_quality-admm": ("0.5",), "max_quality+owl-admm": ("0.5",),
                                              "sparsegpt+max_quality": ("0.5",)}
 FIGURE = "owl_block_sparsity_70.png"  # written next to --output
 
@@ -151,7 +158,7 @@ def draw_budgets(protocol: Protocol, path: Path, level: str = "0.7", seed: int =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    found = [(name, split, row["block_sparsity"]) for name in ("d2prune+owl", "sparsegpt+owl", "max_quality")
+    found = [(name, split, row["block_sparsity"]) for name in ("d2prune+owl", "sparsegpt+owl", "max_quality+owl")
              for split in SPLITS
              if (row := protocol.store.get(name, level, seed, split)) and row.get("block_sparsity")]
     if not found:

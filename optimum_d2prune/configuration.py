@@ -49,7 +49,7 @@ FIELD_DEFAULTS: dict[str, Any] = {
 #: reconstruction of the output projections, the refit without early stop, 12 ADMM steps of mask re-selection, the
 #: output projections' on the block objective: within 0.7 % of 20 steps on the dev split for 15 % less time;
 #: README "Beyond the paper at high sparsity", benchmarks/results/high_sparsity_dev_notes.md). N:M masks stay
-#: uniform whatever the preset says.
+#: uniform whatever the preset says, and so do sparsities below `PRESET_OWL_FROM`.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"activation_scale": 1500.0, "lambda1": 1.0, "lambda2": 0.0, "attention_update": "v",
               "refine_steps": 0, "refine_tolerance": 0.0, "sparsity_allocation": "uniform",
@@ -57,6 +57,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "max_quality": {"sparsity_allocation": "owl", "block_reconstruction": True, "refine_tolerance": 0.0,
                     "admm_steps": 12},
 }
+#: the lowest sparsity at which a preset's OWL budgets apply; below it the preset's blocks get uniform budgets (an
+#: explicit `sparsity_allocation` is always kept). On the SmolLM2 dev split, with the preset's block reconstruction
+#: and ADMM, uniform budgets beat OWL's at 50 %, 60 % and 70 % and lost at 80 %; the threshold lies between the two
+#: (not tuned finer; benchmarks/results/high_sparsity_dev_notes.md, session 15).
+PRESET_OWL_FROM = 0.75
 PRESET_FIELDS = tuple(sorted({*FIELD_DEFAULTS, *(k for p in PRESETS.values() for k in p)}))
 
 
@@ -89,8 +94,8 @@ class D2PruneConfig:
         metadata={
             "help": f'Defaults for the fields {PRESET_FIELDS} that are not given explicitly: None (the library '
             'defaults), "paper" (the published D²Prune: s = 1500, λ1 = 1, λ2 = 0, v left un-updated, no refit) or '
-            '"max_quality" (non-uniform OWL budgets, block-level reconstruction, 12 ADMM steps). Explicit values '
-            "always win; the resolved values are what `to_dict` records."
+            '"max_quality" (non-uniform OWL budgets from 75 % sparsity up, block-level reconstruction, 12 ADMM '
+            "steps). Explicit values always win; the resolved values are what `to_dict` records."
         },
     )
     lambda1: Optional[float] = field(default=None, metadata={"help": "Weight of the first-order dual-Taylor term "
@@ -362,7 +367,9 @@ class D2PruneConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"`preset` must be None or one of {tuple(PRESETS)}, got {self.preset!r}.")
         values = {**FIELD_DEFAULTS, **PRESETS.get(self.preset, {})}
-        if pattern.is_nm:  # a preset's non-uniform budgets do not apply to N:M (only an explicit request is refused)
+        if pattern.is_nm or pattern.sparsity < PRESET_OWL_FROM:
+            # a preset's non-uniform budgets do not apply to N:M (only an explicit request is refused) nor at low
+            # sparsity, where uniform budgets measured better
             values["sparsity_allocation"] = "uniform"
         if pattern.is_nm and self.method == "d2prune":
             # every q/k/v updated: at 2:4 the projection left un-updated gets neither the OBS update nor the refit, and
@@ -422,7 +429,8 @@ class D2PruneConfig:
 
     def replace(self, **changes: Any) -> "D2PruneConfig":
         """A validated copy with some fields changed. A new `preset` re-resolves the preset-managed fields not
-        given in the same call (earlier explicit values of those fields are dropped)."""
+        given in the same call (earlier explicit values of those fields are dropped); a new sparsity alone keeps the
+        resolved ones (pass `preset` again for the preset's values at the new level)."""
         data = self.to_dict()
         if "preset" in changes:
             data.update(dict.fromkeys(PRESET_FIELDS))

@@ -173,7 +173,7 @@ def test_high_sparsity_flags_reach_the_config(tmp_path):
     from optimum_d2prune.commands.d2prune import build_parser, check_arguments
 
     args = build_parser().parse_args(["--model", "some/model", "--output-dir", str(tmp_path / "out"), "--sparsity",
-                                      "0.7", "--preset", "max_quality", "--reconstruction-targets", "all",
+                                      "0.8", "--preset", "max_quality", "--reconstruction-targets", "all",
                                       "--no-block-reconstruction", "--reconstruction-reference", "model",
                                       "--admm-steps", "12"])
     config = check_arguments(args)

@@ -229,14 +229,14 @@ def test_high_sparsity_seeds_skip_the_ablation_rows_at_their_single_seed_levels(
     import high_sparsity
 
     try:
-        configs = {name: high_sparsity.CONFIGS[name] for name in ("max_quality", "max_quality-admm")}
+        configs = {name: high_sparsity.CONFIGS[name] for name in ("max_quality", "max_quality+owl-admm")}
         plan = list(high_sparsity.runs(configs, list(configs), ["0.5", "0.6", "0.7"], [0, 1, 2], ["0.5", "0.7"],
                                        ["dev"]))
         seeds = {(name, level): sorted(s for n, lv, s, _ in plan if (n, lv) == (name, level))
                  for name, level, _, _ in plan}
         assert seeds == {("max_quality", "0.5"): [0, 1, 2], ("max_quality", "0.6"): [0],
-                         ("max_quality", "0.7"): [0, 1, 2], ("max_quality-admm", "0.5"): [0],
-                         ("max_quality-admm", "0.6"): [0], ("max_quality-admm", "0.7"): [0, 1, 2]}
+                         ("max_quality", "0.7"): [0, 1, 2], ("max_quality+owl-admm", "0.5"): [0],
+                         ("max_quality+owl-admm", "0.6"): [0], ("max_quality+owl-admm", "0.7"): [0, 1, 2]}
     finally:
         sys.modules.pop("high_sparsity", None)
         sys.modules.pop("protocol", None)

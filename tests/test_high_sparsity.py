@@ -8,7 +8,7 @@ from conftest import calib_batches, make_tiny
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.allocation import budget_zero_counts, outlier_ratio, owl_sparsities
-from optimum_d2prune.configuration import PRESETS
+from optimum_d2prune.configuration import PRESET_OWL_FROM, PRESETS
 from optimum_d2prune.engine import PruningEngine, _sequential_groups
 from optimum_d2prune.hooks import capture_block_inputs
 from optimum_d2prune.masks import SparsityPattern, lowest_k_mask, round_half_up
@@ -359,10 +359,16 @@ def test_presets_resolve_defaults_explicit_values_win_and_round_trip(tmp_path):
         (1500.0, 1.0, 0.0, "v", 0)
     mine = D2PruneConfig(preset="paper", attention_update="k", activation_scale="auto")
     assert mine.attention_update == "k" and mine.activation_scale == "auto" and mine.refine_steps == 0
-    best = D2PruneConfig(preset="max_quality", sparsity=0.7)
+    best = D2PruneConfig(preset="max_quality", sparsity=0.8)
     for key, value in PRESETS["max_quality"].items():
         assert getattr(best, key) == value
     assert D2PruneConfig(preset="max_quality", mask_structure="2:4").sparsity_allocation == "uniform"
+    # the preset's OWL budgets start at PRESET_OWL_FROM; below it uniform, unless asked for explicitly
+    below = D2PruneConfig(preset="max_quality", sparsity=0.5)
+    assert below.sparsity_allocation == "uniform" and below.block_reconstruction and below.admm_steps
+    assert D2PruneConfig(preset="max_quality", sparsity=PRESET_OWL_FROM).sparsity_allocation == "owl"
+    assert D2PruneConfig(preset="max_quality", sparsity=0.5, sparsity_allocation="owl").sparsity_allocation == "owl"
+    assert below.replace(preset="max_quality", sparsity=0.8).sparsity_allocation == "owl"
     # the preset's ADMM steps are for the methods that update weights; the others take the rest of the preset
     assert [D2PruneConfig(preset="max_quality", method=m).admm_steps for m in ("sparsegpt", "wanda", "magnitude")] \
         == [PRESETS["max_quality"]["admm_steps"], 0, 0]
@@ -371,7 +377,7 @@ def test_presets_resolve_defaults_explicit_values_win_and_round_trip(tmp_path):
     again = D2PruneConfig.from_json_file(path)
     assert again == mine and again.to_dict()["preset"] == "paper"
     switched = mine.replace(preset="max_quality")
-    assert switched.sparsity_allocation == PRESETS["max_quality"]["sparsity_allocation"]
+    assert not mine.block_reconstruction and switched.block_reconstruction
     assert switched.attention_update == "dynamic"  # re-resolved: the new preset does not set it
 
 

@@ -77,8 +77,8 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     prune.add_argument("--sequential", action="store_true", help="Calibrate each linear group on pruned outputs.")
     prune.add_argument("--preset", choices=("paper", "max_quality"), default=None,
                        help='"paper": the published D²Prune (s = 1500, v un-updated, no refit); "max_quality": OWL '
-                            "budgets + block-level reconstruction + 12 ADMM steps (slower; see the README's "
-                            "high-sparsity table).")
+                            "budgets (from 75 %% sparsity) + block-level reconstruction + 12 ADMM steps (slower; see "
+                            "the README's high-sparsity table).")
     prune.add_argument("--sparsity-allocation", choices=("uniform", "owl"), default=None,
                        help="Per-block sparsity: uniform (default) or OWL budgets (unstructured only).")
     prune.add_argument("--block-reconstruction", action=argparse.BooleanOptionalAction, default=None,
