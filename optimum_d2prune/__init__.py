@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 # at every start) and `python -m optimum_d2prune --help` do not pay for torch/transformers
 _LAZY = {
     "D2PruneConfig": "configuration",
+    "RuntimeOptions": "configuration",
     "D2Pruner": "pruner",
     "PruneReport": "report",
     "load_pruned": "hub",
@@ -23,6 +24,7 @@ __all__ = [
     "D2PruneConfig",
     "D2Pruner",
     "PruneReport",
+    "RuntimeOptions",
     "__version__",
     "load_pruned",
     "push_to_hub",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .configuration import D2PruneConfig
+    from .configuration import D2PruneConfig, RuntimeOptions
     from .hub import load_pruned, push_to_hub, save_pruned
     from .pruner import D2Pruner
     from .report import PruneReport

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .configuration import CONFIG_NAME, D2PruneConfig
-from .finite import nonfinite_parameters
+from .pipeline.finite import nonfinite_parameters
 from .report import PruneReport
 
 logger = logging.getLogger(__name__)
@@ -338,11 +338,10 @@ def build_record(
 
 def _planned_modules(model: nn.Module, config: D2PruneConfig) -> list[str]:
     from .architectures import get_adapter
-    from .engine import PruningEngine
+    from .pipeline.engine import PruningEngine
 
-    _, _, targets = PruningEngine(config, get_adapter(model)).plan(model)
-    return list(dict.fromkeys(t.module_name if t.expert is None else f"{t.module_name}.{t.param}"
-                              for block in targets for t in block))
+    plan = PruningEngine(config, get_adapter(model)).plan(model)
+    return list(dict.fromkeys(t.record_name for t in plan.targets()))
 
 
 def save_pruned(

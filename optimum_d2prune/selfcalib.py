@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .hooks import calibration_context
+from .calibration.hooks import calibration_context
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,11 @@
-"""Architecture adapters. Every module of this package is imported so that its `@register_adapter` runs:
-adding an architecture is one new file here."""
+"""Architecture adapters: where a model's block stacks, attention modules and q/k/v are.
+
+Every transformers model goes through `GenericAdapter` (blocks and q/k/v found by name and structure, attention
+probabilities from the model's own attention code). A library whose attention gives no other way in gets a
+hand-written adapter registered with `@register_adapter` (timm's `VisionTransformer`, `timm.py`).
+"""
 
 from __future__ import annotations
-
-import importlib
-import pkgutil
 
 from torch import nn
 
@@ -19,10 +20,7 @@ from .base import (
     register_adapter,
 )
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in ("base", "generic", "support_table"):
-        importlib.import_module(f"{__name__}.{_module.name}")
-
+from . import timm  # noqa: E402,F401  (registers the timm ViT adapter)
 from .generic import GenericAdapter, UnsupportedArchitectureError  # noqa: E402
 
 __all__ = [
@@ -54,14 +52,10 @@ def model_type_of(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def get_adapter(model: nn.Module, generic: bool = False) -> ArchitectureAdapter:
-    """The adapter for `model`: the hand-written one of its family where there is one (faster attention
-    probabilities), else the generic adapter (blocks and q/k/v found by name, the model's own attention).
-
-    `generic=True` forces the generic path. Raises `UnsupportedArchitectureError` (a `ValueError`) that says what
-    was missing and how to provide it.
-    """
-    adapter_cls = None if generic else MODEL_TYPE_TO_ADAPTER.get(model_type_of(model))
+def get_adapter(model: nn.Module) -> ArchitectureAdapter:
+    """The adapter for `model`: a registered one for its family (`register_adapter`), else the generic adapter.
+    Raises `UnsupportedArchitectureError` that says what was missing and how to provide it."""
+    adapter_cls = MODEL_TYPE_TO_ADAPTER.get(model_type_of(model))
     adapter = adapter_cls() if adapter_cls is not None else GenericAdapter()
     adapter.validate(model)
     return adapter

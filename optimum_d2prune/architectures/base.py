@@ -1,9 +1,9 @@
 """Adapter contract: all the architecture knowledge the engine needs, and the registry of adapters.
 
-An adapter says where the blocks are, which linears of a block are q/k/v (possibly row blocks of one fused
-Linear), and how to compute a block's attention probabilities from given q/k weights (for the KL term of the
-attention-aware choice). Adding an architecture is one new file in this package with a `@register_adapter`
-class; the package imports every module in it.
+An adapter says where the block stacks are, which linears of a block are q/k/v (possibly row blocks of one fused
+Linear), which batch key holds each stack's token mask, and how to compute a block's attention probabilities from
+given q/k weights (for the KL term of D²Prune's attention-aware choice). A family the generic adapter cannot read
+gets one file in this package with a `@register_adapter` class, imported by the package's `__init__`.
 """
 
 from __future__ import annotations
@@ -91,6 +91,19 @@ class ArchitectureAdapter(ABC):
             f"{type(self).__name__} found no block list at {list(self.block_paths)} in {type(model).__name__}."
         )
 
+    def block_stacks(self, model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+        """Every stack of blocks as `(module name, block list)`; one for a decoder-only or encoder-only model."""
+        blocks = self.blocks(model)
+        return [(next(name for name, module in model.named_modules() if module is blocks), blocks)]
+
+    def mask_keys(self, model: nn.Module, path: str) -> tuple[str, ...]:
+        """The calibration batch keys that hold the token mask of the stack at `path`, tried in order: an
+        encoder-decoder's decoder stack has its own mask."""
+        config = getattr(model, "config", None)
+        if getattr(config, "is_encoder_decoder", False) and "decoder" in path.split("."):
+            return ("decoder_attention_mask",)
+        return ("attention_mask",)
+
     def projections(self, block: nn.Module) -> dict[str, ProjectionRef]:
         """`{"q": ref, "k": ref, "v": ref}` for one block."""
         return {p: ProjectionRef(name) for p, name in self.qkv_names.items()}
@@ -112,22 +125,8 @@ class ArchitectureAdapter(ABC):
         self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]
     ) -> "AttentionScores":
         """The attention of one call with the q/k weights in `weights` (`"q"`, `"k"`, fp32, rows of the projection
-        only) instead of the module's own, as probabilities computed a chunk of heads at a time.
-
-        Override this (or `attention_probs`, which then gives a single chunk of every head)."""
-        if type(self).attention_probs is ArchitectureAdapter.attention_probs:
-            raise NotImplementedError(f"{type(self).__name__} implements neither `attention_scores` nor "
-                                      "`attention_probs`.")
-        probs = self.attention_probs(attention, inputs, weights)
-        return AttentionScores(probs.shape[1], probs.shape[1], lambda heads: probs[:, heads])
-
-    def attention_probs(
-        self, attention: nn.Module, inputs: AttentionInputs, weights: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """Attention probabilities `[B, heads, T, T]` in fp32, with the q/k weights in `weights` instead of the
-        module's own. Masked entries are exactly 0."""
-        scores = self.attention_scores(attention, inputs, weights)
-        return scores.probs(slice(0, scores.num_heads))
+        only) instead of the module's own, as probabilities computed a chunk of heads at a time."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement `attention_scores`.")
 
 
 @dataclass
@@ -157,14 +156,18 @@ class AttentionScores:
             yield slice(start, min(start + step, self.num_heads))
 
 
-def query_key_scores(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scaling: float,
-    attention_mask: Optional[torch.Tensor],
-    causal: bool = True,
-    sliding_window: Optional[int] = None,
-) -> AttentionScores:
+@dataclass(frozen=True)
+class MaskSpec:
+    """Which keys each query may attend to: the model's own mask (None, a `[B, Tk]` padding mask, or the 4D mask
+    transformers passes to attention layers: boolean True = attend, or additive float), causality, and a sliding
+    window."""
+
+    attention_mask: Optional[torch.Tensor] = None
+    causal: bool = True
+    sliding_window: Optional[int] = None
+
+
+def query_key_scores(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: MaskSpec) -> AttentionScores:
     """`AttentionScores` from per-head queries `[B, H, Tq, D]` and keys `[B, Hkv, Tk, D]` (after the family's
     position encoding); probabilities by `masked_softmax` of `q kᵀ · scaling`, one head slice at a time."""
     group = q.shape[1] // k.shape[1]
@@ -175,11 +178,10 @@ def query_key_scores(
         return queries @ keys.transpose(-1, -2) * scaling
 
     def probs(heads: slice) -> torch.Tensor:
-        return masked_softmax(scores(heads), attention_mask, causal, sliding_window)
+        return masked_softmax(scores(heads), mask)
 
     def log_probs(heads: slice, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return masked_log_softmax(scores(heads, rows), attention_mask, causal, sliding_window,
-                                  query_rows=rows, query_length=q.shape[2])
+        return masked_log_softmax(scores(heads, rows), mask, query_rows=rows, query_length=q.shape[2])
 
     return AttentionScores(q.shape[1], group, probs, log_probs)
 
@@ -187,10 +189,6 @@ def query_key_scores(
 def matrix(module: nn.Module) -> torch.Tensor:
     """The weight of a prunable module as `[out_features, in_features]` (a view: Conv1D stores `[in, out]`)."""
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
-
-
-def in_features(module: nn.Module) -> int:
-    return matrix(module).shape[1]
 
 
 def read_rows(module: nn.Module, rows: Rows = None) -> torch.Tensor:
@@ -217,29 +215,22 @@ def projection_output(module: nn.Module, weight: torch.Tensor, x: torch.Tensor, 
     return F.linear(x.float(), weight.float(), bias)
 
 
-def masked_log_softmax(
-    scores: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    causal: bool = True,
-    sliding_window: Optional[int] = None,
-    query_rows: Optional[torch.Tensor] = None,
-    query_length: Optional[int] = None,
-) -> torch.Tensor:
+def masked_log_softmax(scores: torch.Tensor, mask: MaskSpec, query_rows: Optional[torch.Tensor] = None,
+                       query_length: Optional[int] = None) -> torch.Tensor:
     """`log(masked_softmax(...))` in three passes over the scores: masked entries get a very negative log (their
     probability is exactly 0 after `exp`); rows with no allowed key are uniform over masked keys (padding queries,
     which the KL term excludes). `scores` may hold only the query positions `query_rows` of `query_length`."""
-    masked = _masked_scores(scores, attention_mask, causal, sliding_window, query_rows, query_length)[0]
+    masked = _masked_scores(scores, mask, query_rows, query_length)[0]
     return torch.log_softmax(masked, dim=-1)
 
 
-def _masked_scores(
-    scores: torch.Tensor, attention_mask: Optional[torch.Tensor], causal: bool, sliding_window: Optional[int],
-    query_rows: Optional[torch.Tensor] = None, query_length: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_scores(scores: torch.Tensor, spec: MaskSpec, query_rows: Optional[torch.Tensor] = None,
+                   query_length: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The scores with disallowed entries at the dtype's minimum, and the allowed mask (broadcastable).
 
     With `query_rows`, `scores` holds those query positions (of `query_length`) only; the masks are built for
     all positions, then the same rows are taken."""
+    attention_mask, causal, sliding_window = spec.attention_mask, spec.causal, spec.sliding_window
     tk = scores.shape[-1]
     tq = scores.shape[-2] if query_rows is None else query_length
     allowed = torch.ones(tq, tk, dtype=torch.bool, device=scores.device)
@@ -264,17 +255,8 @@ def _masked_scores(
     return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), allowed
 
 
-def masked_softmax(
-    scores: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    causal: bool = True,
-    sliding_window: Optional[int] = None,
-) -> torch.Tensor:
-    """Softmax over keys of `[B, H, Tq, Tk]` scores with the causal mask and the model's own mask applied.
-
-    `attention_mask` may be None, a `[B, Tk]` padding mask, or the 4D mask transformers passes to attention
-    layers (boolean: True = attend; or additive float).
-    """
-    masked, allowed = _masked_scores(scores, attention_mask, causal, sliding_window)
+def masked_softmax(scores: torch.Tensor, mask: MaskSpec) -> torch.Tensor:
+    """Softmax over keys of `[B, H, Tq, Tk]` scores with the causal mask and the model's own mask applied."""
+    masked, allowed = _masked_scores(scores, mask)
     probs = torch.softmax(masked, dim=-1).nan_to_num(0.0)  # rows with no allowed key (padding) become 0
     return probs.masked_fill(~allowed, 0.0)

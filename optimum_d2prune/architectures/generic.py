@@ -25,6 +25,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import AttentionInterface
 
+from ..errors import UnsupportedModelError
 from .base import (
     PRUNABLE_TYPES,
     ArchitectureAdapter,
@@ -71,7 +72,7 @@ FUSED_QKV = {"qkv_proj": "blocked", "c_attn": "blocked", "qkv": "blocked", "Wqkv
              "query_key_value": "grouped"}
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(UnsupportedModelError):
     """The model lacks something the requested pruning needs (a block list, or q/k/v for D²Prune)."""
 
 
@@ -205,6 +206,14 @@ class GenericAdapter(ArchitectureAdapter):
                 "('path.to.layers',)` (see docs/architectures.md)."
             )
         return found
+
+    def block_stacks(self, model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+        """Every block stack of `model` (`stacks.find_block_stacks`), or the one a subclass's `block_paths` name."""
+        from .stacks import find_block_stacks
+
+        if type(self).block_paths is not BLOCK_PATHS:
+            return super().block_stacks(model)
+        return find_block_stacks(model) or super().block_stacks(model)
 
     def _qkv(self, root: nn.Module) -> tuple[str, dict[str, ProjectionRef]]:
         """The block's (first) attention module and its q/k/v."""
@@ -441,3 +450,4 @@ def _attention_weights(output: Any) -> Optional[torch.Tensor]:
             if isinstance(item, torch.Tensor) and item.dim() == 4:
                 return item
     return getattr(output, "attentions", None)
+

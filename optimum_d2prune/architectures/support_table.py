@@ -31,7 +31,7 @@ HEADER = (
 
 
 def _row(name: str, model: nn.Module, exercises: str) -> str:
-    from ..moe import expert_parameters
+    from .experts import expert_parameters
 
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)

