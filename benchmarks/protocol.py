@@ -47,15 +47,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: BENCH.md v1.1: the dev split of c4_train_sample.jsonl
 DEV_CALIBRATION_DOCS = range(0, 700)
 DEV_EVAL_DOCS = range(700, 800)
-#: config fields whose default (or a preset's value) changed after runs without them were cached, and the value those
-#: runs had; any other field missing from a stored config takes today's default
+#: flat config fields whose default (or a preset's value) changed after runs without them were cached, and the value
+#: those runs had; any other field missing from a stored config takes today's default
 PREDATING_VALUES = {"admm_steps": 0}
 #: library changes that altered the results of some configs without changing the configs: (revision, what changed,
-#: which resolved configs it changed). A run stored before a revision that applies to its config (a run without a
+#: which canonical configs it changed). A run stored before a revision that applies to its config (a run without a
 #: "revision" is revision 0) is not the run today's library makes: the cache misses it and a rows file refuses it.
 REVISIONS = (
     (1, "ADMM of the block-refit projections on the block objective instead of their layer's",
-     lambda config: bool(config.get("admm_steps")) and bool(config.get("block_reconstruction"))),
+     lambda config: bool(config["method_options"].get("admm_steps")) and bool(config["reconstruction"])),
 )
 
 
@@ -68,6 +68,30 @@ def revision_field(config: dict) -> dict:
     """What a run or row stores of its library revision: nothing for revision 0 (as those stored before)."""
     number = revision(config)
     return {"revision": number} if number else {}
+
+
+def make_config(overrides: dict[str, Any], level: str) -> D2PruneConfig:
+    """The config of a row: its level and its overrides, in the flat field names the rows files were written with
+    (`D2PruneConfig.from_dict` reads them) or today's grouped ones."""
+    return D2PruneConfig.from_dict({**level_kwargs(level), **overrides})
+
+
+def canonical(config: Union[dict, D2PruneConfig], seed: Optional[int] = None) -> dict:
+    """What decides a run's result, in today's format: the resolved config (a flat dict stored by an earlier release
+    is converted), the allocation actually applied (OWL below its `min_sparsity` is the uniform one), and the
+    calibration seed."""
+    if isinstance(config, dict):
+        config = dict(config)
+        stored_seed = config.pop("seed", 0)
+        seed = stored_seed if seed is None else seed
+        config = D2PruneConfig.from_dict(stored_config(config))
+    data = config.to_dict()
+    data.pop("meta")
+    if data["allocation"] != "uniform" and not config.allocation_options.applies(config.pattern):
+        data["allocation"], data["allocation_options"] = "uniform", {}
+    data["allocation_options"].pop("min_sparsity", None)
+    data["seed"] = seed or 0
+    return data
 
 
 def parse_value(text: str):
@@ -206,13 +230,11 @@ class RunCache:
 
     @staticmethod
     def key(config: dict, split: str, threads: int, stored_revision: Optional[int] = None) -> str:
-        """The config with its method-dependent defaults resolved (`refine_steps=None` is 8 for D²Prune: a row that
-        names the value and one that leaves it to the library are the same run). The torch thread count is part of
-        a run's identity: the summation order changes with it, and 30 blocks of pruning turn that into percents of
-        PPL at high sparsity. A field added to the config since a run was cached takes the value runs had before
-        it existed (`stored_config`). `stored_revision`: a stored run's library revision; None for a run of
-        today's library (`revision`)."""
-        resolved = RunCache._resolved(config)
+        """The run's canonical config (`canonical`: a row that names a default and one that leaves it to the library
+        are the same run). The torch thread count is part of a run's identity: the summation order changes with it,
+        and 30 blocks of pruning turn that into percents of PPL at high sparsity. `stored_revision`: a stored run's
+        library revision; None for a run of today's library (`revision`)."""
+        resolved = canonical(config)
         number = revision(resolved) if stored_revision is None else stored_revision
         return RunCache._key(resolved, split, threads, number)
 
@@ -221,18 +243,12 @@ class RunCache:
         return json.dumps({"config": resolved, "split": split, "threads": threads, "revision": number},
                           sort_keys=True)
 
-    @staticmethod
-    def _resolved(config: dict) -> dict:
-        config = stored_config(config)
-        full = D2PruneConfig.from_dict(config)
-        return {**full.to_dict(), **config, "refine_steps": full.resolve_refine_steps()}
-
     def get(self, config: dict, split: str, threads: Optional[int] = None) -> Optional[dict]:
         return self.runs.get(self.key(config, split, threads or torch.get_num_threads()))
 
     def add(self, config: dict, split: str, row: dict, threads: Optional[int] = None) -> None:
         threads = threads or torch.get_num_threads()
-        resolved = self._resolved(config)
+        resolved = canonical(config)
         self.runs[self._key(resolved, split, threads, revision(resolved))] = {
             "config": config, "split": split, "threads": threads, **revision_field(resolved),
             **{k: row[k] for k in self.FIELDS if k in row}}
@@ -310,26 +326,25 @@ class Protocol:
     def finished(self, name: str, overrides: dict[str, Any], level: str, seed: int, split: str) -> Optional[dict]:
         """The row of this run if it is done: stored under this name, or made by another script (the run cache, which
         then also fills this script's rows file); None if it still has to run. Loads no model."""
-        config = D2PruneConfig(**{"seed": seed, **level_kwargs(level), **overrides})
-        row = self.store.get(name, level, seed, split, overrides)
+        config = canonical(make_config(overrides, level), seed)
+        row = self.store.get(name, level, seed, split)
         if row is not None:
-            stored = D2PruneConfig.from_dict(stored_config(row["config"])) if "config" in row else None
-            if stored is not None and _comparable(stored) != _comparable(config):
+            stored = canonical(row["config"], seed) if "config" in row else None
+            if stored is not None and stored != config:
                 raise ValueError(f"{self.store.path}: row {name!r} {level} seed {seed} {split} was run with another "
-                                 f"config ({row['config']}; now {_comparable(config)}: did a library default "
-                                 "change?). "
+                                 f"config ({stored}; now {config}: did a library default change?). "
                                  "Delete its rows or pass another rows file.")
-            if row.get("revision", 0) != revision(config.to_dict()):
+            if row.get("revision", 0) != revision(config):
                 raise ValueError(f"{self.store.path}: row {name!r} {level} seed {seed} {split} was run before the "
                                  f"library changed what this config does (benchmarks/protocol.py REVISIONS, "
-                                 f"revision {revision(config.to_dict())}). Delete its rows or pass another rows file.")
+                                 f"revision {revision(config)}). Delete its rows or pass another rows file.")
             return row
-        cached = self.cache.get(_comparable(config), split)
+        cached = self.cache.get(config, split)
         if cached is None:
             return None
         row = {"name": name, "level": level, "seed": seed, "split": split, "overrides": overrides,
-               **{k: cached[k] for k in RunCache.FIELDS if k in cached}, "config": _comparable(config),
-               **revision_field(config.to_dict())}
+               **{k: cached[k] for k in RunCache.FIELDS if k in cached}, "config": config,
+               **revision_field(config)}
         self.store.add(row)
         logger.info("%s %s seed %d %s: PPL %.3f from the run cache", name, level, seed, split, row["ppl"])
         return row
@@ -344,7 +359,7 @@ class Protocol:
         if row is not None:
             return row
         dense = self.dense(split)
-        config = D2PruneConfig(**{"seed": seed, **level_kwargs(level), **overrides})
+        config = make_config(overrides, level)
         calib = self.calibration(split, seed)
         model = self.dense_model()
         pruner = D2Pruner(config)
@@ -352,13 +367,12 @@ class Protocol:
         pruner.prune(model, calib)
         seconds = time.perf_counter() - start
         ppl = self.score(split)
+        key = canonical(config, seed)
         row = {"name": name, "level": level, "seed": seed, "split": split, "overrides": overrides, "ppl": ppl,
-               "ratio": ppl / dense, "seconds": seconds, "config": _comparable(config),
-               **revision_field(config.to_dict())}
+               "ratio": ppl / dense, "seconds": seconds, "config": key, **revision_field(key)}
         report = pruner.report
         if report is not None and report.attention:
-            counts = {p: sum(a.chosen == p for a in report.attention) for p in "qkv"}
-            row["unupdated"] = "".join(f"{p}{n}" for p, n in counts.items() if n)
+            row["unupdated"] = "".join(f"{p}{n}" for p, n in report.unupdated_counts().items())
         if report is not None and report.block_sparsity:
             row["block_sparsity"] = [round(b, 6) for b in report.block_sparsity]
         self.store.add(row)
@@ -369,14 +383,9 @@ class Protocol:
 
 
 def stored_config(config: dict) -> dict:
-    """A config stored with a run, the fields of `PREDATING_VALUES` it lacks set to what every run had before they
-    existed (a preset that now sets one must not claim the older runs)."""
-    return {**PREDATING_VALUES, **config}
-
-
-def _comparable(config: D2PruneConfig) -> dict:
-    """The config as stored with a row (JSON types), so that a changed library default is noticed on resume."""
-    return json.loads(json.dumps(config.to_dict()))
+    """A flat config stored by an earlier release, the fields of `PREDATING_VALUES` it lacks set to what every run had
+    before they existed (a preset that now sets one must not claim the older runs); today's format unchanged."""
+    return config if "method_options" in config else {**PREDATING_VALUES, **config}
 
 
 def _check_split(split: str) -> None:

@@ -42,7 +42,12 @@ class D2PruneMethod(PruningMethod):
     def check(self, plan, adapter) -> None:
         if not self.options.attention_aware:
             return
-        if not any(adapter.attention_groups(block) for stack in plan.stacks for block in stack.blocks):
+        blocks = [block for stack in plan.stacks for block in stack.blocks]
+        without = sum(not adapter.attention_groups(block) for block in blocks)
+        if without and without < len(blocks):
+            logger.info("%d of %d blocks have no attention (e.g. state-space or linear-attention layers): they are "
+                        "pruned without the q/k/v choice.", without, len(blocks))
+        if without == len(blocks):
             raise UnsupportedModelError(
                 "D²Prune's attention-aware choice needs the blocks' q/k/v projections, and none was found (looked "
                 "for separate q/k/v linears such as q_proj/k_proj/v_proj or query/key/value, and fused ones such as "

@@ -40,7 +40,7 @@ class WandaSolver(Solver):
         score = base + dual.extra(w, *dual.prepare(stats)) if dual else base
         mask = nm_mask(score, pattern.n, pattern.m) if pattern.is_nm else rowwise_mask(score, pattern.sparsity)
         flipped = None
-        if dual:
+        if dual and dual.lambda2 != 0.0:  # with λ2 = 0 every term is monotone in |w|·‖x‖: no flip by construction
             reference = nm_mask(base, pattern.n, pattern.m) if pattern.is_nm else rowwise_mask(base, pattern.sparsity)
             flipped = int((mask & ~reference).sum())
         w[mask] = 0
