@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..extras import require
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,8 +35,8 @@ def image_preprocessor(model_or_processor: Any) -> Preprocess:
     """
     target = model_or_processor
     if isinstance(target, nn.Module) and type(target).__module__.startswith("timm."):  # timm model
-        from timm.data import create_transform, resolve_data_config
-
+        timm_data = require("timm.data")
+        create_transform, resolve_data_config = timm_data.create_transform, timm_data.resolve_data_config
         transform = create_transform(**resolve_data_config(model=target), is_training=False)
         return lambda image: transform(image.convert("RGB"))
     if isinstance(target, nn.Module):
@@ -94,9 +96,8 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
 
 
 def _hub_dataset(name: str, split: str):
+    load_dataset = require("datasets").load_dataset
     try:
-        from datasets import load_dataset
-
         return load_dataset(name, split=split)
     except _unavailable_errors() as err:  # network, missing cache, hub errors; anything else is a real bug
         raise ConnectionError(

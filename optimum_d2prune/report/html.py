@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..extras import require
 from .records import PruneReport
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,8 @@ def _as_mapping(reports: Reports) -> dict[str, PruneReport]:
 
 def _subplots(rows: int = 1, cols: int = 1, figsize=(6, 4), layout: Optional[str] = None, **kwargs):
     """A standalone Agg figure (no pyplot: no global figure registry, no backend switch) and its axes grid."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("Reports with pictures need matplotlib: `pip install matplotlib`.") from None
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg").FigureCanvasAgg
+    Figure = require("matplotlib.figure").Figure
     fig = Figure(figsize=figsize, layout=layout)
     FigureCanvasAgg(fig)
     return fig, fig.subplots(rows, cols, squeeze=False, **kwargs)
