@@ -380,7 +380,7 @@ SAVE_CHILD = """
     import torch
     from conftest import make_tiny
     from optimum_d2prune import D2PruneConfig
-    from optimum_d2prune.hub import save_pruned
+    from optimum_d2prune.io import save_pruned
 
     out, mode = Path(sys.argv[1]), sys.argv[2]
     config = D2PruneConfig(sparsity=0.5, method="magnitude")
@@ -413,8 +413,8 @@ SAVE_CHILD = """
 
     results = []
     if mode == "kill-fallback":  # a filesystem without RENAME_EXCHANGE: the two-rename path
-        import optimum_d2prune.hub as hub
-        hub._exchange = lambda a, b: False
+        import optimum_d2prune.io.atomic as atomic
+        atomic.exchange = lambda a, b: False
     if mode.startswith("kill"):
         for k in range(1, 400):
             shutil.rmtree(target, ignore_errors=True)
@@ -433,8 +433,8 @@ SAVE_CHILD = """
             _, status = os.waitpid(pid, 0)
             killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
             right_after = state()
-            from optimum_d2prune.hub import _recover_interrupted_swap
-            _recover_interrupted_swap(target)  # what the next save to `target` does first
+            from optimum_d2prune.io.atomic import recover_interrupted_swap
+            recover_interrupted_swap(target)  # what the next save to `target` does first
             results.append([k, killed, right_after, state()])
             if not killed:
                 break
