@@ -169,8 +169,9 @@ def validate_record(record: Any, file: Any = CONFIG_NAME) -> dict[str, Any]:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise _refusal(file, f"`format_version` must be a positive integer, got {version!r}")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{file} was written by a newer optimum-d2prune (record format {version}; this version "
-                              f"reads up to {FORMAT_VERSION}): upgrade with `pip install -U optimum-d2prune`.")
+        raise CheckpointError(f"{file} was written by a newer optimum-d2prune: upgrade (`pip install -U "
+                              f"optimum-d2prune`); its record format is {version}, this version reads up to "
+                              f"{FORMAT_VERSION}.")
     if not isinstance(record["config"], dict):
         raise _refusal(file, "`config` is not an object")
     sparsity = record["sparsity"]

@@ -383,9 +383,10 @@ def _check_config_matches_weights(folder: Path, model_class: Any, kwargs: dict[s
     expected = sum(p.numel() for p in skeleton.parameters())
     if expected > stored:
         raise CheckpointError(
-            f"{folder / 'config.json'} does not match the weights: it describes a model of {expected:,} parameters, "
-            f"the safetensors files hold {stored:,} values (e.g. a changed num_hidden_layers); transformers would fill "
-            "the difference with random weights. Restore the config.json the model was saved with.")
+            f"{folder} does not load as saved: its config.json describes a model of {expected:,} parameters, the "
+            f"safetensors files hold {stored:,} values (tensors are missing from the files, or config.json was "
+            "changed, e.g. its num_hidden_layers); transformers would fill the difference with random weights. "
+            "Restore the folder as it was saved (or download it again).")
 
 
 def _check_loading_info(info: dict[str, Any], source: str) -> None:
