@@ -7,7 +7,9 @@ folder. A symbolic link is written through: its target is the folder that is rep
 
 `atomic_directory` writes into a temporary folder next to the target (`.NAME.tmp-XXXXXXXXXXXX`, holding a marker file
 from its first moment) and swaps it in; a save killed at any step leaves the old or the new folder, and the
-leftovers it may leave beside it are removed by the next save to the same folder, only when this tool made them.
+leftovers it may leave beside it are removed by the next save to the same folder, only when this tool made them:
+a folder of that name holding the marker of a process that is gone, or (the earlier output moved aside by the
+swap, before its removal wrote the marker) holding a record of this tool, or nothing.
 This module imports neither torch nor transformers (the CLI checks output folders before anything loads).
 """
 
@@ -128,6 +130,24 @@ def _writer_alive(marker: Path) -> bool:
     return True
 
 
+def _remove(folder: Path) -> None:
+    """Delete a folder of this tool's making so that a kill at any point leaves it recognisable as a leftover: the
+    marker (naming this process) is written first and deleted last."""
+    try:
+        _write_marker(folder)
+        for entry in folder.iterdir():
+            if entry.name == PARTIAL_MARKER:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        (folder / PARTIAL_MARKER).unlink()
+        folder.rmdir()
+    except OSError as err:  # a leftover the next save removes: never a reason to fail this one
+        logger.warning("Could not remove %s (%s); the next save to this folder removes it.", folder, err)
+
+
 def _is_leftover(folder: Path) -> bool:
     """A temporary folder of a save that was killed: it holds the marker of a process that is gone, or (after the
     swap: the earlier output moved aside) it is empty or holds a record of this tool."""
@@ -149,7 +169,7 @@ def clean_leftovers(save_dir: Path) -> list[Path]:
     for entry in sorted(save_dir.parent.iterdir()):
         if pattern.fullmatch(entry.name) and _is_leftover(entry):
             logger.warning("Removing %s, left by an interrupted save to %s.", entry, save_dir)
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove(entry)
             removed.append(entry)
     return removed
 
@@ -235,7 +255,7 @@ def atomic_directory(save_dir: PathLike, overwrite: bool = False, protected: Ite
                 os.rename(old, target)
             raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
