@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Optional
 from unittest import mock
 
 import pytest
@@ -120,7 +121,7 @@ CHECK_CASES = {
 }
 
 
-def _earlier_output(root: Path, record: str = None) -> Path:
+def _earlier_output(root: Path, record: Optional[str] = None) -> Path:
     out = root / "out"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"x")
@@ -339,9 +340,9 @@ def test_load_tolerates_newer_records_with_a_warning(case, tmp_path, pruned, cap
 
 
 def _pickled_bin(root: Path, tokenizer_dir: Path) -> tuple[Path, str]:
-    from transformers import AutoTokenizer
-
     import shutil
+
+    from transformers import AutoTokenizer
 
     folder = root / "binmodel"
     shutil.copytree(tokenizer_dir, folder)

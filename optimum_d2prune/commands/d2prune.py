@@ -135,7 +135,8 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     run.add_argument("--gguf-file", default=None, help="GGUF file inside --model (dequantized before pruning).")
     run.add_argument("--push-to-hub", default=None, metavar="REPO", help='Upload the result to "user/name".')
     run.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
-    run.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
+    run.add_argument("--overwrite", action="store_true",
+                     help="Replace an --output-dir that holds an earlier output of optimum-d2prune.")
     run.add_argument("--no-report", action="store_true", help="Do not write report.html and its figures.")
     run.add_argument("--verbose", "-v", action="store_true", help="Debug logging, and tracebacks for every error.")
     return parser

@@ -34,7 +34,24 @@ _LAZY = {
     "make_model_card": "modelcard",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "atomic_directory",
+    "base_model_info",
+    "check_output_dir",
+    "check_push_access",
+    "checkpoint_files",
+    "hub_offline_reason",
+    "is_repo_id",
+    "load_pruned",
+    "make_model_card",
+    "new_run_id",
+    "push_to_hub",
+    "read_gguf_info",
+    "read_record",
+    "record_evaluation",
+    "save_pruned",
+    "verify_sparsity",
+]
 
 if TYPE_CHECKING:
     from .atomic import atomic_directory, check_output_dir

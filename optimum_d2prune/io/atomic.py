@@ -211,7 +211,9 @@ def exchange(a: Path, b: Path) -> bool:
 
 
 @contextmanager
-def atomic_directory(save_dir: PathLike, overwrite: bool = False, protected: Iterable[PathLike] = ()) -> Iterator[Path]:
+def atomic_directory(
+    save_dir: PathLike, overwrite: bool = False, protected: Iterable[PathLike] = ()
+) -> Iterator[Path]:
     """Yield a temporary folder next to `save_dir` (next to its target, for a symbolic link); on success it
     replaces that folder in one atomic step.
 

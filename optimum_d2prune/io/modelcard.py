@@ -163,9 +163,9 @@ def make_model_card(record: dict[str, Any], license: Optional[str] = None, extra
             logger.warning("Zero-shot results on fewer than %d examples per task (%s): the card flags them as rough.",
                            MIN_ZERO_SHOT_EXAMPLES, ", ".join(f"{k}: {v}" for k, v in small.items()))
             evaluation += (f"\n\n**Warning:** {', '.join(md(k) for k in small)} rest on fewer than "
-                           f"{MIN_ZERO_SHOT_EXAMPLES} examples per task ({min(small.values())} at least): the standard "
-                           "error of such an accuracy is around 5 points or more. Treat these numbers as a rough "
-                           "check, not a benchmark.")
+                           f"{MIN_ZERO_SHOT_EXAMPLES} examples per task ({min(small.values())} at least): the "
+                           "standard error of such an accuracy is around 5 points or more. Treat these numbers as a "
+                           "rough check, not a benchmark.")
         sections.append(evaluation)
     if record.get("attention"):
         counts = {p: sum(isinstance(a, dict) and a.get("chosen") == p for a in record["attention"]) for p in "qkv"}

@@ -123,9 +123,8 @@ def build_record(model: nn.Module, config: D2PruneConfig, report: Optional[Prune
         "mask_structure": config.mask_structure,
         "sparsity": sparsity,
         "total_sparsity": zeros / total if total else 0.0,
-        "attention": [
-            {"block": a.block, "chosen": a.chosen, "strategy": a.strategy} for a in (report.attention if report else [])
-        ],
+        "attention": [{"block": a.block, "chosen": a.chosen, "strategy": a.strategy}
+                      for a in (report.attention if report else [])],
         "calibration": fields_.pop("calibration", None) or {},
         "evaluation": fields_.pop("evaluation", None) or {},
         "evaluation_sizes": fields_.pop("evaluation_sizes", None) or {},

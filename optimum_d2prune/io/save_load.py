@@ -93,11 +93,12 @@ def _check_saveable(model: nn.Module, config: D2PruneConfig, extra_files: Option
         if Path(name).is_absolute() or ".." in Path(name).parts or not Path(name).parts:
             raise InputError(f"`extra_files` names must be relative paths inside the folder, got {name!r}.")
     quantization = getattr(model.config, "quantization_config", None)
-    if is_gguf_quantization(quantization) and not (
-        quantization.get("dequantize") if isinstance(quantization, Mapping) else getattr(quantization, "dequantize", True)
-    ):
+    dequantized = (quantization.get("dequantize") if isinstance(quantization, Mapping)
+                   else getattr(quantization, "dequantize", True))
+    if is_gguf_quantization(quantization) and not dequantized:
         raise InputError("The model still holds packed GGUF weights: load it with "
-                         "`quantization_config=GgufConfig(dequantize=True)` (as `load_causal_lm` does) before pruning.")
+                         "`quantization_config=GgufConfig(dequantize=True)` (as `load_causal_lm` does) before "
+                         "pruning.")
     nonfinite = nonfinite_parameters(model)
     if nonfinite:  # never write a NaN model (e.g. modules left unpruned with `on_nonfinite="skip"`)
         raise InputError(f"The model holds NaN or Inf in {len(nonfinite)} tensor(s) (e.g. `{nonfinite[0]}`): "
