@@ -14,9 +14,9 @@ _LAZY = {
     "RuntimeOptions": "configuration",
     "D2Pruner": "pruner",
     "PruneReport": "report",
-    "load_pruned": "hub",
-    "push_to_hub": "hub",
-    "save_pruned": "hub",
+    "load_pruned": "io.save_load",
+    "push_to_hub": "io.hub",
+    "save_pruned": "io.save_load",
     "to_semi_structured": "semi_structured",
 }
 
@@ -34,7 +34,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .configuration import D2PruneConfig, RuntimeOptions
-    from .hub import load_pruned, push_to_hub, save_pruned
+    from .io.hub import push_to_hub
+    from .io.save_load import load_pruned, save_pruned
     from .pruner import D2Pruner
     from .report import PruneReport
     from .semi_structured import to_semi_structured

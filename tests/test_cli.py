@@ -144,29 +144,28 @@ def test_a_job_too_large_for_the_device_is_refused_before_the_model_moves(tiny_c
 
 
 def test_cli_push_to_hub_uses_hub_api(tiny_checkpoint, tmp_path, monkeypatch):
+    from unittest import mock
+
     import huggingface_hub
+    from huggingface_hub import HfApi
 
-    calls = []
+    import optimum_d2prune.io.hub as io_hub
 
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, **kwargs):
-            calls.append((repo_id, kwargs["private"]))
-
-        def upload_folder(self, **kwargs):
-            calls.append(kwargs["allow_patterns"])
-            return "https://huggingface.co/me/tiny/commit/1"
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    api = mock.create_autospec(HfApi, instance=True)  # the real API's signatures; nothing reaches the network
+    api.whoami.return_value = {"name": "me", "orgs": [], "auth": {"accessToken": {"role": "write"}}}
+    api.upload_folder.return_value = mock.Mock(commit_url="https://huggingface.co/me/tiny/commit/1")
+    monkeypatch.setattr(huggingface_hub, "HfApi", mock.create_autospec(HfApi, return_value=api))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_stored")
+    monkeypatch.setattr(io_hub, "hub_offline_reason", lambda timeout=3.0: None)
     out = tmp_path / "pushed"
     code = main(["--model", str(tiny_checkpoint), "--output-dir", str(out), "--method", "magnitude",
                  "--calibration", "self", "--num-samples", "1", "--seq-len", "8", "--device", "cpu",
                  "--push-to-hub", "me/tiny", "--private", "--no-report"])
     assert code == 0
-    assert calls[0] == ("me/tiny", True)
-    assert CONFIG_NAME in calls[1] and "model.safetensors" in calls[1] and "report.html" not in calls[1]
+    api.whoami.assert_called_once_with()  # checked before the model loaded
+    api.create_repo.assert_called_once_with("me/tiny", private=True, exist_ok=True, repo_type="model")
+    uploaded = api.upload_folder.call_args.kwargs["allow_patterns"]
+    assert CONFIG_NAME in uploaded and "model.safetensors" in uploaded and "report.html" not in uploaded
 
 
 def test_high_sparsity_flags_reach_the_config(tmp_path):

@@ -106,9 +106,9 @@ def test_hub_source_uses_datasets_with_the_c4_shard(monkeypatch):
         calls.append((args, kwargs))
         return {"text": ["x" * 100] * 3}
 
-    import optimum_d2prune.connectivity as connectivity
+    import optimum_d2prune.io.hub as io_hub
 
-    monkeypatch.setattr(connectivity, "hub_offline_reason", lambda timeout=3.0: None)  # "the Hub is reachable"
+    monkeypatch.setattr(io_hub, "hub_offline_reason", lambda timeout=3.0: None)  # "the Hub is reachable"
     monkeypatch.setattr(datasets, "load_dataset", fake)
     get_calibration_dataset("c4", CharTokenizer(), num_samples=2, seq_len=10)
     assert calls[0][0] == ("allenai/c4",)
@@ -141,10 +141,10 @@ def test_perplexity_is_exp_of_mean_window_nll(tmp_path):
 def test_only_network_failures_read_as_offline(raised, expected, monkeypatch):
     import datasets
 
-    import optimum_d2prune.connectivity as connectivity
+    import optimum_d2prune.io.hub as io_hub
     from optimum_d2prune.data import HubUnavailableError, load_documents
 
-    monkeypatch.setattr(connectivity, "hub_offline_reason", lambda timeout=3.0: None)  # "the Hub is reachable"
+    monkeypatch.setattr(io_hub, "hub_offline_reason", lambda timeout=3.0: None)  # "the Hub is reachable"
 
     def load_dataset(*args, **kwargs):
         raise raised

@@ -12,14 +12,15 @@ from safetensors.torch import load_file, save_file
 from conftest import calib_batches, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner, load_pruned, push_to_hub, save_pruned
 from optimum_d2prune.configuration import CONFIG_NAME
-from optimum_d2prune.hub import checkpoint_files, read_record
+from optimum_d2prune.errors import CheckpointError, InputError, OutputPathError
+from optimum_d2prune.io import checkpoint_files, read_record
 
 
 @pytest.fixture(scope="module")
 def pruned_24():
     """A tiny LLaMA pruned 2:4 with D²Prune (attention choices recorded) and its pruner."""
     model = make_tiny("llama")
-    pruner = D2Pruner(D2PruneConfig(mask_structure="2:4", attention_update="dynamic", refine_steps=0))
+    pruner = D2Pruner(D2PruneConfig(mask_structure="2:4", method_options={"skip_update": "dynamic", "refit_steps": 0}))
     pruner.prune(model, calib_batches(num=2))
     return model, pruner
 
@@ -93,29 +94,34 @@ def test_load_detects_lost_sparsity_and_nm(pruned_24, tmp_path):
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj: 0\.0000% zeros, 50\.0000% recorded"):
         load_pruned(out)
-    model2, _ = load_pruned(out, verify=False)  # an explicit opt-out still loads
-    assert model2 is not None
+    model2, _ = load_pruned(out, verify=False)  # an explicit opt-out loads the weights as they are in the file
+    assert torch.equal(model2.get_submodule("model.layers.1.mlp.up_proj").weight, weights[name])
 
 
 def test_existing_output_refused_and_overwrite_is_atomic(pruned_24, tmp_path, monkeypatch):
     model, pruner = pruned_24
-    out = tmp_path / "ckpt"
-    out.mkdir()
-    (out / "mine.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="overwrite"):
-        pruner.save(model, out)
-    assert (out / "mine.txt").read_text() == "user data"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "mine.txt").write_text("user data")
+    with pytest.raises(OutputPathError, match="overwrite"):
+        pruner.save(model, mine)
+    with pytest.raises(OutputPathError, match="did not write"):  # `overwrite` replaces only this tool's outputs
+        pruner.save(model, mine, overwrite=True)
+    assert sorted(p.name for p in mine.iterdir()) == ["mine.txt"] and (mine / "mine.txt").read_text() == "user data"
+    out = pruner.save(model, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     # a failure mid-save leaves the old folder as it was and no temporary folder
     monkeypatch.setattr(type(model), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         pruner.save(model, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"] and _siblings(out) == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and _siblings(out) == []
     monkeypatch.undo()
-    pruner.save(model, out, overwrite=True)
-    assert not (out / "mine.txt").exists() and (out / CONFIG_NAME).is_file() and _siblings(out) == []
+    pruner.save(model, out, overwrite=True, command="second save")
+    assert read_record(out)["command"] == "second save" and _siblings(out) == []
     (tmp_path / "empty").mkdir()
     pruner.save(model, tmp_path / "empty")  # an empty folder is fine
-    with pytest.raises(FileExistsError, match="not a directory"):
+    assert (tmp_path / "empty" / CONFIG_NAME).is_file()
+    with pytest.raises(OutputPathError, match="not a folder"):
         pruner.save(model, out / CONFIG_NAME, overwrite=True)
 
 
@@ -159,40 +165,30 @@ def test_bad_input_fails_before_writing(pruned_24, tmp_path):
     with pytest.raises(ValueError, match="relative"):
         pruner.save(model, tmp_path / "x", extra_files={"../escape.txt": "x"})
     assert not (tmp_path / "x").exists()
-    with pytest.raises(FileNotFoundError, match="not a checkpoint saved by optimum-d2prune"):
+    with pytest.raises(CheckpointError, match="not a checkpoint saved by optimum-d2prune"):
         load_pruned(tmp_path)
 
 
-class _FakeApi:
-    calls: list = []
-
-    def __init__(self, token=None):
-        self.token = token
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs, self.token))
-
-    def upload_folder(self, **kwargs):
-        root = Path(kwargs["folder_path"])
-        present = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-        self.calls.append(("upload_folder", kwargs, present))
-
-        class Info:
-            commit_url = f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"
-
-        return Info()
-
-
 @pytest.fixture
-def fake_hub(monkeypatch):
+def hub_api(monkeypatch):
+    """The real `HfApi`, autospecced (every call is checked against its signature; nothing reaches the network):
+    `HfApi(...)` returns `hub_api`, whose methods record their calls."""
+    from unittest import mock
+
     import huggingface_hub
+    from huggingface_hub import HfApi
 
-    _FakeApi.calls = []
-    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
-    return _FakeApi.calls
+    api = mock.create_autospec(HfApi, instance=True)
+    api.upload_folder.return_value = mock.Mock(commit_url="https://huggingface.co/someone/tiny-2of4/commit/abc")
+    api.whoami.return_value = {"name": "someone", "orgs": [{"name": "team", "roleInOrg": "write"}],
+                               "auth": {"accessToken": {"role": "write"}}}
+    factory = mock.create_autospec(HfApi, return_value=api)
+    monkeypatch.setattr(huggingface_hub, "HfApi", factory)
+    api.factory = factory
+    return api
 
 
-def test_push_folder_uploads_exact_files(pruned_24, tmp_path, fake_hub, tokenizer_dir):
+def test_push_folder_uploads_exact_files(pruned_24, tmp_path, hub_api, tokenizer_dir):
     from transformers import AutoTokenizer
 
     model, pruner = pruned_24
@@ -202,29 +198,30 @@ def test_push_folder_uploads_exact_files(pruned_24, tmp_path, fake_hub, tokenize
     (out / ".cache" / "junk").write_text("x")
     url = push_to_hub(out, "someone/tiny-2of4", private=True, token="hf_test")
     assert url == "https://huggingface.co/someone/tiny-2of4/commit/abc"
-    (create, repo_id, kwargs, token), (upload, upload_kwargs, present) = fake_hub
-    assert (create, repo_id, kwargs["private"], token) == ("create_repo", "someone/tiny-2of4", True, "hf_test")
+    hub_api.factory.assert_called_once_with(token="hf_test")
+    hub_api.create_repo.assert_called_once_with("someone/tiny-2of4", private=True, exist_ok=True, repo_type="model")
+    upload_kwargs = hub_api.upload_folder.call_args.kwargs
     expected = sorted(["README.md", "config.json", CONFIG_NAME, "generation_config.json", "model.safetensors",
                        "report.html", "tokenizer.json", "tokenizer_config.json"]
                       + (["chat_template.jinja"] if (out / "chat_template.jinja").exists() else []))
     assert upload_kwargs["allow_patterns"] == expected
     assert upload_kwargs["repo_id"] == "someone/tiny-2of4" and upload_kwargs["folder_path"] == str(out)
-    assert ".cache/junk" in present and ".cache/junk" not in upload_kwargs["allow_patterns"]
+    assert (out / ".cache" / "junk").is_file() and ".cache/junk" not in upload_kwargs["allow_patterns"]
 
 
-def test_push_model_and_bad_input(pruned_24, tmp_path, fake_hub):
+def test_push_model_and_bad_input(pruned_24, tmp_path, hub_api):
     model, pruner = pruned_24
     push_to_hub(model, "someone/tiny", config=pruner.config, report=pruner.report)
-    assert fake_hub[0][2]["private"] is False
-    assert CONFIG_NAME in fake_hub[1][1]["allow_patterns"]
-    fake_hub.clear()
-    with pytest.raises(ValueError, match="user/name"):
+    assert hub_api.create_repo.call_args.kwargs["private"] is False
+    assert CONFIG_NAME in hub_api.upload_folder.call_args.kwargs["allow_patterns"]
+    hub_api.reset_mock()
+    with pytest.raises(InputError, match="user/name"):
         push_to_hub(tmp_path, "no-slash")
-    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+    with pytest.raises(CheckpointError, match=CONFIG_NAME):
         push_to_hub(tmp_path, "someone/tiny")
-    with pytest.raises(ValueError, match="config="):
+    with pytest.raises(InputError, match="config="):
         push_to_hub(model, "someone/tiny")
-    assert fake_hub == []  # nothing reached the Hub
+    assert hub_api.mock_calls == []  # nothing reached the Hub
 
 
 def test_card_inherits_base_model_and_license(tmp_path):

@@ -380,7 +380,7 @@ SAVE_CHILD = """
     import torch
     from conftest import make_tiny
     from optimum_d2prune import D2PruneConfig
-    from optimum_d2prune.hub import save_pruned
+    from optimum_d2prune.io import save_pruned
 
     out, mode = Path(sys.argv[1]), sys.argv[2]
     config = D2PruneConfig(sparsity=0.5, method="magnitude")
@@ -390,8 +390,8 @@ SAVE_CHILD = """
         return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    save_pruned(a, out / "ref_a", config)
-    save_pruned(b, out / "ref_b", config)
+    save_pruned(a, out / "ref_a", config, run_id="a")  # fixed run ids: a save's files are then byte-identical
+    save_pruned(b, out / "ref_b", config, run_id="b")
     refs = {"a": content(out / "ref_a"), "b": content(out / "ref_b")}
     target = out / "model"
 
@@ -413,8 +413,8 @@ SAVE_CHILD = """
 
     results = []
     if mode == "kill-fallback":  # a filesystem without RENAME_EXCHANGE: the two-rename path
-        import optimum_d2prune.hub as hub
-        hub._exchange = lambda a, b: False
+        import optimum_d2prune.io.atomic as atomic
+        atomic.exchange = lambda a, b: False
     if mode.startswith("kill"):
         for k in range(1, 400):
             shutil.rmtree(target, ignore_errors=True)
@@ -428,14 +428,16 @@ SAVE_CHILD = """
                         if count[0] == k:
                             os.kill(os.getpid(), signal.SIGKILL)
                 sys.addaudithook(hook)
-                save_pruned(b, target, config, overwrite=True)
+                save_pruned(b, target, config, overwrite=True, run_id="b")
                 os._exit(0)
             _, status = os.waitpid(pid, 0)
             killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
             right_after = state()
-            from optimum_d2prune.hub import _recover_interrupted_swap
-            _recover_interrupted_swap(target)  # what the next save to `target` does first
-            results.append([k, killed, right_after, state()])
+            from optimum_d2prune.io.atomic import clean_leftovers, recover_interrupted_swap
+            recover_interrupted_swap(target)  # what the next save to `target` does first
+            clean_leftovers(target)
+            left = sorted(p.name for p in out.iterdir() if p.name.startswith(".model."))
+            results.append([k, killed, right_after, state(), left])
             if not killed:
                 break
     else:  # "full": the disk fills up (file size limit) in the middle of writing the weights
@@ -444,7 +446,7 @@ SAVE_CHILD = """
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
         try:
-            save_pruned(b, target, config, overwrite=True)
+            save_pruned(b, target, config, overwrite=True, run_id="b")
             results.append("saved")
         except OSError as err:
             results.append(str(err))
@@ -472,6 +474,7 @@ def test_sigkill_at_every_step_of_save_leaves_old_or_new_folder(tmp_path):
     assert len(results) > 3
     bad = [r for r in results if r[2] not in ("a", "b")]
     assert not bad, f"killed saves left neither the old nor the new folder: {bad}"
+    assert [r for r in results if r[4]] == []  # the next save removes whatever a killed one left beside it
     assert {r[2] for r in results} == {"a", "b"}  # the kill points span the switch from old to new
 
 
@@ -484,6 +487,7 @@ def test_sigkill_without_atomic_exchange_is_repaired_by_the_next_save(tmp_path):
     assert any(r[2] == "missing" for r in results)  # the kill between the two renames was hit
     bad = [r for r in results if r[3] not in ("a", "b")]
     assert not bad, f"not repaired: {bad}"
+    assert [r for r in results if r[4]] == []
 
 
 def test_full_disk_during_save_names_the_folder_and_keeps_the_old_one(tmp_path):

@@ -80,7 +80,8 @@ class OutputArguments:
     output_dir: Path = field(default=Path(), metadata={
         "help": "Where the checkpoint goes (refused if it exists and is not empty, unless --overwrite).",
         "required": True, "aliases": ("-o",)})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier output of this tool in --output-dir."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace an --output-dir that holds an earlier output of optimum-d2prune."})
     push_to_hub: Optional[str] = field(default=None, metadata={
         "help": 'Upload the result to the Hub repository "user/name".', "metavar": "REPO"})
     private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})

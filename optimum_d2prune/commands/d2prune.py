@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shlex
 import sys
 import tempfile
@@ -25,11 +24,13 @@ from typing import Any, Optional
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
+from ..io.atomic import check_output_dir
+from ..io.hub import check_push_access
+
 logger = logging.getLogger(__name__)
 
 CALIBRATION_HUB = ("c4", "wikitext2", "self")
 EVAL_BUILTIN = ("self", "wikitext2", "none")
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 #: (num_samples, seq_len, held-out evaluation samples) by device type: the paper's size on GPUs, and a size that
 #: prunes the embedded SmolLM2-135M in a few minutes on a 2-core CPU (README, "Two commands")
@@ -84,13 +85,10 @@ def _zero_shot_tasks(value: Optional[str]) -> list[str]:
 
 
 def _check_output_dir(out: Path, overwrite: bool, model: str) -> None:
-    """Refuse an occupied or unwritable output folder (the save writes a sibling folder, then renames it)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"--output-dir {out} exists and is not empty: choose another folder or pass --overwrite.")
-    model_path = Path(model).expanduser()
-    if out.exists() and model_path.exists() and out.resolve() == model_path.resolve():
-        raise ValueError("--output-dir is the model's own folder: choose another output folder.")
-    parent = out.absolute().parent
+    """Refuse an output folder a save may not replace (`check_output_dir`) or cannot write (the save writes a
+    sibling folder of the link's target, then renames it)."""
+    out = check_output_dir(out, overwrite, protected=(model,))
+    parent = out.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -144,8 +142,8 @@ def check_arguments(args: argparse.Namespace):
         check_tasks(tasks, args.zero_shot_data)
     elif args.zero_shot_data is not None or args.zero_shot_limit is not None:
         raise ValueError("--zero-shot-data / --zero-shot-limit need --zero-shot.")
-    if args.push_to_hub is not None and not _REPO_ID_RE.match(args.push_to_hub):
-        raise ValueError(f'--push-to-hub must look like "user/name", got {args.push_to_hub!r}.')
+    if args.push_to_hub is not None:
+        check_push_access(args.push_to_hub, private=args.private)
     if args.private and args.push_to_hub is None:
         raise ValueError("--private needs --push-to-hub.")
     return config
@@ -210,7 +208,7 @@ def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> P
     from .. import models
     from ..data import get_calibration_dataset
     from ..evaluation import perplexity
-    from ..hub import push_to_hub, record_evaluation, save_pruned
+    from ..io import new_run_id, push_to_hub, record_evaluation, save_pruned
     from ..pruner import D2Pruner
     from ..selfcalib import held_out_seed, self_generated_calibration
 
@@ -255,9 +253,11 @@ def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> P
     on_cpu = args.dtype == "float32" and device == "cpu"
     if not on_cpu:
         model.to("cpu")  # save from CPU memory; weights keep their dtype
+    run_id = new_run_id()  # record_evaluation writes only into the folder this save made
     out = save_pruned(model, args.output_dir, config, pruner.report, tokenizer, overwrite=args.overwrite,
                       base_model=source.hub_id, calibration=calibration, evaluation=evaluation, command=command,
-                      extra_files=_report_files(args, config, pruner.report, evaluation, None, str(source)))
+                      extra_files=_report_files(args, config, pruner.report, evaluation, None, str(source)),
+                      run_id=run_id)
     if not on_cpu:
         model.to(device)
 
@@ -278,11 +278,23 @@ def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> P
         raise EvaluationFailedError(out, err) from err
     if evaluation:
         record_evaluation(out, evaluation,
-                          _report_files(args, config, pruner.report, evaluation, zero_shot, str(source)))
+                          _report_files(args, config, pruner.report, evaluation, zero_shot, str(source)),
+                          run_id=run_id, sizes=_evaluation_sizes(args, eval_name, zero_shot))
     url = push_to_hub(out, args.push_to_hub, private=args.private) if args.push_to_hub else None
     print(summary_table(pruner.report, evaluation, out, url))
     print(summary_line(pruner.report, evaluation.get(eval_name), eval_name, out, time.perf_counter() - start))
     return out
+
+
+def _evaluation_sizes(args: argparse.Namespace, eval_name: str, zero_shot) -> dict[str, dict[str, int]]:
+    """How much data each recorded metric rests on (for the model card)."""
+    sizes: dict[str, dict[str, int]] = {}
+    if args.eval == "self":
+        sizes[eval_name] = {"windows": args.eval_samples, "tokens": args.eval_samples * args.eval_seq_len}
+    if zero_shot is not None:
+        for task, count in zero_shot.samples.items():
+            sizes[f"{task} ({zero_shot.metric_of(task)})"] = {"examples": int(count)}
+    return sizes
 
 
 def _eval_name(args: argparse.Namespace) -> str:

@@ -7,10 +7,11 @@ Layout of the directory:
 A run restarted with the same model, calibration data and config finds the state, loads the finished blocks'
 weights into the model and continues at the next block. A different fingerprint is refused, never overwritten.
 
-The fingerprint covers a digest of the targeted weights' values (a different fine-tune of the same architecture
-in a folder of the same name is another run). The state is read with `weights_only=True` (a file in
-`checkpoint_dir` can never run code) and records the SHA-256 of every block file; an unreadable state or a
-block file that does not match its digest (truncated, corrupted, replaced) is refused before anything is loaded.
+The fingerprint covers the value of every parameter and buffer and the model's config (a different fine-tune of
+the same architecture, even one that only changed biases or norms, or a changed `rope_theta`, is another run).
+The state is read with `weights_only=True` (a file in `checkpoint_dir` can never run code) and records the SHA-256
+of every block file; an unreadable state or a block file that does not match its digest (truncated, corrupted,
+replaced) is refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -26,12 +27,49 @@ from typing import Any, Iterable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .offload import onloaded
 from ..report import AttentionRecord, ExpertRecord, LayerRecord, PruneReport, ReconstructionRecord
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+
+
+#: config.json keys that say how a model was loaded or run, not what it computes
+TRANSIENT_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
+                         "_commit_hash")
+
+
+def _stable_config(value: Any) -> Any:
+    """A model config dict without its transient keys (`_attn_implementation*` too), in nested configs as well."""
+    if isinstance(value, dict):
+        return {k: _stable_config(v) for k, v in value.items()
+                if k not in TRANSIENT_CONFIG_KEYS and not str(k).startswith("_attn_implementation")}
+    if isinstance(value, (list, tuple)):
+        return [_stable_config(v) for v in value]
+    return value
+
+
+def _offload_storage(model: torch.nn.Module) -> dict[str, Any]:
+    """Module name -> accelerate `AlignDevicesHook` that keeps that module's weights off the device (meta tensors)."""
+    from .offload import _align_hooks
+
+    return {name: hook for name, module in model.named_modules() for hook in _align_hooks(module)
+            if hook.offload and hook.weights_map is not None}
+
+
+def _value(name: str, tensor: torch.Tensor, storage: dict[str, Any]) -> torch.Tensor:
+    """The value of a parameter or buffer: read from the offload storage when the module holds a meta tensor."""
+    if tensor.device.type != "meta":
+        return tensor
+    module = name
+    while module:
+        module = module.rpartition(".")[0]
+        if module in storage:
+            return storage[module].weights_map[name[len(module) + 1:]]
+    if "" in storage:
+        return storage[""].weights_map[name]
+    raise ValueError(f"`{name}` is on the meta device and no offload storage holds it: the model cannot be "
+                     "fingerprinted for a resumable run. Load it fully, or run without `checkpoint_dir`.")
 
 
 def run_fingerprint(
@@ -40,15 +78,26 @@ def run_fingerprint(
     batches: list[dict[str, torch.Tensor]],
     weights: Iterable[tuple[str, torch.Tensor]] = (),
 ) -> str:
-    """Hash of what determines the result: the config (minus run-placement fields), the model's identity, the
-    values of the targeted `weights` (name, tensor) and the calibration data."""
+    """Hash of what determines the result: the pruning config (minus run-placement fields), the model class, its
+    config (minus transient keys such as `_name_or_path` or `dtype`), the value of every parameter and buffer, the
+    extra `(name, tensor)` pairs of `weights`, and the calibration data.
+
+    Tensors are hashed one at a time (offloaded ones read from accelerate's offload storage), so no copy of the
+    model is made.
+    """
     relevant = {k: v for k, v in config_dict.items() if k not in ("checkpoint_dir", "device")}
     h = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())
     h.update(type(model).__name__.encode())
-    h.update(str(getattr(getattr(model, "config", None), "_name_or_path", "")).encode())
-    for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-    for name, w in weights:  # names and shapes alone do not tell two fine-tunes of one architecture apart
+    model_config = getattr(model, "config", None)
+    if model_config is not None and hasattr(model_config, "to_dict"):
+        h.update(json.dumps(_stable_config(model_config.to_dict()), sort_keys=True, default=str).encode())
+    storage = _offload_storage(model)
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            value = _value(name, tensor, storage)
+            h.update(f"{kind}:{name}:{tuple(value.shape)}:{value.dtype}".encode())
+            h.update(_tensor_bytes(value))
+    for name, w in weights:
         h.update(name.encode())
         h.update(_tensor_bytes(w))
     for batch in batches:
@@ -56,14 +105,6 @@ def run_fingerprint(
             h.update(key.encode())
             h.update(_tensor_bytes(batch[key]))
     return h.hexdigest()
-
-
-def targeted_weights(blocks: torch.nn.ModuleList, targets: list[list], device: torch.device):
-    """(name, weight) of every target, block by block (offloaded blocks are onloaded one at a time)."""
-    for block, block_targets in zip(blocks, targets):
-        with onloaded(block, device):
-            for t in block_targets:
-                yield t.name, t.weight()
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:

@@ -29,7 +29,7 @@ from ..refine.allocation import ALLOCATION_RULES, AllocationJob, budget_patterns
 from ..refine.reconstruction import BlockReconstruction
 from ..report import PruneReport
 from .capture import CaptureOptions, CapturedBatch, capture_block_arguments, capture_block_inputs
-from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint, targeted_weights
+from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint
 from .context import BlockRun, GroupWork, PatternBook, RunServices
 from .distributed import DistributedContext
 from .finite import check_hidden_states, screen_targets
@@ -108,7 +108,7 @@ class PruningEngine:
         device = self._device(plan.stacks[0].blocks[0])
         method.setup(1)
         data = method.statistics != "none"
-        saved = self._checkpoint(model, batches, plan, method, services) if checkpoint and data else None
+        saved = self._checkpoint(model, batches, method, services) if checkpoint and data else None
         state = saved.load() if saved is not None else None
         if state is not None:
             restore_report(state, report)
@@ -131,14 +131,12 @@ class PruningEngine:
         device = torch.device(self.config.runtime.device) if self.config.runtime.device else module_device(block)
         return execution_device(block) if device.type == "meta" else device  # accelerate-offloaded weights
 
-    def _checkpoint(self, model, batches, plan: ModelPlan, method, services) -> Optional[BlockCheckpoint]:
+    def _checkpoint(self, model, batches, method, services) -> Optional[BlockCheckpoint]:
         directory = self.config.runtime.checkpoint_dir
         if not directory:
             return None
         config = {**self.config.to_dict(), "method_options": method.options.to_dict()}
-        blocks = [b for s in plan.stacks for b in s.blocks]
-        targets = [t for s in plan.stacks for t in s.targets]
-        fingerprint = run_fingerprint(config, model, batches, targeted_weights(blocks, targets, self._device(blocks[0])))
+        fingerprint = run_fingerprint(config, model, batches)  # every parameter and buffer, by value
         return BlockCheckpoint(directory, fingerprint, services.dist.rank, services.dist.world_size)
 
     def _run_stack(self, job: _Job, stack: StackPlan) -> None:
