@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable
@@ -38,7 +37,7 @@ class D2Pruner:
     Example:
     ```python
     >>> from optimum_d2prune import D2PruneConfig, D2Pruner
-    >>> from optimum_d2prune.data import get_calibration_dataset
+    >>> from optimum_d2prune.calibration import get_calibration_dataset
     >>> calib = get_calibration_dataset("c4", tokenizer, num_samples=128, seq_len=2048)
     >>> pruner = D2Pruner(D2PruneConfig(sparsity=0.5))
     >>> model = pruner.prune(model, calib)
@@ -238,17 +237,6 @@ def _logits(model: nn.Module, adapter, batches: list[dict[str, torch.Tensor]]) -
 
 
 def _heldout_perplexity(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    device = model.get_input_embeddings().weight.device
-    nll, count = 0.0, 0
-    with calibration_context(model):
-        for batch in batches:
-            ids = batch["input_ids"].to(device)
-            labels = ids.clone()
-            if "attention_mask" in batch:
-                labels[batch["attention_mask"].to(device) == 0] = -100
-            n = int((labels[:, 1:] != -100).sum())
-            mask = batch.get("attention_mask")
-            loss = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device), labels=labels).loss
-            nll += float(loss) * n
-            count += n
-    return math.exp(nll / max(count, 1))
+    from .evaluation.perplexity import perplexity_of_batches
+
+    return float(perplexity_of_batches(model, batches, desc="held-out perplexity"))
