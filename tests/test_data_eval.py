@@ -192,9 +192,10 @@ def test_one_perplexity_for_windows_and_padded_batches():
     with torch.no_grad():
         for batch in padded:
             batch_mask = batch.get("attention_mask")
-            labels = batch["input_ids"] if batch_mask is None else batch["input_ids"].masked_fill(batch_mask == 0, -100)
+            ids = batch["input_ids"]
+            labels = ids if batch_mask is None else ids.masked_fill(batch_mask == 0, -100)
             n = int((labels[:, 1:] != -100).sum())
-            total += float(model(input_ids=batch["input_ids"], attention_mask=batch_mask, labels=labels).loss) * n
+            total += float(model(input_ids=ids, attention_mask=batch_mask, labels=labels).loss) * n
             count += n
     ppl = perplexity_of_batches(model, padded)
     assert ppl == pytest.approx(math.exp(total / count), rel=1e-6) and (ppl.windows, ppl.tokens) == (2, 23 + 14 + 9)

@@ -43,8 +43,10 @@ LONG_LINES = b"a long enough first line of text\n" * 4
 # case -> (file name, bytes, the error's text). Each file starts with something long enough for --seq-len 50, so
 # a check that stops at the first good document or tokenizes only the start would accept it.
 BAD_FILES = {
-    "txt not UTF-8 at line 5": ("corpus.txt", LONG_LINES + b"caf\xe9 au lait\n", "corpus.txt:5: byte 135 (0xe9) is not UTF-8"),
-    "txt ends inside a character": ("corpus.txt", LONG_LINES + b"na\xc3", "corpus.txt:5: byte 134 (0xc3) is not UTF-8"),
+    "txt not UTF-8 at line 5": ("corpus.txt", LONG_LINES + b"caf\xe9 au lait\n",
+                                "corpus.txt:5: byte 135 (0xe9) is not UTF-8"),
+    "txt ends inside a character": ("corpus.txt", LONG_LINES + b"na\xc3",
+                                    "corpus.txt:5: byte 134 (0xc3) is not UTF-8"),
     "jsonl not UTF-8 at line 2": ("docs.jsonl", LONG_RECORD + b'{"text": "caf\xe9"}\n',
                                   f"docs.jsonl:2: byte {len(LONG_RECORD) + 13} (0xe9) is not UTF-8"),
     "jsonl nested too deeply": ("docs.jsonl", LONG_RECORD + b"[" * 100_000 + b"\n", "docs.jsonl:2 nests JSON"),
@@ -55,7 +57,8 @@ BAD_FILES = {
                              "docs.jsonl:2: `text` holds '\\ud800' at character 2, a lone surrogate"),
     "jsonl record the tokenizer refuses": ("docs.jsonl", LONG_RECORD + b'{"text": "fine, then BOOM"}\n',
                                            "docs.jsonl:2: the tokenizer cannot encode this record"),
-    "jsonl mixing text and messages": ("docs.jsonl", LONG_RECORD + b'{"messages": [{"role": "user", "content": "hi"}]}\n',
+    "jsonl mixing text and messages": ("docs.jsonl",
+                                       LONG_RECORD + b'{"messages": [{"role": "user", "content": "hi"}]}\n',
                                        "docs.jsonl:2: records mix `text` and `messages`"),
     "jsonl of blank lines": ("docs.jsonl", b"\n  \n", "holds no documents"),
     "txt of whitespace": ("corpus.txt", b" \n\t\n", "is empty"),

@@ -196,8 +196,8 @@ def check_text_source(
     needed = seq_len + 1 if purpose == "calibration" else seq_len
     count = prefix_ids(pieces, tokenizer, needed, name).shape[1]
     if count < needed:
-        raise InputError(f"{flag} {name!r} has {count} tokens, fewer than the {needed} that one {length_flag}={seq_len} "
-                         f"window needs; lower {length_flag} or use a longer file.")
+        raise InputError(f"{flag} {name!r} has {count} tokens, fewer than the {needed} that one "
+                         f"{length_flag}={seq_len} window needs; lower {length_flag} or use a longer file.")
     return src
 
 

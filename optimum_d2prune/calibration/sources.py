@@ -1,4 +1,4 @@
-"""What a `--calibration` / `--eval` value names, resolved once into a `DataSource`, and the one pass that checks a file.
+"""What a `--calibration` / `--eval` value names, resolved once into a `DataSource`; the one pass that checks a file.
 
 A value is `self` (text the model generates), a Hub dataset name (`c4`, `wikitext2`) or a local file. A local file
 wins over a name it shadows (a file called `c4` in the working folder is that file), and the log says so.

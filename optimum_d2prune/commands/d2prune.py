@@ -107,9 +107,9 @@ def add_d2prune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     calib.add_argument("--seq-len", type=int, default=None,
                        help="Tokens per calibration sequence (default: 2048 on CUDA; 512 on CPU).")
     calib.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto",
-                       help='Self-generated text (--calibration/--eval self) as conversations through the tokenizer\'s '
-                            'chat template: "auto" (the default: when the tokenizer has one), "on", "off" (plain '
-                            "text). `messages` records of a .jsonl file always go through the template.")
+                       help="Self-generated text (--calibration/--eval self) as conversations through the "
+                            'tokenizer\'s chat template: "auto" (the default: when the tokenizer has one), "on", '
+                            '"off" (plain text). `messages` records of a .jsonl file always go through the template.')
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--eval", default="self",
                     help='Perplexity source: "self" (the default: held-out text sampled from the dense model with '
