@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import ProtocolSettings, set_threads  # noqa: E402
 
 from optimum_d2prune import D2PruneConfig, D2Pruner  # noqa: E402
-from optimum_d2prune.data import get_calibration_dataset  # noqa: E402
+from optimum_d2prune.calibration import get_calibration_dataset  # noqa: E402
 from optimum_d2prune.evaluation import perplexity  # noqa: E402
 from optimum_d2prune.models import load_causal_lm  # noqa: E402
 

@@ -20,7 +20,7 @@ import torch
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import GenericAdapter, get_adapter
-from optimum_d2prune.data import get_calibration_dataset
+from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.engine import PruningEngine
 from optimum_d2prune.evaluation.perplexity import perplexity
 from optimum_d2prune.models import load_causal_lm

@@ -20,7 +20,7 @@ from protocol import DEV_CALIBRATION_DOCS, add_protocol_arguments, level_kwargs,
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune import attention as attention_module
-from optimum_d2prune.data import get_calibration_dataset
+from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.models import load_causal_lm
 
 

@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune.data import get_calibration_dataset
+from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.evaluation import perplexity
 
 logger = logging.getLogger("protocol")

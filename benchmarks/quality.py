@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune.data import get_calibration_dataset
+from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.evaluation import perplexity
 from optimum_d2prune.memory import PeakMemory
 from optimum_d2prune.models import load_causal_lm
-from optimum_d2prune.selfcalib import self_generated_calibration
+from optimum_d2prune.calibration import self_generated_calibration
 from protocol import (  # noqa: F401  (parse_value, level_kwargs, add_protocol_arguments: imported by other scripts)
     DEV_CALIBRATION_DOCS,
     DEV_EVAL_DOCS,

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from optimum_d2prune import D2PruneConfig, D2Pruner, __version__
-from optimum_d2prune.data import get_calibration_dataset
+from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.evaluation import perplexity
 from optimum_d2prune.memory import PeakMemory
 from optimum_d2prune.models import load_causal_lm

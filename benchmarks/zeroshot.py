@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune.data import get_calibration_dataset
+from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.evaluation import PAPER_TASKS, ZeroShotResults, zero_shot
 from optimum_d2prune.models import load_causal_lm
 

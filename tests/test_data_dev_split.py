@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, make_tiny
-from optimum_d2prune.data import get_calibration_dataset, load_documents, select_documents
+from optimum_d2prune.calibration import get_calibration_dataset, load_documents, select_documents
 from optimum_d2prune.evaluation import perplexity
 from test_data_eval import CharTokenizer, reference_c4_sampling
 

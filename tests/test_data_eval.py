@@ -11,7 +11,7 @@ import torch
 from transformers import BatchEncoding
 
 from conftest import make_tiny
-from optimum_d2prune.data import get_calibration_dataset
+from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.evaluation import perplexity
 
 
@@ -142,7 +142,7 @@ def test_only_network_failures_read_as_offline(raised, expected, monkeypatch):
     import datasets
 
     import optimum_d2prune.io.hub as io_hub
-    from optimum_d2prune.data import HubUnavailableError, load_documents
+    from optimum_d2prune.calibration import HubUnavailableError, load_documents
 
     monkeypatch.setattr(io_hub, "hub_offline_reason", lambda timeout=3.0: None)  # "the Hub is reachable"
 
@@ -155,3 +155,47 @@ def test_only_network_failures_read_as_offline(raised, expected, monkeypatch):
     assert isinstance(info.value, HubUnavailableError) == (expected is ConnectionError)
     if expected is ValueError:
         assert info.value is raised
+
+
+def test_perplexity_says_what_it_scored(tmp_path):
+    import pickle
+
+    path = tmp_path / "test.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 10)
+    ppl = perplexity(make_tiny("llama"), CharTokenizer(), path, seq_len=32, max_windows=3)
+    assert (ppl.windows, ppl.tokens) == (3, 3 * 31)
+    assert json.loads(json.dumps({"ppl": ppl}))["ppl"] == float(ppl) and f"{ppl:.3f}" == f"{float(ppl):.3f}"
+    again = pickle.loads(pickle.dumps(ppl))
+    assert (again, again.windows, again.tokens) == (ppl, 3, 93)
+
+
+def test_one_perplexity_for_windows_and_padded_batches():
+    from optimum_d2prune.evaluation import perplexity_of_batches
+
+    model = make_tiny("llama")
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, 96, (1, 24), generator=g) for _ in range(3)]
+    nll = 0.0
+    with torch.no_grad():
+        for w in windows:  # the papers' WikiText-2 loop: exp of the mean window loss
+            logits = model(input_ids=w).logits[:, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1)))
+    batches = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows]
+    assert perplexity_of_batches(model, batches) == math.exp(nll / 3)  # to the last bit
+    # padded batches: the token-weighted NLL of the unmasked targets (transformers' loss with -100 labels)
+    ids = torch.randint(0, 96, (2, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    short = torch.randint(0, 96, (1, 10), generator=g)
+    padded = [{"input_ids": ids, "attention_mask": mask}, {"input_ids": short}]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in padded:
+            batch_mask = batch.get("attention_mask")
+            ids = batch["input_ids"]
+            labels = ids if batch_mask is None else ids.masked_fill(batch_mask == 0, -100)
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(model(input_ids=ids, attention_mask=batch_mask, labels=labels).loss) * n
+            count += n
+    ppl = perplexity_of_batches(model, padded)
+    assert ppl == pytest.approx(math.exp(total / count), rel=1e-6) and (ppl.windows, ppl.tokens) == (2, 23 + 14 + 9)

@@ -129,9 +129,9 @@ TOO_SHORT = {
 
 def test_sequences_longer_than_the_model_are_refused_before_generation(tiny_checkpoint, tmp_path, capsys, no_pruning,
                                                                         monkeypatch):
-    import optimum_d2prune.selfcalib as selfcalib
+    import optimum_d2prune.calibration as calibration
 
-    monkeypatch.setattr(selfcalib, "self_generated_calibration", lambda *a, **k: pytest.fail("generated text"))
+    monkeypatch.setattr(calibration, "self_generated_calibration", lambda *a, **k: pytest.fail("generated text"))
     code, _, stderr = _run(capsys, "--model", str(tiny_checkpoint), "--output-dir", str(tmp_path / "o"), "--seq-len",
                            "4096", "--device", "cpu")
     assert code == 2 and "--seq-len 4096 is longer than the model's max_position_embeddings=256" in stderr

@@ -42,12 +42,17 @@ class CalibrationArguments:
 
     calibration: str = field(default="self", metadata={
         "help": '"self": text sampled from the model itself (no data needed; costs one generation of num-samples x '
-                'seq-len tokens), a local .jsonl (field `text`) / .txt file, or "c4" / "wikitext2" (from the Hub).'})
+                'seq-len tokens), a local .jsonl (field `text`, or `messages` for chat data) / .txt file, or "c4" / '
+                '"wikitext2" (downloaded from the Hub). A local file of that name wins over the name.'})
     num_samples: Optional[int] = field(default=None, metadata={
         "help": "Calibration sequences (default: 128 on CUDA, as in the paper; 32 on CPU)."})
     seq_len: Optional[int] = field(default=None, metadata={
         "help": "Tokens per calibration sequence (default: 2048 on CUDA; 512 on CPU)."})
     seed: int = field(default=0, metadata={"help": "Seed of the calibration sampling."})
+    chat_template: str = field(default="auto", metadata={
+        "help": 'Self-generated text (--calibration/--eval self) as conversations through the tokenizer\'s chat '
+                'template: "auto" (when the tokenizer has one), "on", "off" (plain text). `messages` records of a '
+                ".jsonl file always go through the template.", "choices": ("auto", "on", "off")})
 
 
 @dataclass
@@ -61,7 +66,8 @@ class EvaluationArguments:
         "help": "Held-out sequences generated for --eval self (default: 32 on CUDA; 8 on CPU)."})
     eval_seq_len: Optional[int] = field(default=None, metadata={"help": "Perplexity window (default: --seq-len)."})
     eval_max_windows: Optional[int] = field(default=None, metadata={
-        "help": "Evaluate only the first windows of a file."})
+        "help": "Score only the first windows of an --eval file (default: all on CUDA; 32 on CPU, the benchmark "
+                "protocol's size, since a whole WikiText-2 test is about an hour per evaluation on 2 cores)."})
     eval_dense: bool = field(default=True, metadata={"help": "Also evaluate the model before pruning."})
     zero_shot: Optional[str] = field(default=None, metadata={
         "help": 'Comma-separated lm-eval tasks, or "paper" for boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,'
@@ -88,6 +94,9 @@ class OutputArguments:
     report: bool = field(default=True, metadata={"help": "Write report.html and its figures."})
     skip_memory_check: bool = field(default=False, metadata={
         "help": "Start even when the memory estimate exceeds the free memory of the device."})
+    force: bool = field(default=False, metadata={
+        "help": "Start even when the self-generated text (--calibration/--eval self) is estimated above 2,097,152 "
+                "tokens or 2 hours of generation."})
     verbose: bool = field(default=False, metadata={
         "help": "Debug logging, and tracebacks for every error.", "aliases": ("-v",)})
 

@@ -35,6 +35,9 @@ EVAL_BUILTIN = ("self", "wikitext2", "none")
 #: (num_samples, seq_len, held-out evaluation samples) by device type: the paper's size on GPUs, and a size that
 #: prunes the embedded SmolLM2-135M in a few minutes on a 2-core CPU (README, "Two commands")
 DEFAULT_SIZES = {"cuda": (128, 2048, 32), "cpu": (32, 512, 8)}
+#: windows of an --eval file scored by default: all on CUDA (the papers' protocol); on CPU the benchmark protocol's
+#: first 32 (WikiText-2 test has 595 windows of 512 tokens: about an hour per evaluation on 2 cores)
+DEFAULT_EVAL_WINDOWS = {"cuda": None, "cpu": 32}
 
 DESCRIPTION = """Prune a causal language model with D²Prune (or SparseGPT / Wanda / magnitude) and save it as a
 standard transformers checkpoint with d2prune_config.json, a model card and report.html.
@@ -117,8 +120,10 @@ def _check_file_source(flag: str, value: str, builtin: tuple[str, ...]) -> None:
 
 def check_arguments(args: argparse.Namespace):
     """Validate every argument before anything is loaded; returns the `D2PruneConfig`. Raises `ValueError`."""
+    from ..calibration import as_local_path
     from .arguments import config_from_args
 
+    args.calibration, args.eval = as_local_path(args.calibration), as_local_path(args.eval)
     _check_output_dir(Path(args.output_dir).expanduser(), args.overwrite, args.model)
     config = config_from_args(args)
     for name in ("num_samples", "seq_len", "eval_samples", "eval_seq_len", "eval_max_windows", "zero_shot_limit",
@@ -135,6 +140,7 @@ def check_arguments(args: argparse.Namespace):
         raise ValueError("--eval-samples / --eval-seq-len / --eval-max-windows need an --eval source.")
     if args.eval_samples is not None and args.eval != "self":
         raise ValueError("--eval-samples applies to --eval self only (use --eval-max-windows for files).")
+    _check_generation_cost(args, run_device(config))
     tasks = _zero_shot_tasks(args.zero_shot)
     if tasks:
         from ..evaluation.zeroshot import check_tasks
@@ -149,6 +155,37 @@ def check_arguments(args: argparse.Namespace):
     return config
 
 
+def run_device(config) -> str:
+    """Where this process prunes: `--device`, else this rank's GPU under torchrun (`LOCAL_RANK`), else the first GPU,
+    else the CPU. Checked to exist on this machine before anything loads."""
+    import torch
+
+    from ..pipeline.checks import check_device
+
+    device = config.runtime.device
+    if device is None and torch.cuda.is_available():
+        local = os.environ.get("LOCAL_RANK")
+        device = f"cuda:{int(local)}" if local is not None else "cuda"
+    check_device(device)
+    return device or "cpu"
+
+
+def _check_generation_cost(args: argparse.Namespace, device: str) -> None:
+    """Refuse, before anything loads, self-generated text above the cap (tokens, estimated time); --force lifts it."""
+    from ..calibration import GenerationJob, check_generation_cost, estimate_parameters
+
+    samples, seq_len, eval_samples = DEFAULT_SIZES["cuda" if device.startswith("cuda") else "cpu"]
+    jobs = []
+    if args.calibration == "self":
+        jobs.append(GenerationJob("--calibration self", args.num_samples or samples, args.seq_len or seq_len,
+                                  "--num-samples / --seq-len"))
+    if args.eval == "self":
+        jobs.append(GenerationJob("--eval self", args.eval_samples or eval_samples,
+                                  args.eval_seq_len or args.seq_len or seq_len, "--eval-samples / --eval-seq-len"))
+    if jobs:
+        check_generation_cost(jobs, device, estimate_parameters(args.model, args.gguf_file), args.force)
+
+
 def _resolve_sizes(args: argparse.Namespace, device: str) -> None:
     """Fill the size options left unset with the defaults of the device type (see `DEFAULT_SIZES`)."""
     samples, seq_len, eval_samples = DEFAULT_SIZES["cuda" if device.startswith("cuda") else "cpu"]
@@ -157,16 +194,27 @@ def _resolve_sizes(args: argparse.Namespace, device: str) -> None:
     args.eval_seq_len = args.eval_seq_len or args.seq_len
     if args.eval == "self":
         args.eval_samples = args.eval_samples or eval_samples
+    elif args.eval != "none" and args.eval_max_windows is None:
+        args.eval_max_windows = DEFAULT_EVAL_WINDOWS["cuda" if device.startswith("cuda") else "cpu"]
 
 
-def _check_sources(args: argparse.Namespace, tokenizer) -> None:
-    """With the tokenizer at hand (cheap), check that each text source is long enough, and reachable if on the Hub."""
-    from ..data import check_text_source
+def _check_sources(args: argparse.Namespace, tokenizer):
+    """With the tokenizer at hand (cheap), check that each text source is long enough, and reachable if on the Hub;
+    returns the resolved (calibration, evaluation) `DataSource`s (None for --eval none)."""
+    from ..calibration import DataSource, check_text_source, resolve_chat
 
+    resolve_chat(args.chat_template, tokenizer)  # "on" without a chat template is refused here
+    calibration, evaluation = DataSource("self", "self"), None
     if args.calibration != "self":
-        check_text_source(args.calibration, tokenizer, args.seq_len, "calibration", "--calibration", "--seq-len")
+        calibration = check_text_source(args.calibration, tokenizer, args.seq_len, "calibration", "--calibration",
+                                        "--seq-len")
+        if calibration.chat and args.chat_template == "off":
+            raise ValueError(f"--calibration {args.calibration!r} holds `messages` records, which are calibrated on "
+                             "through the chat template: drop --chat-template off.")
     if args.eval not in ("self", "none"):
-        check_text_source(args.eval, tokenizer, args.eval_seq_len, "evaluation", "--eval", "--eval-seq-len")
+        evaluation = check_text_source(args.eval, tokenizer, args.eval_seq_len, "evaluation", "--eval",
+                                       "--eval-seq-len")
+    return calibration, evaluation
 
 
 def _check_lengths(args: argparse.Namespace, model_config) -> None:
@@ -206,17 +254,16 @@ def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> P
     import torch
 
     from .. import models
-    from ..data import get_calibration_dataset
+    from ..calibration import get_calibration_dataset, held_out_seed, resolve_chat, self_generated_calibration
     from ..evaluation import perplexity
     from ..io import new_run_id, push_to_hub, record_evaluation, save_pruned
     from ..pruner import D2Pruner
-    from ..selfcalib import held_out_seed, self_generated_calibration
 
-    device = config.runtime.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_device(config)
     _resolve_sizes(args, device)
     source = models.resolve_model_source(args.model, args.gguf_file)
     tokenizer = models.load_tokenizer(source)
-    _check_sources(args, tokenizer)
+    calibration_source, eval_source = _check_sources(args, tokenizer)
     model, tokenizer = models.load_causal_lm(source, dtype=args.dtype, tokenizer=tokenizer)
     _check_lengths(args, model.config)
     _check_memory(args, model, config, device)
@@ -226,30 +273,36 @@ def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> P
     eval_ids = None
     if args.eval == "self":
         eval_ids = self_generated_calibration(model, tokenizer, args.eval_samples, args.eval_seq_len,
-                                              seed=held_out_seed(args.seed), desc="held-out text")
+                                              seed=held_out_seed(args.seed), desc="held-out text",
+                                              chat=args.chat_template)
     eval_name = _eval_name(args)
 
     def evaluate(stage: str) -> float:
         if eval_ids is not None:
             return perplexity(model, tokenizer, eval_ids, desc=f"perplexity ({stage})")
-        return perplexity(model, tokenizer, args.eval, args.eval_seq_len, args.eval_max_windows,
+        return perplexity(model, tokenizer, eval_source, args.eval_seq_len, args.eval_max_windows,
                           desc=f"perplexity ({stage})")
 
     evaluation: dict[str, Any] = {}
     if args.eval != "none" and args.eval_dense:
-        evaluation[eval_name] = {"dense": evaluate("dense")}
+        dense = evaluate("dense")
+        eval_name = _eval_name(args, dense)
+        evaluation[eval_name] = {"dense": dense}
 
     if args.calibration == "self":
-        calib = self_generated_calibration(model, tokenizer, args.num_samples, args.seq_len, seed=args.seed)
+        calib = self_generated_calibration(model, tokenizer, args.num_samples, args.seq_len, seed=args.seed,
+                                           chat=args.chat_template)
     else:
-        calib = get_calibration_dataset(args.calibration, tokenizer, args.num_samples, args.seq_len, seed=args.seed)
+        calib = get_calibration_dataset(calibration_source, tokenizer, args.num_samples, args.seq_len, seed=args.seed)
     pruner = D2Pruner(config)
     pruner.prune(model, calib)
     del calib
 
     command = "optimum-cli d2prune " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    calibration = {"source": args.calibration if args.calibration in CALIBRATION_HUB else Path(args.calibration).name,
-                   "num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed}
+    calibration = {**calibration_source.to_record(), "num_samples": args.num_samples, "seq_len": args.seq_len,
+                   "seed": args.seed}
+    if args.calibration == "self":
+        calibration["chat"] = resolve_chat(args.chat_template, tokenizer)
     on_cpu = args.dtype == "float32" and device == "cpu"
     if not on_cpu:
         model.to("cpu")  # save from CPU memory; weights keep their dtype
@@ -264,7 +317,9 @@ def run_d2prune(args: argparse.Namespace, argv: Optional[list[str]] = None) -> P
     zero_shot = None
     try:
         if args.eval != "none":
-            evaluation.setdefault(eval_name, {})["pruned"] = evaluate("pruned")
+            pruned = evaluate("pruned")
+            eval_name = _eval_name(args, pruned)
+            evaluation.setdefault(eval_name, {})["pruned"] = pruned
         tasks = _zero_shot_tasks(args.zero_shot)
         if tasks:
             from ..evaluation import zero_shot as run_zero_shot
@@ -297,10 +352,14 @@ def _evaluation_sizes(args: argparse.Namespace, eval_name: str, zero_shot) -> di
     return sizes
 
 
-def _eval_name(args: argparse.Namespace) -> str:
+def _eval_name(args: argparse.Namespace, scored: Any = None) -> str:
+    """The metric's name, with the windows scored once known (`scored`: a `Perplexity`)."""
     if args.eval == "self":
         return f"perplexity (held-out self-generated text, {args.eval_samples} x {args.eval_seq_len} tokens)"
     name = "WikiText-2 test" if args.eval == "wikitext2" else Path(args.eval).name
+    windows = getattr(scored, "windows", None)
+    if windows:
+        return f"perplexity ({name}, {windows} x {args.eval_seq_len} tokens)"
     return f"perplexity ({name}, {args.eval_seq_len}-token windows)"
 
 
@@ -311,7 +370,7 @@ def _report_files(args, config, report, evaluation: dict[str, Any], zero_shot, s
     from ..report.html import render_report
 
     label = f"{config.method} {config.pattern}"
-    ppl = evaluation.get(_eval_name(args)) or {}
+    ppl = next((v for k, v in evaluation.items() if k.startswith("perplexity") and isinstance(v, dict)), {})
     points = {0.0: ppl["dense"]} if "dense" in ppl else {}
     if "pruned" in ppl:
         points[config.sparsity] = ppl["pruned"]

@@ -12,6 +12,8 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
+from ..errors import InputError
+
 logger = logging.getLogger(__name__)
 
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -21,32 +23,109 @@ LOCAL_PREFIX = "d2prune_"
 PAPER_METRIC = {"hellaswag": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
 
 
+#: the Hub dataset (path, config) of each paper task, as lm-eval's own task YAMLs name them (other tasks are looked
+#: up in lm-eval's task index)
+HUB_DATASETS = {
+    "boolq": ("aps/super_glue", "boolq"), "rte": ("nyu-mll/glue", "rte"), "hellaswag": ("Rowan/hellaswag", None),
+    "winogrande": ("allenai/winogrande", "winogrande_xl"), "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"), "openbookqa": ("allenai/openbookqa", "main"),
+}
+INSTALL_HINT = 'pip install "optimum-d2prune[zeroshot]"'
+
+
 def is_lm_eval_available() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
 def _require_lm_eval() -> None:
     if not is_lm_eval_available():
-        raise ImportError("Zero-shot evaluation needs lm-eval: `pip install optimum-d2prune[zeroshot]` "
-                          "(or `pip install lm-eval`).")
+        raise ImportError(f"Zero-shot evaluation needs lm-eval, which is not installed: `{INSTALL_HINT}` (or "
+                          "`pip install lm-eval`).")
 
 
 def check_tasks(tasks: list[str], data_dir: Optional[Union[str, os.PathLike]] = None) -> None:
-    """Raise before any work if a task or its local file is missing (or lm-eval is not installed)."""
+    """Raise before any work if lm-eval is missing or a task's data cannot be had.
+
+    With `data_dir`, each task's local file must be there. Without it, lm-eval downloads each task's dataset from
+    the Hub: when the Hub cannot be reached, each must already be in the Hugging Face datasets cache, which is
+    checked without network; the tasks that are not are named, with how to provide them.
+    """
     _require_lm_eval()
     if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t for t in tasks):
-        raise ValueError(f"`tasks` must be a non-empty list of task names, got {tasks!r}.")
+        raise InputError(f"`tasks` must be a non-empty list of task names, got {tasks!r}.")
     if data_dir is None:
+        _check_hub_tasks(tasks)
         return
     from .tasks.local_data import FILES
 
     unknown = [t for t in tasks if t not in FILES]
     if unknown:
-        raise ValueError(f"Tasks {unknown} have no local loader; with `data_dir` the tasks are {list(FILES)}.")
-    missing = [str(Path(data_dir) / FILES[t][0]) for t in tasks if not (Path(data_dir) / FILES[t][0]).is_file()]
+        raise InputError(f"Tasks {unknown} have no local loader; with `data_dir` the tasks are {list(FILES)}.")
+    missing = {t: str(Path(data_dir) / FILES[t][0]) for t in tasks if not (Path(data_dir) / FILES[t][0]).is_file()}
     if missing:
-        raise FileNotFoundError(f"Missing zero-shot data files: {missing}. Lay out `data_dir` as "
-                                "shared/data/zeroshot/ (see its SOURCES.md), or drop `data_dir` to use lm-eval's tasks.")
+        raise FileNotFoundError(f"Missing zero-shot data for tasks {', '.join(missing)}: {list(missing.values())}. "
+                                "Lay out `data_dir` as shared/data/zeroshot/ (see its SOURCES.md), or drop `data_dir` "
+                                "to use lm-eval's tasks.")
+
+
+def _check_hub_tasks(tasks: list[str]) -> None:
+    """Offline, every task's Hub dataset must be cached already (lm-eval would otherwise retry, then fail)."""
+    from ..io.hub import hub_offline_reason
+
+    offline = hub_offline_reason()
+    if offline is None:
+        return
+    datasets = _task_datasets(tasks)
+    missing = [t for t in tasks if datasets.get(t) is None or not all(_is_cached(*d) for d in datasets[t])]
+    if missing:
+        raise InputError(f"Zero-shot tasks {', '.join(missing)} need their datasets from the Hugging Face Hub, which "
+                         f"cannot be reached ({offline}), and they are not in the local cache. Pass --zero-shot-data "
+                         "DIR (`data_dir`) with local copies of the paper tasks (laid out as shared/data/zeroshot/, "
+                         "see its SOURCES.md), or run once with network to fill the cache.")
+
+
+def _task_datasets(tasks: list[str]) -> dict[str, Optional[list[tuple[str, Optional[str]]]]]:
+    """task -> its Hub datasets `[(path, config)]` (a group: its tasks'), None when lm-eval does not know it."""
+    found: dict[str, Optional[list[tuple[str, Optional[str]]]]] = {
+        t: [HUB_DATASETS[t]] for t in tasks if t in HUB_DATASETS}
+    others = [t for t in tasks if t not in HUB_DATASETS]
+    if not others:
+        return found
+    from lm_eval.tasks import TaskManager
+
+    index = TaskManager().task_index
+
+    def collect(name: str, depth: int = 0) -> Optional[list[tuple[str, Optional[str]]]]:
+        entry = index.get(name)
+        config = (entry.cfg or {}) if entry is not None else None
+        if config is None or depth > 8:
+            return None
+        if config.get("dataset_path"):
+            return [(config["dataset_path"], config.get("dataset_name"))]
+        members = config.get("task") if "group" in config else None
+        if not isinstance(members, list):
+            return None
+        parts = [collect(m, depth + 1) if isinstance(m, str) else None for m in members]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+
+    found.update({t: collect(t) for t in others})
+    return found
+
+
+def _is_cached(path: str, name: Optional[str]) -> bool:
+    """Whether `datasets` can load `path`/`name` offline: its processed copy is in the datasets cache (where
+    `load_dataset` looks when the Hub is offline)."""
+    import datasets
+
+    try:
+        from datasets.packaged_modules.cache.cache import _find_hash_in_cache
+
+        _find_hash_in_cache(path, name, None, {}, None)
+        return True
+    except (ImportError, ValueError, OSError, KeyError):
+        pass
+    root = Path(datasets.config.HF_DATASETS_CACHE) / "___".join(path.split("/"))
+    return any(p.is_dir() for p in root.glob(f"{name or '*'}/*/*"))
 
 
 @dataclass
@@ -139,9 +218,9 @@ def zero_shot(
     tasks = list(PAPER_TASKS if tasks is None else tasks)
     check_tasks(tasks, data_dir)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"`limit` must be a positive integer or None, got {limit!r}.")
+        raise InputError(f"`limit` must be a positive integer or None, got {limit!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        raise InputError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

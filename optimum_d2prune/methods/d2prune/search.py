@@ -20,7 +20,7 @@ from torch import nn
 from ...calibration.hooks import calibration_context
 from ...errors import UnsupportedModelError
 from ...evaluation.image import class_logits
-from ...evaluation.perplexity import batches_perplexity
+from ...evaluation.perplexity import perplexity_of_batches
 from ..base import ModelRun
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def global_search(method: Any, job: ModelRun):
         if images:
             scores[candidate] = class_kl(reference, _logits(job.model, job.adapter, held_out))
         else:
-            scores[candidate] = batches_perplexity(job.model, held_out)
+            scores[candidate] = float(perplexity_of_batches(job.model, held_out, desc="held-out perplexity"))
         logger.info("global search: %s -> held-out %s %.5g", describe(candidate), _metric(images), scores[candidate])
     best = min(scores, key=scores.get)
     _restore(flat, original)
