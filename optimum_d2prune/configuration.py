@@ -58,6 +58,12 @@ class RuntimeOptions(OptionGroup):
         metadata={"help": 'NaN/Inf in a targeted weight or its calibration statistics: "raise" (naming the block and '
                           'module) or "skip" (leave that module dense and list it in the report).',
                   "choices": NONFINITE_ACTIONS})
+    weights_from_rank0: bool = field(
+        default=False,
+        metadata={"help": "Data-parallel runs (torchrun): only rank 0 holds the model's weights; every other rank "
+                          "holds the model on the meta device and receives each block from rank 0 when it is "
+                          "pruned, then drops it, so host memory does not grow with the number of ranks. Set it on "
+                          "every rank; only rank 0's model is complete afterwards."})
 
     def __post_init__(self) -> None:
         if self.device is not None:
@@ -69,6 +75,7 @@ class RuntimeOptions(OptionGroup):
         self.offload_activations = as_bool("offload_activations", self.offload_activations)
         self.kl_chunk_mib = as_int("kl_chunk_mib", self.kl_chunk_mib, 1)
         self.on_nonfinite = as_choice("on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
+        self.weights_from_rank0 = as_bool("weights_from_rank0", self.weights_from_rank0)
 
 
 def _parse_device(value: Any) -> str:

@@ -220,3 +220,37 @@ def load_causal_lm(
             lm.hf_quantizer = None
     lm.eval()
     return lm, tokenizer
+
+
+def resolve_dtype(requested: str, source: ModelSource, device: str) -> torch.dtype:
+    """The dtype a model is pruned and saved in. "auto": the checkpoint's own dtype (`config.json`), bfloat16 on a
+    GPU for a float32 checkpoint; a GGUF file is quantized from a bfloat16/float16 original: bfloat16 (solvers work
+    in float32 whatever the model's dtype)."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if source.gguf_file:
+        return torch.bfloat16
+    from transformers import AutoConfig
+
+    kwargs = {"local_files_only": True} if not source.local and hub_offline_reason() is not None else {}
+    config = AutoConfig.from_pretrained(source.path, **kwargs)
+    native = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    native = getattr(torch, native) if isinstance(native, str) else native
+    if native in (None, torch.float32):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return native
+
+
+def load_skeleton(source: ModelSource, dtype: torch.dtype):
+    """The model of `source` with no weights (the meta device): what a data-parallel rank holds when rank 0 keeps
+    the weights and hands each block over in turn (`RuntimeOptions.weights_from_rank0`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if not source.local and hub_offline_reason() is not None:
+        kwargs["local_files_only"] = True
+    config = AutoConfig.from_pretrained(source.path, **kwargs)
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()

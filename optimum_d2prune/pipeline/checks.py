@@ -9,6 +9,7 @@ exists, the checkpoint folder is writable). A run that would fail in block 7 aft
 from __future__ import annotations
 
 import logging
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -32,7 +33,8 @@ def check_before_pruning(model: nn.Module, batches: list[dict[str, torch.Tensor]
                          plan: ModelPlan, adapter: ArchitectureAdapter) -> ModelPlan:
     """Raise a `D2PruneError` on anything that would make the run fail or silently go wrong later; return the plan
     with its stacks in execution order."""
-    _check_materialised(model)
+    if not (config.runtime.weights_from_rank0 and int(os.environ.get("RANK", "0")) > 0):
+        _check_materialised(model)  # a rank without weights receives them from rank 0
     check_device(config.runtime.device)
     check_checkpoint_dir(config.runtime.checkpoint_dir)
     _check_target_patterns(config, plan)

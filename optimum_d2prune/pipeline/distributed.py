@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -99,6 +99,89 @@ class DistributedContext:
         buf = tensor.detach().contiguous().clone()
         dist.broadcast(buf, src)
         return buf
+
+
+    def share_weights(self, stores: Iterable[dict], device: torch.device) -> None:
+        """Give every rank rank 0's values of the tensors in `stores` (parameter and buffer dictionaries of modules;
+        ranks other than 0 hold them on the meta device: `weights_from_rank0`), in their order, each tensor once (tied
+        weights stay tied); on those ranks the values land on `device`."""
+        if not self.active:
+            return
+        received: dict[int, torch.Tensor] = {}
+        for store in stores:
+            for name in list(store):
+                tensor = store[name]
+                if tensor is None:
+                    continue
+                if id(tensor) not in received:
+                    if self.rank == 0:
+                        value = self.broadcast(tensor.detach().to(_device(device)), 0)
+                    else:
+                        value = torch.empty(tensor.shape, dtype=tensor.dtype, device=_device(device))
+                        dist.broadcast(value, 0)
+                    received[id(tensor)] = _like(tensor, value.to(device))
+                if self.rank != 0:
+                    store[name] = received[id(tensor)]
+
+    @contextlib.contextmanager
+    def received(self, block: torch.nn.Module, device: torch.device, enabled: bool) -> Iterator[None]:
+        """With `enabled` (`weights_from_rank0`): the block's weights from rank 0 for the time it is pruned; ranks
+        other than 0 drop them afterwards (back to the meta device)."""
+        if not enabled or not self.active:
+            yield
+            return
+        self.share_weights(module_stores([block]), device)
+        try:
+            yield
+        finally:
+            if self.rank != 0:
+                block.to_empty(device="meta")
+
+    def fingerprint(self, compute) -> str:
+        """`compute()` on rank 0, the same string on every rank (ranks without weights cannot hash them)."""
+        if not self.active:
+            return compute()
+        value = compute() if self.rank == 0 else "0" * 64
+        data = torch.tensor(list(bytes.fromhex(value)), dtype=torch.uint8, device=_device(torch.device("cpu")))
+        return bytes(self.broadcast(data, 0).tolist()).hex()
+
+
+def module_stores(modules: Iterable[torch.nn.Module], outside: Iterable[torch.nn.Module] = ()) -> Iterator[dict]:
+    """The parameter and buffer dictionaries of every submodule of `modules`, leaving out those of `outside`."""
+    skip = {id(m) for block in outside for m in block.modules()}
+    for module in modules:
+        for m in module.modules():
+            if id(m) not in skip:
+                yield m._parameters
+                yield m._buffers
+
+
+def _like(old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` as the same kind of tensor as `old` (a parameter stays a parameter)."""
+    return torch.nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else value
+
+
+@contextlib.contextmanager
+def process_group(device: str, world_size: int) -> Iterator[None]:
+    """The process group of a `torchrun` job (nothing for one process), on `device`, destroyed on exit."""
+    if world_size <= 1:
+        yield
+        return
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    DistributedContext.detect()
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def broadcast_object(value: T) -> T:
+    """Rank 0's `value` on every rank (small Python objects such as the calibration batches)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from ..report import PruneReport
 from .capture import CaptureOptions, CapturedBatch, capture_block_arguments, capture_block_inputs
 from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint
 from .context import BlockRun, GroupWork, PatternBook, RunServices
-from .distributed import DistributedContext
+from .distributed import DistributedContext, module_stores
 from .finite import check_hidden_states, screen_targets
 from .groups import execution_groups
 from .offload import execution_device, onloaded
@@ -113,6 +113,8 @@ class PruningEngine:
         if state is not None:
             restore_report(state, report)
         job = _Job(model, services.dist.shard(batches) if data else [], method, services, saved, state)
+        if self.config.runtime.weights_from_rank0:  # what runs before the blocks (embeddings), then block by block
+            services.dist.share_weights(module_stores([model], [b for s in plan.stacks for b in s.blocks]), device)
         with PeakMemory(device, counter=self.memory_counter) as memory, calibration_context(model):
             services.memory = memory
             try:
@@ -136,7 +138,8 @@ class PruningEngine:
         if not directory:
             return None
         config = {**self.config.to_dict(), "method_options": method.options.to_dict()}
-        fingerprint = run_fingerprint(config, model, batches)  # every parameter and buffer, by value
+        # every parameter and buffer, by value (on rank 0 when only it holds the weights)
+        fingerprint = services.dist.fingerprint(lambda: run_fingerprint(config, model, batches))
         return BlockCheckpoint(directory, fingerprint, services.dist.rank, services.dist.world_size)
 
     def _run_stack(self, job: _Job, stack: StackPlan) -> None:
@@ -156,7 +159,7 @@ class PruningEngine:
             run.first = self._resume(run, last, saved, state, refiners)
         self._allocate(run, device, services)
         model.__dict__[IN_PROGRESS] = True
-        blocks = stack.blocks
+        blocks, remote = stack.blocks, self.config.runtime.weights_from_rank0
         progress = tqdm(range(run.first, len(blocks)), desc=f"{method.name} {self.config.pattern}", unit="block",
                         initial=run.first, total=len(blocks), disable=services.dist.rank > 0)
         for local in progress:
@@ -165,7 +168,7 @@ class PruningEngine:
                 check_hidden_states([b.hidden_states for b in captured], index)
                 for batch in captured:
                     batch.use_block(local)
-            with onloaded(blocks[local], device):
+            with services.dist.received(blocks[local], device, remote), onloaded(blocks[local], device):
                 block_run = BlockRun(index, blocks[local], stack.targets[local], captured or [], run.patterns,
                                      services)
                 self._prune_block(block_run, method, refiners)

@@ -2,6 +2,7 @@
 
 `render_report` returns the files (a self-contained `report.html` with embedded PNGs, or PNGs + `report.md`);
 `write_report` writes them into a folder. Figures are standalone Agg figures (no display, no pyplot state).
+Without matplotlib (`pip install "optimum-d2prune[report]"`) the report holds its tables and no figure.
 """
 
 from __future__ import annotations
@@ -13,16 +14,60 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ..extras import require
+from ..extras import is_available, require
 from .records import PruneReport
 
 logger = logging.getLogger(__name__)
 
 PROJECTION_COLORS = {"q": "#1f77b4", "k": "#ff7f0e", "v": "#2ca02c"}
 Reports = Union[PruneReport, Mapping[str, PruneReport], list]
+
+
+@dataclass
+class ReportDetails:
+    """What a report says besides the runs: how they were made and what was measured.
+
+    `perplexities` (method -> {sparsity: perplexity}, 0.0 = dense) is drawn only where it is a curve (three
+    points or more); `evaluation` (metric -> {"dense": x, "pruned": y} or a value) and `sizes` (metric -> how much
+    data it rests on: windows, tokens, examples) make the evaluation table; `calibration` is the record of what the
+    model was calibrated on; `command` the command line."""
+
+    perplexities: Optional[Mapping[str, Mapping[float, float]]] = None
+    zero_shot: Optional[Any] = None
+    evaluation: Mapping[str, Any] = field(default_factory=dict)
+    sizes: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    calibration: Mapping[str, Any] = field(default_factory=dict)
+    command: Optional[str] = None
+
+    def curves(self) -> Optional[dict[str, Mapping[float, float]]]:
+        curves = {m: p for m, p in (self.perplexities or {}).items() if len(p) >= 3}
+        return curves or None
+
+    def evaluation_rows(self) -> list[tuple[str, str, str, str]]:
+        """(metric, dense, pruned, measured on) rows."""
+        rows = []
+        for name, value in self.evaluation.items():
+            dense, pruned = (value.get("dense"), value.get("pruned")) if isinstance(value, Mapping) else (None, value)
+            size = ", ".join(f"{n} {k}" for k, n in (self.sizes.get(name) or {}).items())
+            rows.append((name, _number(dense), _number(pruned), size))
+        return rows
+
+    def calibration_text(self) -> str:
+        c = self.calibration
+        if not c:
+            return ""
+        what = c.get("path") or c.get("name") or c.get("source") or c.get("kind", "")
+        size = f"{c['num_samples']} x {c['seq_len']} tokens" if "num_samples" in c and "seq_len" in c else ""
+        digest = f", SHA-256 {c['sha256'][:16]}…" if c.get("sha256") else ""
+        return f"{size} of {what} (seed {c.get('seed', 0)}{digest})".strip()
+
+
+def _number(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
 def _as_mapping(reports: Reports) -> dict[str, PruneReport]:
@@ -236,13 +281,14 @@ def plot_zero_shot(results: Mapping[str, Any]):
 
 
 # ----------------------------------------------------------------------------------------------------- reports
-def render_figures(
-    reports: Reports,
-    perplexities: Optional[Mapping[str, Mapping[float, float]]] = None,
-    zero_shot: Optional[Any] = None,
-) -> dict[str, bytes]:
-    """PNG bytes of every figure that applies: file name -> content."""
+def render_figures(reports: Reports, details: Optional[ReportDetails] = None) -> dict[str, bytes]:
+    """PNG bytes of every figure that applies: file name -> content (none without matplotlib)."""
     reports = _as_mapping(reports)
+    details = details or ReportDetails()
+    if not is_available("matplotlib"):
+        logger.info('report.html without figures: pip install "optimum-d2prune[report]" for them.')
+        return {}
+    perplexities, zero_shot = details.curves(), details.zero_shot
     figures = {
         "layer_errors.png": plot_layer_errors(reports),
         "attention_choices.png": plot_attention_choices(reports),
@@ -260,26 +306,25 @@ def render_figures(
     return out
 
 
-def render_report(
-    reports: Reports,
-    perplexities: Optional[Mapping[str, Mapping[float, float]]] = None,
-    zero_shot: Optional[Any] = None,
-    title: str = "D²Prune report",
-    format: str = "html",
-) -> dict[str, Union[str, bytes]]:
+def render_report(reports: Reports, details: Optional[ReportDetails] = None, title: str = "D²Prune report",
+                  format: str = "html") -> dict[str, Union[str, bytes]]:
     """The report files: `{"report.html": ...}` (PNGs embedded) or, with `format="markdown"`, `report.md` plus
     the PNGs it links.
 
     Args:
         reports: one `PruneReport`, a list, or a mapping label -> report (compared in every figure).
-        perplexities: method -> {sparsity: perplexity} for the perplexity-vs-sparsity curve (0.0 = dense).
-        zero_shot: a `ZeroShotResults` (or label -> results) to chart and tabulate.
+        details: how the runs were made and what was measured (`ReportDetails`).
     """
     if format not in ("html", "markdown"):
         raise ValueError(f'`format` must be "html" or "markdown", got {format!r}.')
     reports = _as_mapping(reports)
-    figures = render_figures(reports, perplexities, zero_shot)
+    details = details or ReportDetails()
+    figures = render_figures(reports, details)
+    zero_shot = details.zero_shot
     zs = {} if zero_shot is None else (zero_shot if isinstance(zero_shot, Mapping) else {next(iter(reports)): zero_shot})
+    table = _markdown_table(("metric", "dense", "pruned", "measured on"), details.evaluation_rows())
+    facts = [f"Calibration: {details.calibration_text()}" if details.calibration else "",
+             f"Command: `{details.command}`" if details.command else ""]
     captions = {
         "layer_errors.png": "Relative reconstruction error of every pruned matrix on the calibration data.",
         "attention_choices.png": "Which of q, k, v was pruned without weight update in each block.",
@@ -288,7 +333,9 @@ def render_report(
         "zero_shot.png": "Zero-shot accuracy per task.",
     }
     if format == "markdown":
-        parts = [f"# {title}", ""]
+        parts = [f"# {title}", "", *[f for f in facts if f], ""]
+        if table:
+            parts += ["## Evaluation", "", table, ""]
         for label, r in reports.items():
             parts += [f"## {label}", "", "```", r.summary(), "```", "", r.block_table(), ""]
         for name in figures:
@@ -301,6 +348,9 @@ def render_report(
         files.update(figures)
         return files
     body = [f"<h1>{html.escape(title)}</h1>"]
+    body += [f"<p>{html.escape(f)}</p>" for f in facts if f]
+    if table:
+        body.append(f"<h2>Evaluation</h2><pre>{html.escape(table)}</pre>")
     for label, r in reports.items():
         body.append(f"<h2>{html.escape(label)}</h2><pre>{html.escape(r.summary())}</pre>")
         if r.block_table():  # per-block budgets (non-uniform allocation) and block-level refit errors
@@ -321,25 +371,18 @@ def render_report(
     return {"report.html": page}
 
 
-def write_report(
-    out_dir: Union[str, os.PathLike],
-    reports: Reports,
-    perplexities: Optional[Mapping[str, Mapping[float, float]]] = None,
-    zero_shot: Optional[Any] = None,
-    title: str = "D²Prune report",
-    format: str = "html",
-    overwrite: bool = False,
-) -> list[Path]:
+def write_report(out_dir: Union[str, os.PathLike], reports: Reports, details: Optional[ReportDetails] = None,
+                 format: str = "html", overwrite: bool = False) -> list[Path]:
     """Write `render_report`'s files into `out_dir` (created if needed); existing files are refused unless
     `overwrite=True`. Returns the written paths.
 
     Example:
     ```python
-    >>> from optimum_d2prune.visualize import write_report
+    >>> from optimum_d2prune.report.html import write_report
     >>> write_report("runs/report", {"D²Prune": d2_report, "SparseGPT": sgpt_report}, format="markdown")
     ```
     """
-    files = render_report(reports, perplexities, zero_shot, title, format)
+    files = render_report(reports, details, format=format)
     out = Path(out_dir)
     clashes = [str(out / n) for n in files if (out / n).exists()]
     if clashes and not overwrite:
@@ -352,3 +395,11 @@ def write_report(
         written.append(path)
     logger.info("Wrote %s", ", ".join(str(p) for p in written))
     return written
+
+
+def _markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    if not rows:
+        return ""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

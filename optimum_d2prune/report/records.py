@@ -181,14 +181,14 @@ class PruneReport:
 
     def summary(self) -> str:
         flips = self.flipped_fraction
-        parts = [
-            f"method={self.method} pattern={self.pattern} layers={len(self.layers)} "
-            f"sparsity={self.total_sparsity:.2%} time={self.seconds:.1f}s "
-            f"peak_memory={self.peak_memory_bytes / 2**20:.0f} MiB ({self.peak_memory_kind}, "
-            f"+{self.memory_increase_bytes / 2**20:.0f} MiB during the run)"
-        ]
+        increase = self.memory_increase_bytes / 2**20
+        memory = f"peak_memory={self.peak_memory_bytes / 2**20:.0f} MiB ({self.peak_memory_kind}" + (
+            f", +{increase:.0f} MiB during the run)" if increase >= 1 else ")")
+        parts = [f"method={self.method} pattern={self.pattern} layers={len(self.layers)} "
+                 f"sparsity={self.total_sparsity:.2%} time={self.seconds:.1f}s {memory}"]
         if flips is not None:
-            parts.append(f"dual-Taylor terms changed {flips:.3%} of the mask entries")
+            parts.append(f"dual-Taylor terms changed {flips:.3%} of the mask entries (where measured: "
+                         "`measure_flips`)")
         if self.attention:
             parts.append("un-updated projection per block: " + ", ".join(
                 f"{p}={n}" for p, n in self.unupdated_counts().items()))
