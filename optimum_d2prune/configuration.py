@@ -206,7 +206,9 @@ class D2PruneConfig:
             self.allocation = as_choice("allocation", self.allocation, tuple(ALLOCATION_OPTIONS))
         else:  # an N:M pattern has the same sparsity in every block by definition
             self.allocation = preset.allocation if preset and not pattern.is_nm else "uniform"
-        allocation_defaults = preset.allocation_options if preset and not explicit_allocation else {}
+        # the preset's options are those of its own rule (an N:M pattern falls back to uniform, which has none)
+        preset_rule = preset is not None and not explicit_allocation and self.allocation == preset.allocation
+        allocation_defaults = preset.allocation_options if preset_rule else {}
         self.allocation_options = ALLOCATION_OPTIONS[self.allocation].build(self.allocation_options,
                                                                             allocation_defaults)
         if explicit_allocation and self.allocation != "uniform" and pattern.is_nm:
