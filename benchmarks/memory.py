@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     if args.estimate_table or args.table_from:
         text = estimate_table() if args.estimate_table else format_rows(json.loads(Path(args.table_from).read_text()))
         if args.results_doc:
-            name = "memory_estimate" if args.estimate_table else "memory"
+            name = "memory_estimate" if args.estimate_table else Path(args.table_from).stem  # e.g. memory_rows
             write_section(name, f"{text}\n\nRegenerate: `{recorded_command('memory.py', argv)} --results-doc`\n")
         print(text)
         return 0

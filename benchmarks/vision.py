@@ -108,7 +108,8 @@ def main(argv=None) -> int:
 
     text = report(args, rows, fixtures, overrides)
     if args.results_doc:
-        write_section("vision", f"{text}\n\nRegenerate: `{recorded_command('vision.py', argv)} --results-doc`\n")
+        write_section("vision", f"{text}\n\nRerun: `{recorded_command('vision.py', argv)} --results-doc` (the "
+                                "fixtures are pruned again: the seconds are a new measurement)\n")
     print("\n" + text)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
