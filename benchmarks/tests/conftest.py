@@ -3,6 +3,7 @@ command line: put their folder on the path, and forget them after each test."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -17,13 +18,6 @@ SCRIPTS = ("protocol", "ablation", "high_sparsity", "tune", "zeroshot", "quality
 def bench(monkeypatch):
     """`bench("tune")` imports benchmarks/tune.py (and its `protocol`) fresh."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    loaded = []
-
-    def load(name: str):
-        __import__(name)
-        loaded.append(name)
-        return sys.modules[name]
-
-    yield load
+    yield importlib.import_module
     for name in SCRIPTS:
         sys.modules.pop(name, None)

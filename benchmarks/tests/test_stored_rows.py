@@ -4,12 +4,11 @@ rows file's rows are found by the config its script names today (no model is loa
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from conftest import BENCHMARKS
-
-RESULTS = BENCHMARKS / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def test_every_stored_run_has_a_distinct_canonical_key(bench):
