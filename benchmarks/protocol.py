@@ -183,7 +183,9 @@ def _owner(key: str, names: dict[str, tuple[str, ...]]) -> tuple[str, str]:
         raise ValueError(f"{key!r} is not part of a config: the scripts take the calibration seed as --seed(s).")
     if name != key:  # renamed since
         today = name if group == "top" else f"{_LEGACY_GROUPS[group]}.{name}"
-        raise ValueError(f"{key!r} is the name of an earlier release: write {today!r}.")
+        values = " (its value names what is not updated: \"all\" is \"none\", \"none\" is \"qkv\")" \
+            if name == "skip_update" else ""
+        raise ValueError(f"{key!r} is the name of an earlier release: write {today!r}{values}.")
     raise ValueError(f"unknown override {key!r}: the config's fields are {list(names[''])}, and the options of "
                      + ", ".join(f"{group} {list(names[group])}" for group in GROUPS) + ".")
 
