@@ -7,8 +7,8 @@ pruning seconds, the peak RSS increase during pruning, the achieved sparsity and
 JSON file. Only the `oneshot` call is timed (model loading and evaluation are not).
 
 Needs `optimum_d2prune` importable (speed.py puts the repository root on PYTHONPATH): it reuses
-`optimum_d2prune.memory.PeakMemory` and `optimum_d2prune.evaluation.perplexity` so that both sides are measured
-and evaluated by the same code.
+`optimum_d2prune.memory.measure.PeakMemory` and `optimum_d2prune.evaluation.perplexity` so that both sides are
+measured and evaluated by the same code.
 
     /tmp/lcvenv/bin/python benchmarks/_llmcompressor_worker.py --method sparsegpt --calib ids.pt --out row.json
 """
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_d2prune.evaluation import perplexity
-    from optimum_d2prune.memory import PeakMemory
+    from optimum_d2prune.memory.measure import PeakMemory
 
     folder, name = resolve_gguf(args.model, args.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -23,14 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from optimum_d2prune import D2PruneConfig
-from protocol import (SPLITS, Protocol, add_protocol_arguments, mean_std, protocol_from_args, repo_relative,
-                      set_threads, write_report)
+from protocol import (SPLITS, Protocol, add_protocol_arguments, add_results_doc_argument, describe_overrides,
+                      mean_std, protocol_from_args, recorded_command, repo_relative, results_section, set_threads,
+                      write_report, write_section)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: refit of the default D²Prune (at most these steps, stopped at the default tolerance); "SparseGPT + refit" uses the
-#: same (the tolerance is a default of every method)
-D2_REFINE_STEPS = D2PruneConfig(method="d2prune").resolve_refine_steps()
-REFIT = f"≤ {D2_REFINE_STEPS} steps, tolerance {D2PruneConfig().refine_tolerance:g}"
+#: the default D²Prune's refit (at most these steps, stopped at the default tolerance); "SparseGPT + refit" uses the
+#: same (the tolerance is a default of both methods)
+_D2PRUNE = D2PruneConfig(method="d2prune").method_options
+REFIT_STEPS = _D2PRUNE.refit_steps
+REFIT = f"≤ {REFIT_STEPS} steps, tolerance {_D2PRUNE.refit_tolerance:g}"
+#: the refit of the rows that name it: its step count, not capped by the calibration size (at 32 x 512 tokens the cap
+#: is above 8 steps for every matrix of SmolLM2, so the default's capped refit is the same run)
+WITH_REFIT = {"refit_steps": REFIT_STEPS, "refit_budget": False}
 
 
 @dataclass(frozen=True)
@@ -41,27 +46,27 @@ class Row:
     seeded: bool = False  # run at every --seeds (mean ± std), else at the first seed only
 
 
-#: the ablation, in table order; explicit fields everywhere except "default" (the library's defaults as they are)
+#: the ablation, in table order; explicit options everywhere except "default" (the library's defaults as they are)
 ROWS = [
     Row("sparsegpt", "SparseGPT", {"method": "sparsegpt"}, seeded=True),
     Row("sparsegpt+refit", f"SparseGPT + refit ({REFIT})",
-        {"method": "sparsegpt", "refine_steps": D2_REFINE_STEPS}, seeded=True),
+        {"method": "sparsegpt", "method_options": WITH_REFIT}, seeded=True),
     Row("paper", "D²Prune as in the paper (s = 1500, λ1 = 1, λ2 = 0, v un-updated, no refit)",
-        {"method": "d2prune", "activation_scale": 1500.0, "lambda1": 1.0, "lambda2": 0.0, "attention_update": "v",
-         "refine_steps": 0}),
+        {"method": "d2prune", "method_options": {"activation_scale": 1500.0, "lambda1": 1.0, "lambda2": 0.0,
+                                                 "skip_update": "v", "refit_steps": 0}}),
     Row("dual-taylor", "+ dual-Taylor terms only (all q/k/v updated, no refit)",
-        {"method": "d2prune", "attention_update": "all", "refine_steps": 0}),
+        {"method": "d2prune", "method_options": {"skip_update": "none", "refit_steps": 0}}),
     Row("dual-taylor+refit", f"dual-Taylor terms + refit ({REFIT}), all q/k/v updated (no attention awareness)",
-        {"method": "d2prune", "attention_update": "all", "refine_steps": D2_REFINE_STEPS}),
+        {"method": "d2prune", "method_options": {"skip_update": "none", **WITH_REFIT}}),
     *[Row(f"attention-{a}", f"+ attention awareness only (λ1 = 0, {label}, no refit)",
-          {"method": "d2prune", "lambda1": 0.0, "attention_update": a, "refine_steps": 0})
+          {"method": "d2prune", "method_options": {"lambda1": 0.0, "skip_update": a, "refit_steps": 0}})
       for a, label in (("q", "q un-updated"), ("k", "k un-updated"), ("v", "v un-updated"),
                        ("dynamic", "dynamic q/k/v"))],
     Row("both", "dual-Taylor + dynamic attention, no refit",
-        {"method": "d2prune", "attention_update": "dynamic", "refine_steps": 0}),
-    # the default at unstructured levels (the same runs), the previous default at N:M: seeded at no extra cost
+        {"method": "d2prune", "method_options": {"skip_update": "dynamic", "refit_steps": 0}}),
+    # the default's setting at unstructured levels (the same runs), and at N:M the dynamic choice the default skips
     Row("both+refit", f"+ refit ({REFIT}): the default's unstructured setting",
-        {"method": "d2prune", "attention_update": "dynamic", "refine_steps": D2_REFINE_STEPS}, seeded=True),
+        {"method": "d2prune", "method_options": {"skip_update": "dynamic", **WITH_REFIT}}, seeded=True),
     Row("default", "D²Prune default (N:M: all q/k/v updated)", {"method": "d2prune"}, seeded=True),
 ]
 ROW_NAMES = [r.name for r in ROWS]
@@ -158,7 +163,7 @@ def write_table(protocol: Protocol, rows: list[Row], args, command: str) -> str:
     missing = sum(1 for r, lv, s, sp in runs(rows, args.levels, args.seeds, args.splits)
                   if store.get(r.name, lv, s, sp) is None)
     lines += ["", "Configurations (fields not named are the library defaults of the run):", ""]
-    lines += [f"- `{r.name}`: " + (", ".join(f"{k}={v}" for k, v in r.overrides.items()) or "defaults") for r in rows]
+    lines += [f"- `{r.name}`: " + (describe_overrides(r.overrides) or "defaults") for r in rows]
     if missing:
         total = len(list(runs(rows, args.levels, args.seeds, args.splits)))
         lines += ["", f"Not finished yet: {missing} of the {total} runs."]
@@ -180,27 +185,29 @@ def main(argv=None) -> int:
     parser.add_argument("--table", action="store_true",
                         help="Only rewrite the table from the finished rows (and from runs of other scripts in the "
                              "run cache); prunes nothing.")
+    add_results_doc_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("optimum_d2prune", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
     set_threads(args.threads)
-    command = "python benchmarks/ablation.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])
-                                                        if a != "--table")
+    command = recorded_command("ablation.py", argv, drop=("--table",))
     rows = [r for r in ROWS if args.rows_only is None or r.name in args.rows_only]
 
     protocol = protocol_from_args(args, args.rows_file)
     if args.table:
         for row, level, seed, split in runs(rows, args.levels, args.seeds, args.splits):
             protocol.finished(row.name, row.overrides, level, seed, split)
-        print(write_table(protocol, rows, args, command))
-        return 0
-    for split in args.splits:
-        protocol.dense(split)
-    for row, level, seed, split in runs(rows, args.levels, args.seeds, args.splits):
-        protocol.run(row.name, row.overrides, level, seed, split)
-        write_table(protocol, rows, args, command)
-    print(write_table(protocol, rows, args, command))
+    else:
+        for split in args.splits:
+            protocol.dense(split)
+        for row, level, seed, split in runs(rows, args.levels, args.seeds, args.splits):
+            protocol.run(row.name, row.overrides, level, seed, split)
+            write_table(protocol, rows, args, command)
+    text = write_table(protocol, rows, args, command)
+    if args.results_doc:
+        write_section("ablation", results_section(text, f"{command} --table --results-doc"))
+    print(text)
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 3 and 5 in one go, for a lent H200/A100, run from the repository root:
+# The GPU checks in one go, for a lent H100/H200/A100, run from the repository root:
 #   LLaMA-2-7B-shaped pruning (SparseGPT vs D²Prune, s/block), 2:4 linear latency, a profile of one block,
 #   and deit_base_patch16_224-shaped vision pruning. Logs go to $OUT (or benchmarks/results/gpu_logs).
 # Uses the machine's own torch/transformers/timm: the package is put on PYTHONPATH, nothing is installed.

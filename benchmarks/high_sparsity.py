@@ -5,11 +5,13 @@ BENCH.md v1 ("bench": calibrated on all 800 C4 documents, WikiText-2 PPL) and v1
 finish (an interrupted sweep resumes) and every run also goes to the shared run cache (`results/runs.json`), so a
 configuration already pruned by the ablation or the tuning sweep is not pruned again. The levels of `--seeded-levels`
 run at every `--seeds` (mean ± std); the others at the first seed. `--figure` draws the per-block sparsity of the
-OWL budgets at 70 %.
+OWL budgets at 70 %. `--table` rewrites the table from the stored runs (nothing is pruned), `--results-doc` also
+its section of docs/results.md.
 
     python benchmarks/high_sparsity.py --threads 1          # 50/60/70/80 % and 2:4, every config, both splits
     python benchmarks/high_sparsity.py --threads 1 --levels 0.7 --configs d2prune max_quality --splits dev
-    python benchmarks/high_sparsity.py --extra "d2+recon:block_reconstruction=true" --configs d2+recon
+    python benchmarks/high_sparsity.py --threads 1 --extra "d2+recon:reconstruction=true" --configs d2+recon
+    python benchmarks/high_sparsity.py --threads 1 --table --figure --results-doc     # the committed table
 """
 
 from __future__ import annotations
@@ -22,27 +24,29 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from protocol import (SPLITS, Protocol, add_protocol_arguments, mean_std, parse_value, protocol_from_args,
-                      repo_relative, set_threads, write_report)
+from protocol import (SPLITS, Protocol, add_protocol_arguments, add_results_doc_argument, describe_overrides,
+                      mean_std, parse_overrides, protocol_from_args, recorded_command, repo_relative,
+                      results_section, set_threads, write_report, write_section)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: name -> D2PruneConfig fields (besides level and seed); "+owl" rows are skipped for N:M (uniform by definition)
+#: name -> config overrides (besides level and seed), today's grouped form; "+owl" rows are skipped for N:M (uniform
+#: by definition)
 CONFIGS: dict[str, dict] = {
     "sparsegpt": {"method": "sparsegpt"},
-    "sparsegpt+owl": {"method": "sparsegpt", "sparsity_allocation": "owl"},
+    "sparsegpt+owl": {"method": "sparsegpt", "allocation": "owl"},
     "d2prune": {"method": "d2prune"},
-    "d2prune+owl": {"method": "d2prune", "sparsity_allocation": "owl"},
+    "d2prune+owl": {"method": "d2prune", "allocation": "owl"},
     "max_quality": {"method": "d2prune", "preset": "max_quality"},
-    # the preset with the other budgets: OWL where it is uniform (below PRESET_OWL_FROM; the preset until session 14),
-    # uniform where it is OWL
-    "max_quality+owl": {"method": "d2prune", "preset": "max_quality", "sparsity_allocation": "owl"},
-    "max_quality-owl": {"method": "d2prune", "preset": "max_quality", "sparsity_allocation": "uniform"},
-    # the preset without ADMM; the preset of session 12 (OWL at every level, no ADMM), and an option measured on it
-    "max_quality-admm": {"method": "d2prune", "preset": "max_quality", "admm_steps": 0},
-    "max_quality+owl-admm": {"method": "d2prune", "preset": "max_quality", "sparsity_allocation": "owl",
-                             "admm_steps": 0},
-    "max_quality+owl-admm+model": {"method": "d2prune", "preset": "max_quality", "sparsity_allocation": "owl",
-                                   "admm_steps": 0, "reconstruction_reference": "model"},
+    # the preset with the other budgets: OWL where it is uniform (below its `min_sparsity`), uniform where it is OWL
+    "max_quality+owl": {"method": "d2prune", "preset": "max_quality", "allocation": "owl"},
+    "max_quality-owl": {"method": "d2prune", "preset": "max_quality", "allocation": "uniform"},
+    # the preset without ADMM; the same with OWL at every level, and an option measured on that one
+    "max_quality-admm": {"method": "d2prune", "preset": "max_quality", "method_options": {"admm_steps": 0}},
+    "max_quality+owl-admm": {"method": "d2prune", "preset": "max_quality", "allocation": "owl",
+                             "method_options": {"admm_steps": 0}},
+    "max_quality+owl-admm+model": {"method": "d2prune", "preset": "max_quality", "allocation": "owl",
+                                   "method_options": {"admm_steps": 0},
+                                   "reconstruction_options": {"reference": "model"}},
     # what D²Prune's own saliency and attention awareness are worth once the preset's additions are there
     "sparsegpt+max_quality": {"method": "sparsegpt", "preset": "max_quality"},
 }
@@ -57,18 +61,19 @@ FIGURE = "owl_block_sparsity_70.png"  # written next to --output
 
 
 def parse_extra(text: str) -> tuple[str, dict]:
-    """`NAME:key=value,key=value` -> (NAME, fields); e.g. `d2+tol:refine_steps=64,refine_tolerance=0.001`."""
+    """`NAME:key=value,key=value` -> (NAME, overrides), keys as `--set` takes them (`protocol.parse_overrides`: a
+    group-qualified name or one that belongs to one group); e.g.
+    `d2+tol:method_options.refit_steps=64,method_options.refit_tolerance=0.001`. The method is d2prune unless named."""
     name, _, body = text.partition(":")
-    fields = dict(item.split("=", 1) for item in body.split(",") if item)
-    return name, {"method": "d2prune", **{k: parse_value(v) for k, v in fields.items()}}
+    return name, {"method": "d2prune", **parse_overrides([item for item in body.split(",") if item])}
 
 
-def applies(name: str, fields: dict, level: str) -> bool:
+def applies(name: str, overrides: dict, level: str) -> bool:
     """OWL budgets are for unstructured sparsity only (an N:M pattern is uniform by definition); the options of
     `ONLY_AT` run at their levels."""
     if name in ONLY_AT and level not in ONLY_AT[name]:
         return False
-    return ":" not in level or fields.get("sparsity_allocation", "uniform") == "uniform"
+    return ":" not in level or overrides.get("allocation", "uniform") == "uniform"
 
 
 def seeds_of(name: str, level: str, seeds: list[int], seeded: list[str]) -> list[int]:
@@ -143,8 +148,8 @@ def write_table(protocol: Protocol, configs: dict[str, dict], args, command: str
             lines.append("| " + " | ".join(cells) + " |")
     todo = [r for r in runs(configs, args.configs, args.levels, args.seeds, args.seeded_levels, args.splits)
             if store.get(r[0], r[1], r[2], r[3]) is None]
-    lines += ["", "Configurations: " + "; ".join(f"`{n}`: " + ", ".join(f"{k}={v}" for k, v in configs[n].items())
-                                                for n in args.configs) + "."]
+    lines += ["", "Configurations: " + "; ".join(f"`{n}`: " + describe_overrides(configs[n]) for n in args.configs)
+              + "."]
     if todo:
         lines += ["", f"Not finished yet: {len(todo)} run(s), next: " + ", ".join(" ".join(map(str, r))
                                                                               for r in todo[:4]) + "."]
@@ -189,7 +194,12 @@ def main(argv=None) -> int:
     parser.add_argument("--levels", nargs="+", default=["0.5", "0.6", "0.7", "0.8", "2:4"])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--extra", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                        help="An ad-hoc d2prune config to add to CONFIGS (repeatable); list it in --configs.")
+                        help="An ad-hoc config to add to CONFIGS (repeatable; list it in --configs). Keys: a config "
+                             "field (preset=max_quality, allocation=owl), GROUP.NAME "
+                             "(method_options.admm_steps=0, allocation_options.deviation=0.04, "
+                             "reconstruction_options.reference=model), or a bare option name that belongs to one "
+                             "group (admm_steps=0; refit_steps, refit_tolerance and damp_percent need their group). "
+                             "The method is d2prune unless method= is given.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--seeded-levels", nargs="*", default=["0.5", "0.7"],
                         help="Levels run at every --seeds (the others at the first seed only).")
@@ -204,6 +214,7 @@ def main(argv=None) -> int:
                              "scripts in the run cache); prunes nothing.")
     parser.add_argument("--figure", action="store_true",
                         help=f"Also draw the 70 %% OWL budgets ({FIGURE}, next to --output).")
+    add_results_doc_argument(parser)
     args = parser.parse_args(argv)
     if args.output is None:
         default_rows = Path(args.rows).resolve() == (RESULTS / "high_sparsity_rows.json").resolve()
@@ -212,12 +223,14 @@ def main(argv=None) -> int:
     for name in ("optimum_d2prune", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
     set_threads(args.threads)
-    configs = {**CONFIGS, **dict(parse_extra(e) for e in args.extra)}
+    try:
+        configs = {**CONFIGS, **dict(parse_extra(e) for e in args.extra)}
+    except ValueError as err:
+        parser.error(f"--extra: {err}")
     unknown = [c for c in args.configs if c not in configs]
     if unknown:
         parser.error(f"unknown config(s) {unknown}; known: {sorted(configs)} (add one with --extra)")
-    command = ("python benchmarks/high_sparsity.py"
-               + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])))
+    command = recorded_command("high_sparsity.py", argv)
     protocol = protocol_from_args(args, args.rows)
     plan = list(runs(configs, args.configs, args.levels, args.seeds, args.seeded_levels, args.splits))
     if args.table:
@@ -232,7 +245,11 @@ def main(argv=None) -> int:
     if args.figure:
         drawn = draw_budgets(protocol, Path(args.output).parent / FIGURE)
         logging.info("per-block sparsity figure: %s", drawn or "no OWL run at 70 % yet")
-    print(write_table(protocol, configs, args, command))
+    text = write_table(protocol, configs, args, command)
+    if args.results_doc:
+        regenerate = command if args.table else f"{command} --table"
+        write_section("high_sparsity", results_section(text, f"{regenerate} --results-doc"))
+    print(text)
     return 0
 
 

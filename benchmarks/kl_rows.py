@@ -2,8 +2,9 @@
 
 One D²Prune run per level on the dev split (BENCH.md v1.1: calibration on C4 documents 0-699). In every block the
 three candidates are scored with all rows and with each row count of `--rows`, from the same captured sequences and
-the same candidate solutions (the library's `choose_unupdated_projection` is wrapped to call it once per row count;
-the run continues with the all-rows choice). Printed per level and row count: blocks whose choice equals the
+the same candidate solutions (the library's `methods.d2prune.attention.choose_unupdated_projection` is wrapped to
+call it once per row count, `AttentionScorer.max_query_rows` set to it; the run continues with the all-rows
+choice). Printed per level and row count: blocks whose choice equals the
 all-rows choice, and the relative error of the estimated KL (median and max over blocks and candidates).
 
     python benchmarks/kl_rows.py --threads 2            # the table in benchmarks/results/tuning_cost.md
@@ -12,15 +13,16 @@ all-rows choice, and the relative error of the estimated KL (median and max over
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from typing import Any, Optional
 
-from protocol import DEV_CALIBRATION_DOCS, add_protocol_arguments, level_kwargs, set_threads, write_report
+from protocol import DEV_CALIBRATION_DOCS, add_protocol_arguments, make_config, set_threads, write_report
 
-from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune import attention as attention_module
+from optimum_d2prune import D2Pruner
 from optimum_d2prune.calibration import get_calibration_dataset
+from optimum_d2prune.methods.d2prune import attention as attention_module
 from optimum_d2prune.models import load_causal_lm
 
 
@@ -29,14 +31,15 @@ def run_level(model, calib, level: str, row_counts: list[int]) -> list[dict[Opti
     choose = attention_module.choose_unupdated_projection
     records: list[dict[Optional[int], Any]] = []
 
-    def every_row_count(*args, **kwargs):
-        per_count = {rows: choose(*args, **{**kwargs, "max_query_rows": rows}) for rows in [None, *row_counts]}
+    def every_row_count(scorer, *args, **kwargs):
+        per_count = {rows: choose(dataclasses.replace(scorer, max_query_rows=rows), *args, **kwargs)
+                     for rows in [None, *row_counts]}
         records.append(per_count)
         return per_count[None]
 
     attention_module.choose_unupdated_projection = every_row_count
     try:
-        D2Pruner(D2PruneConfig(method="d2prune", **level_kwargs(level))).prune(model, calib)
+        D2Pruner(make_config({"method": "d2prune"}, level)).prune(model, calib)
     finally:
         attention_module.choose_unupdated_projection = choose
     return records

@@ -7,11 +7,12 @@ tensors`, the default: exact, like CUDA's allocator statistics, but every op is 
 its time is not a timing) or in sampled process RSS (`--measure rss`: also a timing).
 
     python benchmarks/memory.py                       # the 7B-shaped memory check (about 20-30 min on 2 cores)
-    python benchmarks/memory.py --measure rss --blocks 1 --samples 4 --batch-size 4 --kl-num-samples 2
-                                                      # issue 11's 7B-shaped time (and RSS) check
+    python benchmarks/memory.py --measure rss --blocks 1 --samples 4 --batch-size 4 --kl-samples 2
+                                                      # the 7B-shaped time (and RSS) check
     python benchmarks/memory.py --hidden 1024 --intermediate 2752 --heads 8 --samples 4 --seq-len 512   # quick
-    python benchmarks/memory.py --estimate-table      # the README's estimates for 7B-70B (nothing is run)
+    python benchmarks/memory.py --estimate-table      # the estimates for 7B-70B (nothing is run)
     python benchmarks/memory.py --moe --blocks 1       # a Qwen3-30B-A3B-shaped MoE block (128 experts, top 8)
+    python benchmarks/memory.py --table-from benchmarks/results/memory_rows.json    # a stored run's table
 """
 
 from __future__ import annotations
@@ -27,14 +28,18 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from optimum_d2prune import D2PruneConfig, D2Pruner
+from optimum_d2prune import D2PruneConfig, D2Pruner, RuntimeOptions
 from optimum_d2prune.architectures import get_adapter
-from optimum_d2prune.engine import PruningEngine
-from optimum_d2prune.memory import estimate
+from optimum_d2prune.calibration.batches import prepare_batches
+from optimum_d2prune.memory.estimate import RunShape, estimate
+from optimum_d2prune.pipeline.engine import PruningEngine
 from optimum_d2prune.testing.memory_counter import LiveTensorBytes
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protocol import add_results_doc_argument, recorded_command, write_section  # noqa: E402
+
 GIB = 2**30
-#: published shapes (bf16 checkpoints) for the README's estimate table
+#: published shapes (bf16 checkpoints) for the estimate table
 BIG_MODELS: dict[str, dict] = {
     "LLaMA-2-7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000),
@@ -53,6 +58,8 @@ def estimate_table(samples: int = 128, seq_len: int = 2048) -> str:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = D2PruneConfig()
+    offload = config.replace(runtime=RuntimeOptions(offload_activations=True))
+    run, offloaded_run = RunShape.of(config, samples, seq_len), RunShape.of(offload, samples, seq_len)
     lines = [f"D²Prune defaults, {samples} x {seq_len} calibration tokens, bf16 weights, fp32 statistics "
              "(`optimum_d2prune.memory.estimate`).", "",
              "| model (bf16) | whole model on the GPU: weights + pruning peak | fits 80 GB / 141 GB | blocks onloaded "
@@ -63,15 +70,28 @@ def estimate_table(samples: int = 128, seq_len: int = 2048) -> str:
         with torch.device("meta"):  # shapes only: no memory
             model = (Qwen3MoeForCausalLM if moe else LlamaForCausalLM)(model_config)
         weights = sum(p.numel() for p in model.parameters()) * 2
-        whole = estimate(model_config, config, samples, seq_len, "cuda", dtype=torch.bfloat16, model_on_device=True)
-        onloaded = estimate(model_config, config, samples, seq_len, "cuda", dtype=torch.bfloat16,
-                            model_on_device=False)
-        offloaded = estimate(model_config, config.replace(offload_activations=True), samples, seq_len, "cuda",
-                             dtype=torch.bfloat16, model_on_device=False)
+        whole = estimate(model_config, run, "cuda", dtype=torch.bfloat16, model_on_device=True)
+        onloaded = estimate(model_config, run, "cuda", dtype=torch.bfloat16, model_on_device=False)
+        offloaded = estimate(model_config, offloaded_run, "cuda", dtype=torch.bfloat16, model_on_device=False)
         total = weights + whole.peak
         fits = " / ".join("yes" if total <= gb * 10**9 else "no" for gb in (80, 141))
         lines.append(f"| {name} | {weights / GIB:.1f} + {whole.peak / GIB:.1f} = {total / GIB:.1f} GiB | {fits} | "
                      f"{onloaded.peak / GIB:.1f} GiB | {offloaded.peak / GIB:.1f} GiB |")
+    return "\n".join(lines)
+
+
+def format_rows(rows: list[dict], timing: bool = False) -> str:
+    """The measured-vs-estimated table of a run's rows, and D²Prune's whole run against SparseGPT's (`timing`: the
+    seconds were measured without the live-tensor counter)."""
+    lines = ["| method | phase | measured GiB | estimate GiB | estimate / measured |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['method']} | {r['phase']} | {r['measured_gib']:.2f} | {r['estimate_gib']:.2f} | "
+              f"{r['ratio']:.2f} |" for r in rows]
+    whole = {r["method"]: r for r in rows if r["phase"] == "whole run"}
+    if {"sparsegpt", "d2prune"} <= whole.keys():
+        a, b = whole["d2prune"], whole["sparsegpt"]
+        lines += ["", f"D²Prune / SparseGPT: memory increase {a['measured_gib'] / b['measured_gib']:.2f}x, "
+                  f"time {a['seconds'] / b['seconds']:.2f}x ({a['seconds']:.0f} s vs {b['seconds']:.0f} s)"
+                  + (" (a timing: --measure rss)" if timing else "")]
     return "\n".join(lines)
 
 
@@ -90,14 +110,22 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=["sparsegpt", "d2prune"])
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--kl-num-samples", type=int, default=None, help="D²Prune's kl_num_samples (default: 4).")
+    parser.add_argument("--kl-samples", type=int, default=None,
+                        help="D²Prune's `method_options.kl_samples` (default: the library's, 4).")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--measure", choices=("tensors", "rss"), default="tensors")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--estimate-table", action="store_true", help="Print the README's estimate table and exit.")
+    parser.add_argument("--estimate-table", action="store_true", help="Print the estimate table and exit.")
+    parser.add_argument("--table-from", default=None, metavar="JSON",
+                        help="Print the table of the --json rows of an earlier run and exit.")
+    add_results_doc_argument(parser)
     args = parser.parse_args(argv)
-    if args.estimate_table:
-        print(estimate_table())
+    if args.estimate_table or args.table_from:
+        text = estimate_table() if args.estimate_table else format_rows(json.loads(Path(args.table_from).read_text()))
+        if args.results_doc:
+            name = "memory_estimate" if args.estimate_table else Path(args.table_from).stem  # e.g. memory_rows
+            write_section(name, f"{text}\n\nRegenerate: `{recorded_command('memory.py', argv)} --results-doc`\n")
+        print(text)
         return 0
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -124,18 +152,20 @@ def main(argv=None) -> int:
     rows = []
     for method in args.methods:
         model.load_state_dict(dense)
-        extra = {"kl_num_samples": args.kl_num_samples} if args.kl_num_samples else {}
-        config = D2PruneConfig(method=method, sparsity=args.sparsity, **extra)
+        options = {"kl_samples": args.kl_samples} if args.kl_samples and method == "d2prune" else None
+        config = D2PruneConfig(method=method, sparsity=args.sparsity, method_options=options)
         start = time.perf_counter()
-        if args.measure == "tensors":
+        if args.measure == "tensors":  # the engine's one run, as `D2Pruner.prune` makes it, with the counter
+            prepared = prepare_batches(batches, model)
             with LiveTensorBytes() as counter:
-                report = PruningEngine(config, get_adapter(model), memory_counter=counter).run(model, batches)
+                engine = PruningEngine(config, get_adapter(model), memory_counter=counter)
+                report = engine.run(model, prepared, engine.plan(model), engine.make_method())
         else:
             pruner = D2Pruner(config)
             pruner.prune(model, batches)
             report = pruner.report
         seconds = time.perf_counter() - start
-        predicted = estimate(model_config, config, args.samples, args.seq_len, "cpu", batch_size=args.batch_size)
+        predicted = estimate(model_config, RunShape.of(config, args.samples, args.seq_len, args.batch_size), "cpu")
         for phase, value in predicted.phases.items():
             measured = report.phase_memory_bytes.get(phase, 0)
             rows.append({"method": method, "phase": phase, "measured_gib": measured / GIB,
@@ -148,16 +178,7 @@ def main(argv=None) -> int:
     print(f"\n{title}, {args.blocks} blocks, {args.samples} x {args.seq_len} tokens (batch {args.batch_size}), fp32 CPU, "
           f"{torch.get_num_threads()} threads; measured = peak increase per phase, "
           f"{'live tensor bytes' if args.measure == 'tensors' else 'process RSS'}.\n")
-    print("| method | phase | measured GiB | estimate GiB | estimate / measured |")
-    print("|---|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['method']} | {r['phase']} | {r['measured_gib']:.2f} | {r['estimate_gib']:.2f} | {r['ratio']:.2f} |")
-    whole = {r["method"]: r for r in rows if r["phase"] == "whole run"}
-    if {"sparsegpt", "d2prune"} <= whole.keys():
-        a, b = whole["d2prune"], whole["sparsegpt"]
-        timing = "" if args.measure == "tensors" else " (a timing: --measure rss)"
-        print(f"\nD²Prune / SparseGPT: memory increase {a['measured_gib'] / b['measured_gib']:.2f}x, "
-              f"time {a['seconds'] / b['seconds']:.2f}x ({a['seconds']:.0f} s vs {b['seconds']:.0f} s){timing}")
+    print(format_rows(rows, timing=args.measure == "rss"))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

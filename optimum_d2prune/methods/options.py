@@ -3,7 +3,7 @@ SparseGPT and D²Prune). No torch here: the command line builds its flags from t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from ..errors import ConfigError
@@ -82,7 +82,10 @@ class ObsOptions(MethodOptions):
         self.admm_steps = as_int("admm_steps", self.admm_steps, 0)
 
     def resolved(self, pattern: SparsityPattern) -> "ObsOptions":
-        """N:M masks are chosen inside the sweep's column blocks: refuse a block size M does not divide."""
+        """N:M masks are chosen inside the sweep's column blocks: refuse a block size M does not divide. Without a
+        refit its budget has no effect: it reads as the default."""
+        if not self.refit_steps and not self.refit_budget:
+            return replace(self, refit_budget=True).resolved(pattern)
         if pattern.is_nm and self.block_size % pattern.m:
             suggestion = max(pattern.m, self.block_size // pattern.m * pattern.m)
             raise ConfigError(

@@ -4,7 +4,7 @@ choice. No torch here (the command line builds its flags from these fields)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Optional, Union
 
 from ...errors import ConfigError
@@ -86,10 +86,10 @@ class D2PruneOptions(ObsOptions):
         self.measure_flips = as_bool("measure_flips", self.measure_flips)
 
     def resolved(self, pattern: SparsityPattern) -> "D2PruneOptions":
-        super().resolved(pattern)
-        if self.skip_update == "auto":
-            return type(self)(**{**self.to_dict(), "skip_update": "none" if pattern.is_nm else "dynamic"})
-        return self
+        options = super().resolved(pattern)
+        if options.skip_update == "auto":
+            return replace(options, skip_update="none" if pattern.is_nm else "dynamic")
+        return options
 
     @property
     def attention_aware(self) -> bool:
