@@ -64,7 +64,7 @@ def check_tasks(tasks: list[str], data_dir: Optional[Union[str, os.PathLike]] = 
     missing = {t: str(Path(data_dir) / FILES[t][0]) for t in tasks if not (Path(data_dir) / FILES[t][0]).is_file()}
     if missing:
         raise FileNotFoundError(f"Missing zero-shot data for tasks {', '.join(missing)}: {list(missing.values())}. "
-                                "Lay out `data_dir` as shared/data/zeroshot/ (see its SOURCES.md), or drop `data_dir` "
+                                "Lay out `data_dir` as docs/hub.md describes (one subfolder per task), or drop `data_dir` "
                                 "to use lm-eval's tasks.")
 
 
@@ -80,8 +80,8 @@ def _check_hub_tasks(tasks: list[str]) -> None:
     if missing:
         raise InputError(f"Zero-shot tasks {', '.join(missing)} need their datasets from the Hugging Face Hub, which "
                          f"cannot be reached ({offline}), and they are not in the local cache. Pass --zero-shot-data "
-                         "DIR (`data_dir`) with local copies of the paper tasks (laid out as shared/data/zeroshot/, "
-                         "see its SOURCES.md), or run once with network to fill the cache.")
+                         "DIR (`data_dir`) with local copies of the paper tasks (one subfolder per task, "
+                         "as docs/hub.md describes), or run once with network to fill the cache.")
 
 
 def _task_datasets(tasks: list[str]) -> dict[str, Optional[list[tuple[str, Optional[str]]]]]:
@@ -197,7 +197,7 @@ def zero_shot(
         model: a transformers causal LM (pruned or not); evaluated where it is.
         tokenizer: its tokenizer.
         tasks: lm-eval task names; default the 7 of the pruning papers (`PAPER_TASKS`).
-        data_dir: a folder laid out as `shared/data/zeroshot/` (see its SOURCES.md): the tasks then read those
+        data_dir: a folder with one subfolder per task (the layout docs/hub.md gives): the tasks then read those
             local files through the YAMLs shipped in `optimum_d2prune/evaluation/tasks/` (no download). Without
             it, lm-eval's own tasks are used (they download their datasets from the Hub).
         limit: evaluate only the first `limit` examples of each task (a quick estimate; say so when you report it).
@@ -211,7 +211,7 @@ def zero_shot(
     Example:
     ```python
     >>> from optimum_d2prune.evaluation import zero_shot
-    >>> results = zero_shot(model, tokenizer, data_dir="shared/data/zeroshot", limit=200)
+    >>> results = zero_shot(model, tokenizer, data_dir="zeroshot/", limit=200)
     >>> print(results.table())
     ```
     """

@@ -1,4 +1,4 @@
-"""Loaders of the local zero-shot data (layout of `shared/data/zeroshot/`, see its SOURCES.md) into the fields that
+"""Loaders of the local zero-shot data (one subfolder per task, the layout docs/hub.md gives) into the fields that
 lm-eval's own task configs use. Called by lm-eval through `custom_dataset: !function local_data.load_<task>` with
 the task metadata, which carries `data_dir` (set by `optimum_d2prune.evaluation.zero_shot`)."""
 
