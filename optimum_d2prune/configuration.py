@@ -354,7 +354,7 @@ def _from_legacy(data: dict[str, Any]) -> dict[str, Any]:
         method_fields = {f.name for f in fields(method_options_class(method))}
     except ConfigError:
         method_fields = set()
-    if "refit_steps" in groups["method"]:  # an explicit step count was used as given, uncapped
+    if groups["method"].get("refit_steps"):  # an explicit step count was used as given, uncapped (0: no refit)
         groups["method"]["refit_budget"] = False
     if out.get("reconstruction"):
         for name in ("refit_tolerance", "damp_percent"):  # the reconstruction borrowed them from the config
