@@ -8,7 +8,7 @@ import torch
 from conftest import assert_nm_pattern, calib_batches, capture_attention, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import get_adapter
-from optimum_d2prune.engine import PruningEngine
+from optimum_d2prune.pipeline.engine import PruningEngine
 
 
 def logits(model, ids):
@@ -18,7 +18,7 @@ def logits(model, ids):
 
 def target_weights(model):
     engine = PruningEngine(D2PruneConfig(), get_adapter(model))
-    return {t.name: t.weight() for block in engine.plan(model)[2] for t in block}
+    return {t.name: t.weight() for t in engine.plan(model).targets()}
 
 
 def test_sparsity_zero_reproduces_dense_logits(tiny_name):
@@ -44,13 +44,13 @@ def test_unstructured_half_is_exact_on_every_target(tiny_name, method):
 
 def test_two_four_pattern_on_every_target(tiny_name):
     model = make_tiny(tiny_name)  # the dynamic choice: one projection pruned by the mask-only solver, N:M too
-    D2Pruner(D2PruneConfig(mask_structure="2:4", attention_update="dynamic")).prune(model, calib_batches())
+    D2Pruner(D2PruneConfig(mask_structure="2:4", method_options={"skip_update": "dynamic"})).prune(model, calib_batches())
     assert_nm_pattern(target_weights(model))
 
 
 def test_dynamic_attention_runs_and_reports(tiny_name):
     model = make_tiny(tiny_name)
-    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="dynamic"))
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method_options={"skip_update": "dynamic"}))
     pruner.prune(model, calib_batches())
     report = pruner.report
     assert [a.block for a in report.attention] == [0, 1]
@@ -67,7 +67,7 @@ def test_dynamic_attention_runs_and_reports(tiny_name):
 @pytest.mark.parametrize("choice", ["q", "k", "v"])
 def test_fixed_projection_is_left_without_update(choice):
     model = make_tiny("llama")
-    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update=choice))
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method_options={"skip_update": choice}))
     pruner.prune(model, calib_batches())
     names = {r.name.rsplit(".", 1)[1] for r in pruner.report.layers if not r.updated}
     assert names == {f"{choice}_proj"}
@@ -75,15 +75,15 @@ def test_fixed_projection_is_left_without_update(choice):
 
 def test_global_strategy_keeps_the_best_candidate():
     model = make_tiny("llama")
-    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="dynamic", dynamic_strategy="global"))
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method_options={"skip_update": "dynamic", "strategy": "global"}))
     pruner.prune(model, calib_batches(num=8))
     search = pruner.report.global_search
-    assert set(search) == {"q", "k", "v", "all"} and pruner.report.global_metric == "PPL"
+    assert set(search) == {"q", "k", "v", "none"} and pruner.report.global_metric == "PPL"
     best = min(search, key=search.get)
-    assert {a.chosen for a in pruner.report.attention} == ({best} if best != "all" else set())
+    assert {a.chosen for a in pruner.report.attention} == ({best} if best != "none" else set())
     # the winner is pruned again on all calibration batches: same weights as a fixed choice on the same data
     again = make_tiny("llama")
-    D2Pruner(D2PruneConfig(sparsity=0.5, attention_update=best)).prune(again, calib_batches(num=8))
+    D2Pruner(D2PruneConfig(sparsity=0.5, method_options={"skip_update": best})).prune(again, calib_batches(num=8))
     for (n1, w1), (n2, w2) in zip(target_weights(model).items(), target_weights(again).items()):
         torch.testing.assert_close(w1, w2, msg=n1)
 
@@ -106,7 +106,8 @@ def test_attention_probs_match_the_models_own(tiny_name):
         model, lambda: model(ids, attention_mask=mask, output_attentions=True))
     refs = adapter.projections(block)
     dense = {p: block.get_submodule(refs[p].module).weight.float() for p in ("q", "k")}
-    probs = adapter.attention_probs(attention, inputs, dense)
+    scores = adapter.attention_scores(attention, inputs, dense)
+    probs = scores.probs(slice(0, scores.num_heads))
     expected = out.attentions[1].float()
     valid = mask.bool()
     torch.testing.assert_close(probs[0], expected[0], rtol=1e-4, atol=1e-5)
