@@ -206,7 +206,9 @@ class D2PruneConfig:
             self.allocation = as_choice("allocation", self.allocation, tuple(ALLOCATION_OPTIONS))
         else:  # an N:M pattern has the same sparsity in every block by definition
             self.allocation = preset.allocation if preset and not pattern.is_nm else "uniform"
-        allocation_defaults = preset.allocation_options if preset and not explicit_allocation else {}
+        # the preset's allocation options belong to its rule: not to the uniform rule an N:M pattern falls back to
+        allocation_defaults = (preset.allocation_options if preset and not explicit_allocation
+                               and self.allocation == preset.allocation else {})
         self.allocation_options = ALLOCATION_OPTIONS[self.allocation].build(self.allocation_options,
                                                                             allocation_defaults)
         if explicit_allocation and self.allocation != "uniform" and pattern.is_nm:
