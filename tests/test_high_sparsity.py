@@ -89,7 +89,8 @@ def test_uniform_is_the_golden_per_matrix_count_and_owl_without_spread_is_unifor
         assert torch.equal(a, b)
 
 
-ADMM_CASES = [{"sparsity": 0.6}, {"sparsity": 0.6, "allocation": "owl", "allocation_options": {"outlier_threshold": 2.0}},
+ADMM_CASES = [{"sparsity": 0.6},
+              {"sparsity": 0.6, "allocation": "owl", "allocation_options": {"outlier_threshold": 2.0}},
               {"mask_structure": "2:4"}]
 
 
@@ -336,10 +337,10 @@ def _block_outputs(model, batches) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("name", ["llama4", "opt"])
 def test_model_reference_brings_the_block_outputs_closer_to_the_dense_models(name):
-    """`reconstruction_options={"reference": "model"}` refits each block's last projection to the dense model's block output,
-    "block" to the dense block's on the pruned activations: on the calibration data the blocks' outputs are closer
-    to the dense model's with "model" (relative squared error, measured: llama4 0.0085 vs 0.0114 after block 0 and
-    0.0082 vs 0.0247 after block 3; OPT 0.0329 vs 0.0339 and 0.0410 vs 0.0527)."""
+    """`reconstruction_options={"reference": "model"}` refits each block's last projection to the dense model's block
+    output, "block" to the dense block's on the pruned activations: on the calibration data the blocks' outputs are
+    closer to the dense model's with "model" (relative squared error, measured: llama4 0.0085 vs 0.0114 after block
+    0 and 0.0082 vs 0.0247 after block 3; OPT 0.0329 vs 0.0339 and 0.0410 vs 0.0527)."""
     batches = calib_batches()
     dense = _block_outputs(make_tiny(name), batches)
     errors = {}
