@@ -238,13 +238,15 @@ def test_admm_prunes_dead_inputs_first():
     assert int(out.mask.sum()) == 16 * 32
 
 
-def test_deterministic_masks():
+@pytest.mark.parametrize("solver", [OBSSolver(DualTaylor(1.0, 0.0, 50.0), refit_steps=4), WandaSolver()],
+                         ids=["d2-sparsegpt+refit", "wanda"])
+def test_solves_are_deterministic_and_the_comparison_sees_other_inputs(solver):
     W = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(7))
-    xs = correlated_inputs(7)
-    solver = OBSSolver(DualTaylor(1.0, 0.0, 50.0))
-    a = solver.prune(W, make_stats(W, xs), SparsityPattern.parse("unstructured", 0.5))
-    b = solver.prune(W, make_stats(W, xs), SparsityPattern.parse("unstructured", 0.5))
+    pattern = SparsityPattern.parse("unstructured", 0.5)
+    a, b = (solver.prune(W, make_stats(W, correlated_inputs(7)), pattern) for _ in range(2))
     assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
+    other = solver.prune(W, make_stats(W, correlated_inputs(8)), pattern)  # the same check on other inputs fails
+    assert not torch.equal(a.mask, other.mask) and not torch.equal(a.weight, other.weight)
 
 
 def test_dual_taylor_terms_change_the_mask_and_are_counted():
