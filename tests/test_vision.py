@@ -328,19 +328,6 @@ def test_transformers_model_preprocessing_from_its_saved_processor(tmp_path, dig
         image_preprocessor(digits.build_digits_model("deit", digits.DigitsRecipe(depth=1)))
 
 
-def test_gpu_benchmark_script_runs_tiny_on_cpu(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vision_gpu.py"
-    spec = importlib.util.spec_from_file_location("vision_gpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--model", "vit_tiny_patch16_224", "--depth", "1", "--images", "2", "--methods", "wanda",
-                        "--levels", "2:4", "--device", "cpu"]) == 0
-    assert "| 2:4 | wanda |" in capsys.readouterr().out
-
-
 def test_hub_id_offline_error_says_what_to_do(monkeypatch):
     datasets = pytest.importorskip("datasets")
 
