@@ -19,7 +19,7 @@ from optimum_d2prune.hub import checkpoint_files, read_record
 def pruned_24():
     """A tiny LLaMA pruned 2:4 with D²Prune (attention choices recorded) and its pruner."""
     model = make_tiny("llama")
-    pruner = D2Pruner(D2PruneConfig(mask_structure="2:4", attention_update="dynamic", refine_steps=0))
+    pruner = D2Pruner(D2PruneConfig(mask_structure="2:4", method_options={"skip_update": "dynamic", "refit_steps": 0}))
     pruner.prune(model, calib_batches(num=2))
     return model, pruner
 
