@@ -365,7 +365,7 @@ def _from_legacy(data: dict[str, Any]) -> dict[str, Any]:
         method_fields = set()
     preset = PRESETS.get(out.get("preset"))
     rebuild = out.get("reconstruction", preset.reconstruction if preset else False)
-    if "refit_steps" in groups["method"]:  # an explicit step count was used as given, uncapped
+    if groups["method"].get("refit_steps"):  # an explicit step count was used as given, uncapped (0: no refit)
         groups["method"]["refit_budget"] = False
     if rebuild:
         for name in ("refit_tolerance", "damp_percent"):  # the reconstruction borrowed them from the config

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from optimum_d2prune import load_pruned
+from optimum_d2prune import D2PruneConfig, RuntimeOptions, load_pruned
 from optimum_d2prune.commands import main
 from optimum_d2prune.configuration import CONFIG_NAME
+from optimum_d2prune.errors import D2PruneError
 
 from conftest import FIXTURES
 
@@ -55,7 +56,7 @@ def test_optimum_cli_end_to_end(tiny_checkpoint, eval_text, tmp_path):
     cmd = [_optimum_cli(), "d2prune", "--model", str(tiny_checkpoint), "--output-dir", str(out), "--sparsity", "0.5",
            "--calibration", "self", "--num-samples", "2", "--seq-len", "16", "--eval", str(eval_text),
            "--eval-seq-len", "32", "--eval-max-windows", "2", "--eval-dense", "--device", "cpu",
-           "--dynamic-strategy", "global"]
+           "--strategy", "global"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| sparsity (pruned layers)" in proc.stdout and "50.00%" in proc.stdout  # the summary table
@@ -66,7 +67,8 @@ def test_optimum_cli_end_to_end(tiny_checkpoint, eval_text, tmp_path):
     assert record["calibration"]["source"] == "self" and record["command"].startswith("optimum-cli d2prune --model")
     ppl = next(v for k, v in record["evaluation"].items() if k.startswith("perplexity"))
     assert set(ppl) == {"dense", "pruned"}
-    assert record["config"]["dynamic_strategy"] == "global" and set(record["report"]["global_search"]) == {"q", "k", "v", "all"}
+    assert record["config"]["method_options"]["strategy"] == "global"
+    assert set(record["report"]["global_search"]) == {"q", "k", "v", "none"}
     assert "data:image/png;base64," in (out / "report.html").read_text()
     model, config = load_pruned(out)
     assert config.method == "d2prune" and config.sparsity == 0.5
@@ -130,7 +132,7 @@ def test_a_job_too_large_for_the_device_is_refused_before_the_model_moves(tiny_c
     `model.to(device)`; the refusal prints the per-phase estimate and what to change, and writes nothing."""
     import torch
 
-    import optimum_d2prune.memory as memory
+    import optimum_d2prune.memory.estimate as memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 64 * 2**10)  # 64 KiB free
     monkeypatch.setattr(torch.nn.Module, "to", lambda *a, **k: pytest.fail("moved the model before refusing"))
@@ -168,15 +170,61 @@ def test_cli_push_to_hub_uses_hub_api(tiny_checkpoint, tmp_path, monkeypatch):
     assert CONFIG_NAME in uploaded and "model.safetensors" in uploaded and "report.html" not in uploaded
 
 
-def test_high_sparsity_flags_reach_the_config(tmp_path):
+#: command-line flags -> the config they must give (`--` flags generated from the dataclasses, and the flags of
+#: earlier releases, which keep working)
+FLAG_CASES = {
+    "high sparsity": (["--sparsity", "0.8", "--preset", "max_quality", "--reconstruction-targets", "all",
+                       "--reconstruction-reference", "model", "--admm-steps", "12"],
+                      D2PruneConfig(sparsity=0.8, preset="max_quality", method_options={"admm_steps": 12},
+                                    reconstruction_options={"targets": "all", "reference": "model"})),
+    "preset without its reconstruction": (["--sparsity", "0.8", "--preset", "max_quality", "--no-reconstruction"],
+                                          D2PruneConfig(sparsity=0.8, preset="max_quality", reconstruction=False)),
+    "owl options": (["--sparsity", "0.7", "--allocation", "owl", "--owl-deviation", "0.05",
+                     "--owl-outlier-threshold", "3"],
+                    D2PruneConfig(sparsity=0.7, allocation="owl",
+                                  allocation_options={"deviation": 0.05, "outlier_threshold": 3.0})),
+    "method options": (["--skip-update", "v", "--strategy", "global", "--kl-samples", "2", "--refit-steps", "3"],
+                       D2PruneConfig(method_options={"skip_update": "v", "strategy": "global", "kl_samples": 2,
+                                                    "refit_steps": 3})),
+    "sparsegpt refit": (["--method", "sparsegpt", "--refit-steps", "4", "--no-refit-budget"],
+                        D2PruneConfig(method="sparsegpt", method_options={"refit_steps": 4, "refit_budget": False})),
+    "reconstruction refit": (["--reconstruction", "--reconstruction-refit-steps", "4"],
+                             D2PruneConfig(reconstruction=True, reconstruction_options={"refit_steps": 4})),
+    "flags of earlier releases": (["--sparsity", "0.8", "--sparsity-allocation", "owl", "--block-reconstruction",
+                                   "--dynamic-strategy", "layer", "--attention-update", "all", "--kl-num-samples",
+                                   "2"],
+                                  D2PruneConfig(sparsity=0.8, allocation="owl", reconstruction=True,
+                                                method_options={"strategy": "layer", "skip_update": "none",
+                                                                "kl_samples": 2})),
+    "attention-update none": (["--attention-update", "none"], D2PruneConfig(method_options={"skip_update": "qkv"})),
+    "runtime": (["--device", "cpu", "--offload-activations", "--kl-chunk-mib", "8", "--on-nonfinite", "skip"],
+                D2PruneConfig()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLAG_CASES))
+def test_flags_reach_the_config(case, tmp_path):
     from optimum_d2prune.commands.d2prune import build_parser, check_arguments
 
-    args = build_parser().parse_args(["--model", "some/model", "--output-dir", str(tmp_path / "out"), "--sparsity",
-                                      "0.8", "--preset", "max_quality", "--reconstruction-targets", "all",
-                                      "--no-block-reconstruction", "--reconstruction-reference", "model",
-                                      "--admm-steps", "12"])
+    flags, expected = FLAG_CASES[case]
+    args = build_parser().parse_args(["--model", "some/model", "--output-dir", str(tmp_path / "out"), *flags])
     config = check_arguments(args)
-    assert config.admm_steps == 12
-    assert (config.preset, config.reconstruction_targets, config.block_reconstruction) == ("max_quality", "all", False)
-    assert config.reconstruction_reference == "model"
-    assert config.sparsity_allocation == "owl"  # from the preset
+    assert config == expected
+    if case == "runtime":  # not part of what the run does (not compared), but set
+        assert config.runtime == RuntimeOptions(device="cpu", offload_activations=True, kl_chunk_mib=8,
+                                                on_nonfinite="skip")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "wanda", "--refit-steps", "4"], "--refit-steps is not an option of method 'wanda'"),
+    (["--skip-update", "v", "--attention-update", "all"], "--skip-update or --attention-update, not both"),
+    (["--sparsity", "0.5", "--mask-structure", "2:4"], "--sparsity (unstructured) or --mask-structure (N:M)"),
+    (["--mask-structure", "2:4", "--allocation", "owl"], "needs unstructured sparsity"),
+])
+def test_conflicting_flags_are_refused(flags, message, tmp_path):
+    from optimum_d2prune.commands.d2prune import build_parser, check_arguments
+
+    args = build_parser().parse_args(["--model", "some/model", "--output-dir", str(tmp_path / "out"), *flags])
+    with pytest.raises(D2PruneError) as info:
+        check_arguments(args)
+    assert message in str(info.value)

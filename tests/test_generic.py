@@ -14,7 +14,7 @@ from conftest import assert_nm_pattern, calib_batches
 from optimum_d2prune.testing.families import CAUSAL_FAMILIES, EAGER_ONLY, VOCAB, make_family
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import AttentionInputs, GenericAdapter, get_adapter
-from optimum_d2prune.engine import PruningEngine
+from optimum_d2prune.pipeline.engine import PruningEngine
 
 FAMILIES = sorted(CAUSAL_FAMILIES)
 
@@ -25,8 +25,14 @@ def logits(model, ids, mask=None):
 
 
 def target_weights(model, config=None):
-    engine = PruningEngine(config or D2PruneConfig(), get_adapter(model, generic=True))
-    return {t.name: t.weight() for block in engine.plan(model)[2] for t in block}
+    engine = PruningEngine(config or D2PruneConfig(), get_adapter(model))
+    return {t.name: t.weight() for t in engine.plan(model).targets()}
+
+
+def _probs(adapter, attention, inputs, weights):
+    """The attention probabilities of every head with the q/k `weights`."""
+    scores = adapter.attention_scores(attention, inputs, weights)
+    return scores.probs(slice(0, scores.num_heads))
 
 
 def prune_generic(model, config, batches=None):
@@ -46,13 +52,13 @@ def padded_inputs():
 def test_generic_probs_equal_output_attentions_with_padding(family):
     model = make_family(family, attn_implementation="sdpa")
     ids, mask = padded_inputs()
-    adapter = get_adapter(model, generic=True)
+    adapter = get_adapter(model)
     for index, block in enumerate(adapter.blocks(model)):  # both blocks: layer types may alternate
         # SDPA: the probabilities must come from the captured call alone
         attention, inputs = _capture(model, index, lambda: model(ids, attention_mask=mask, use_cache=False))
         refs = adapter.projections(block)
         dense = {p: adapter_rows(block, refs[p]) for p in ("q", "k")}
-        probs = adapter.attention_probs(attention, inputs, dense)
+        probs = _probs(adapter, attention, inputs, dense)
         implementation = model.config._attn_implementation
         model.config._attn_implementation = "eager"
         with torch.no_grad():
@@ -72,7 +78,7 @@ def test_generic_query_row_subset_equals_the_rows_of_the_full_probabilities(fami
     log-probabilities as the full ones' rows, for every family (sliding windows, softcapping, sinks, padding)."""
     model = make_family(family, attn_implementation="sdpa")
     ids, mask = padded_inputs()
-    adapter = get_adapter(model, generic=True)
+    adapter = get_adapter(model)
     rows = torch.tensor([0, 4, 5, 11])
     for index, block in enumerate(adapter.blocks(model)):
         attention, inputs = _capture(model, index, lambda: model(ids, attention_mask=mask, use_cache=False))
@@ -90,7 +96,7 @@ def test_generic_kl_chunk_holds_only_the_query_rows():
 
     model = make_family("qwen3-moe", attn_implementation="sdpa")
     ids = torch.randint(3, VOCAB, (1, 256), generator=torch.Generator().manual_seed(2))
-    adapter = get_adapter(model, generic=True)
+    adapter = get_adapter(model)
     block = adapter.blocks(model)[0]
     attention, inputs = _capture(model, 0, lambda: model(ids, use_cache=False))
     refs = adapter.projections(block)
@@ -133,7 +139,7 @@ def test_half_sparsity_is_exact_on_every_target(family, method):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_four_on_every_target_and_dynamic_choice_reports(family):
     model = make_family(family)
-    pruner = prune_generic(model, D2PruneConfig(mask_structure="2:4", attention_update="dynamic"))
+    pruner = prune_generic(model, D2PruneConfig(mask_structure="2:4", method_options={"skip_update": "dynamic"}))
     assert_nm_pattern(target_weights(model))
     records = pruner.report.attention
     assert [a.block for a in records] == [0, 1]
@@ -160,7 +166,7 @@ def test_save_and_plain_reload_keep_the_zeros(family, tmp_path):
 
 def _capture(model, block_index, run):
     """The `AttentionInputs` block `block_index`'s attention module received during `run()`."""
-    adapter = get_adapter(model, generic=True)
+    adapter = get_adapter(model)
     attention = adapter.attention_module(adapter.blocks(model)[block_index])
     seen = {}
 
@@ -190,14 +196,14 @@ def test_swapped_candidate_weights_equal_a_model_holding_them(family):
 
     model = make_family(family)
     ids, mask = padded_inputs()
-    adapter = get_adapter(model, generic=True)
+    adapter = get_adapter(model)
     block = adapter.blocks(model)[1]
     refs = adapter.projections(block)
     candidate = _pruned_qk(block, refs)
     attention, inputs = _capture(model, 1, lambda: model(ids, attention_mask=mask, use_cache=False))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    probs = adapter.attention_probs(attention, inputs, candidate)
-    dense = adapter.attention_probs(attention, inputs, {p: adapter_rows(block, refs[p]) for p in ("q", "k")})
+    probs = _probs(adapter, attention, inputs, candidate)
+    dense = _probs(adapter, attention, inputs, {p: adapter_rows(block, refs[p]) for p in ("q", "k")})
     assert not torch.allclose(probs, dense)  # the candidate really changed the probabilities
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} was not restored"
@@ -225,57 +231,15 @@ def _tiny_vision(kind):
     return getattr(transformers, cls)(config).eval()
 
 
-@pytest.mark.parametrize("name", ["llama", "opt", "qwen3", "vit", "deit", "mistral", "qwen3-mixed"])
-def test_hand_written_adapters_equal_the_generic_path(name):
-    """Each hand-written adapter (kept because it is faster) gives the generic path's probabilities, on dense and
-    on candidate q/k weights, padding included; both equal `output_attentions=True`."""
-    from conftest import make_tiny
-
-    if name in ("vit", "deit"):
-        model = _tiny_vision(name)
-        pixels = torch.randn(2, 3, 16, 16)
-        run = lambda **kw: model(pixel_values=pixels, **kw)  # noqa: E731
-        valid = None
-    else:
-        model = make_family(name) if name in ("mistral", "qwen3-mixed") else make_tiny(name)
-        ids, mask = padded_inputs()
-        run = lambda **kw: model(ids, attention_mask=mask, use_cache=False, **kw)  # noqa: E731
-        valid = mask.bool()
-    hand, generic = get_adapter(model), get_adapter(model, generic=True)
-    assert not isinstance(hand, GenericAdapter)
-    block = generic.blocks(model)[1]
-    refs = generic.projections(block)
-    assert {p: r.module for p, r in refs.items()} == {p: r.module for p, r in hand.projections(block).items()}
-    attention, inputs = _capture(model, 1, run)
-    model.config._attn_implementation = "eager"
-    with torch.no_grad():
-        expected = run(output_attentions=True).attentions[1].float()
-    model.config._attn_implementation = "sdpa"
-    dense = {p: adapter_rows(block, refs[p]) for p in ("q", "k")}
-    for weights in (dense, _pruned_qk(block, refs)):
-        a, b = hand.attention_probs(attention, inputs, weights), generic.attention_probs(attention, inputs, weights)
-        if valid is None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-        else:
-            torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-6)
-            keep = valid[1]
-            torch.testing.assert_close(a[1][:, keep][..., keep], b[1][:, keep][..., keep], rtol=1e-4, atol=1e-6)
-        if weights is dense:
-            if valid is None:
-                torch.testing.assert_close(b, expected, rtol=1e-4, atol=1e-5)
-            else:
-                torch.testing.assert_close(b[1][:, keep][..., keep], expected[1][:, keep][..., keep],
-                                           rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("family", ["qwen3-mixed", "gemma3-text"])
 def test_blocks_of_different_layer_types_get_their_own_arguments(family):
     """Sliding-window and full-attention blocks receive different masks; the capture keeps each block's own."""
-    from optimum_d2prune.hooks import calibration_context, capture_block_arguments
+    from optimum_d2prune.calibration.hooks import calibration_context
+    from optimum_d2prune.pipeline.capture import capture_block_arguments
 
     model = make_family(family)
     ids, mask = padded_inputs()
-    blocks = get_adapter(model, generic=True).blocks(model)
+    blocks = get_adapter(model).blocks(model)
     real = {}
 
     def keep(index):
@@ -300,7 +264,8 @@ def test_blocks_of_different_layer_types_get_their_own_arguments(family):
 
 
 def test_uniform_blocks_share_block_zero_arguments():
-    from optimum_d2prune.hooks import calibration_context, capture_block_arguments
+    from optimum_d2prune.calibration.hooks import calibration_context
+    from optimum_d2prune.pipeline.capture import capture_block_arguments
 
     model = make_family("llama")
     blocks = get_adapter(model).blocks(model)
@@ -327,7 +292,7 @@ class _NoAttention(torch.nn.Module):
 
 def test_model_without_qkv_gets_one_clear_error_and_baselines_still_run():
     model = _NoAttention().eval()
-    with pytest.raises(ValueError, match=r"Found no q/k/v projections.*attention_update='all'.*targets.*qkv_names"):
+    with pytest.raises(ValueError, match=r"needs the blocks' q/k/v.*'skip_update': 'none'.*targets.*qkv_names"):
         D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, calib_batches())
     assert all(int((p == 0).sum()) == 0 for p in model.parameters())  # refused before any work
     for method in ("sparsegpt", "wanda", "magnitude"):
@@ -335,7 +300,7 @@ def test_model_without_qkv_gets_one_clear_error_and_baselines_still_run():
         pruner.prune(model, calib_batches())
         assert len(pruner.report.layers) == 4
     model = _NoAttention().eval()
-    D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="all")).prune(model, calib_batches())
+    D2Pruner(D2PruneConfig(sparsity=0.5, method_options={"skip_update": "none"})).prune(model, calib_batches())
     w = model.layers_of_mixers[1][2].weight
     assert int((w == 0).sum()) == w.numel() // 2
 
@@ -371,8 +336,8 @@ def _class_logits(model, pixels):
 
 
 def _vision_targets(model):
-    engine = PruningEngine(D2PruneConfig(method="wanda"), get_adapter(model, generic=True))
-    return {t.name: t.weight() for block in engine.plan(model)[2] for t in block}
+    engine = PruningEngine(D2PruneConfig(method="wanda"), get_adapter(model))
+    return {t.name: t.weight() for t in engine.plan(model).targets()}
 
 
 @pytest.mark.parametrize("kind", VISION)
@@ -388,16 +353,16 @@ def test_vision_generic_path(kind, tmp_path):
     torch.testing.assert_close(_class_logits(model, pixels), before, rtol=0, atol=1e-5)
 
     attention, inputs = _capture(model, 1, lambda: model(pixel_values=pixels))
-    adapter = get_adapter(model, generic=True)
+    adapter = get_adapter(model)
     block = adapter.blocks(model)[1]
     refs = adapter.projections(block)
-    probs = adapter.attention_probs(attention, inputs, {p: adapter_rows(block, refs[p]) for p in ("q", "k")})
+    probs = _probs(adapter, attention, inputs, {p: adapter_rows(block, refs[p]) for p in ("q", "k")})
     model.config._attn_implementation = "eager"
     expected = model(pixel_values=pixels, output_attentions=True).attentions[1].float()
     model.config._attn_implementation = "sdpa"
     torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-5)
 
-    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="dynamic", dynamic_strategy="layer"))
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method_options={"skip_update": "dynamic", "strategy": "layer"}))
     pruner.prune(model, _images(), adapter=GenericAdapter())
     assert [a.block for a in pruner.report.attention] == [0, 1]
     assert all(max(a.kls.values()) > 0 for a in pruner.report.attention)
@@ -420,13 +385,13 @@ def test_flash_style_padding_mask_is_converted_for_eager():
     model = make_family("qwen2")
     ids, mask = padded_inputs()
     attention, inputs = _capture(model, 1, lambda: model(ids, attention_mask=mask, use_cache=False))
-    adapter = get_adapter(model, generic=True)
+    adapter = get_adapter(model)
     block = adapter.blocks(model)[1]
     refs = adapter.projections(block)
     dense = {p: adapter_rows(block, refs[p]) for p in ("q", "k")}
-    reference = adapter.attention_probs(attention, inputs, dense)
+    reference = _probs(adapter, attention, inputs, dense)
     flat = AttentionInputs(inputs.args, {**inputs.kwargs, "attention_mask": mask})
-    probs = adapter.attention_probs(attention, flat, dense)
+    probs = _probs(adapter, attention, flat, dense)
     keep = mask.bool()
     torch.testing.assert_close(probs[0], reference[0])
     torch.testing.assert_close(probs[1][:, keep[1]][..., keep[1]], reference[1][:, keep[1]][..., keep[1]])
@@ -434,7 +399,8 @@ def test_flash_style_padding_mask_is_converted_for_eager():
 
 def test_recording_pass_runs_no_block_code_and_restores_hooks():
     """The per-block argument pass runs neither the blocks nor their hooks, and leaves both as they were."""
-    from optimum_d2prune.hooks import calibration_context, capture_block_arguments
+    from optimum_d2prune.calibration.hooks import calibration_context
+    from optimum_d2prune.pipeline.capture import capture_block_arguments
 
     model = make_family("gemma3-text")
     blocks = get_adapter(model).blocks(model)
@@ -465,7 +431,7 @@ def test_swin_stages_through_the_generic_path(tmp_path):
     before = _class_logits(model, pixels)
     D2Pruner(D2PruneConfig(sparsity=0.0, method="sparsegpt")).prune(model, images)
     torch.testing.assert_close(_class_logits(model, pixels), before, rtol=0, atol=1e-5)
-    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="dynamic", dynamic_strategy="layer"))
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method_options={"skip_update": "dynamic", "strategy": "layer"}))
     pruner.prune(make_family("swin"), images)
     records = pruner.report.attention
     assert [(a.block, a.attention) for a in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -488,12 +454,12 @@ def test_swin_stages_through_the_generic_path(tmp_path):
     model.config._attn_implementation = "sdpa"
     handle.remove()
     dense = {p: attention.get_submodule(refs[p].module).weight.float() for p in ("q", "k")}
-    probs = GenericAdapter().attention_probs(attention, seen["inputs"], dense)
+    probs = _probs(GenericAdapter(), attention, seen["inputs"], dense)
     torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-5)
 
     for method, structure in (("sparsegpt", "unstructured"), ("wanda", "2:4"), ("d2prune", "unstructured")):
         model = make_family("swin")
-        extra = {"attention_update": "all"} if method == "d2prune" else {}
+        extra = {"method_options": {"skip_update": "none"}} if method == "d2prune" else {}
         config = D2PruneConfig(sparsity=0.5, method=method, mask_structure=structure, **extra)
         D2Pruner(config).prune(model, images)
         weights = _vision_targets(model)
@@ -510,21 +476,21 @@ def test_swin_stages_through_the_generic_path(tmp_path):
 
 def test_per_sequence_split_gives_the_whole_batch_kl():
     """The KL term is computed one sequence at a time (memory); the sum over sequences equals the batch's."""
-    from optimum_d2prune.attention import attention_kl, split_sequences
+    from optimum_d2prune.methods.d2prune.attention import attention_kl, split_sequences
 
     model = make_family("qwen2")
     ids, mask = padded_inputs()
     attention, captured = _capture(model, 1, lambda: model(ids, attention_mask=mask, use_cache=False))
     inputs = AttentionInputs(captured.args, captured.kwargs, mask.bool())
-    adapter = get_adapter(model, generic=True)
+    adapter = get_adapter(model)
     block = adapter.blocks(model)[1]
     refs = adapter.projections(block)
     dense = {p: adapter_rows(block, refs[p]) for p in ("q", "k")}
     candidate = _pruned_qk(block, refs)
 
     def kl(one):
-        reference = adapter.attention_probs(attention, one, dense).clamp_min(1e-12).log()
-        return attention_kl(adapter.attention_probs(attention, one, candidate), reference, one.token_mask)
+        reference = _probs(adapter, attention, one, dense).clamp_min(1e-12).log()
+        return attention_kl(_probs(adapter, attention, one, candidate), reference, one.token_mask)
 
     parts = [kl(one) for one in split_sequences(inputs)]
     total, rows = kl(inputs)

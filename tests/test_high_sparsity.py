@@ -1,4 +1,4 @@
-"""Non-uniform budgets (OWL), the converged refit, block-level reconstruction and presets (issue 14)."""
+"""Non-uniform budgets (OWL), the converged refit, block-level reconstruction and presets."""
 
 from __future__ import annotations
 
@@ -7,14 +7,20 @@ import torch
 from conftest import calib_batches, make_tiny
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune.allocation import budget_zero_counts, outlier_ratio, owl_sparsities
-from optimum_d2prune.configuration import PRESET_OWL_FROM, PRESETS
-from optimum_d2prune.engine import PruningEngine, _sequential_groups
-from optimum_d2prune.hooks import capture_block_inputs
-from optimum_d2prune.masks import SparsityPattern, lowest_k_mask, round_half_up
-from optimum_d2prune.reconstruction import DenseOutputRecorder, output_projections, reconstruction_groups
-from optimum_d2prune.solvers.admm import admm_support
-from optimum_d2prune.solvers.obs import refit_surviving_weights
+from optimum_d2prune.architectures import get_adapter
+from optimum_d2prune.configuration import PRESETS
+from optimum_d2prune.masks import lowest_k_mask
+from optimum_d2prune.methods.registry import get_method
+from optimum_d2prune.methods.solvers import OBSSolver
+from optimum_d2prune.methods.solvers.admm import admm_support
+from optimum_d2prune.methods.solvers.base import LayerProblem
+from optimum_d2prune.methods.solvers.obs import refit_surviving_weights
+from optimum_d2prune.patterns import SparsityPattern, round_half_up
+from optimum_d2prune.pipeline.capture import CaptureOptions, capture_block_inputs
+from optimum_d2prune.pipeline.engine import PruningEngine
+from optimum_d2prune.pipeline.groups import execution_groups
+from optimum_d2prune.refine.allocation import budget_zero_counts, outlier_ratio, owl_sparsities
+from optimum_d2prune.refine.reconstruction import DenseOutputRecorder, output_projections, reconstruction_groups
 
 
 def _prune(name: str = "llama4", **kwargs):
@@ -36,7 +42,7 @@ def test_owl_budgets_have_the_exact_weighted_mean_and_favour_outlier_blocks():
     assert budgets[1] == min(budgets) and budgets[0] == max(budgets)  # more outliers -> fewer zeros
     assert max(budgets) - min(budgets) == pytest.approx(0.16)
     assert owl_sparsities(ratios, sizes, 0.7, 0.0) == [0.7] * 4
-    with pytest.raises(ValueError, match="owl_lambda"):
+    with pytest.raises(ValueError, match=r"lower `allocation_options\['deviation'\]`"):
         owl_sparsities(ratios, sizes, 0.05, 0.2)
 
 
@@ -61,7 +67,8 @@ def test_outlier_ratio_counts_entries_above_m_times_the_mean():
 # ------------------------------------------------------------------ allocation in the engine
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "d2prune"])
 def test_owl_mean_sparsity_is_exact_over_the_targeted_weights(method):
-    model, report = _prune(method=method, sparsity=0.7, sparsity_allocation="owl", owl_lambda=0.1, owl_m=2.0)
+    model, report = _prune(method=method, sparsity=0.7, allocation="owl",
+                           allocation_options={"deviation": 0.1, "outlier_threshold": 2.0})
     weights = _linears(model)
     total = sum(w.numel() for w in weights)
     assert sum(int((w == 0).sum()) for w in weights) == round_half_up(0.7 * total)
@@ -77,18 +84,22 @@ def test_uniform_is_the_golden_per_matrix_count_and_owl_without_spread_is_unifor
     assert report.block_sparsity == []
     for w in _linears(uniform):  # every matrix rounds its own count (the rule of masks.py)
         assert int((w == 0).sum()) == round_half_up(0.7 * w.numel())
-    flat, _ = _prune(sparsity=0.7, sparsity_allocation="owl", owl_lambda=0.0)
+    flat, _ = _prune(sparsity=0.7, allocation="owl", allocation_options={"deviation": 0.0})
     for a, b in zip(uniform.state_dict().values(), flat.state_dict().values()):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs", [{"sparsity": 0.6}, {"sparsity": 0.6, "sparsity_allocation": "owl", "owl_m": 2.0},
-                                    {"mask_structure": "2:4"}], ids=["uniform", "owl", "2:4"])
+ADMM_CASES = [{"sparsity": 0.6},
+              {"sparsity": 0.6, "allocation": "owl", "allocation_options": {"outlier_threshold": 2.0}},
+              {"mask_structure": "2:4"}]
+
+
+@pytest.mark.parametrize("kwargs", ADMM_CASES, ids=["uniform", "owl", "2:4"])
 def test_admm_keeps_every_count_and_changes_the_masks_in_the_engine(kwargs):
     """ADMM re-selects masks inside the engine (every weight-updated layer, D²Prune's attention choice included)
     and keeps the allocation's exact zero counts per matrix (N:M: N of every M)."""
     plain, _ = _prune(**kwargs)
-    admm, _ = _prune(admm_steps=9, **kwargs)
+    admm, _ = _prune(method_options={"admm_steps": 9}, **kwargs)
     for a, b in zip(_linears(plain), _linears(admm)):
         if "mask_structure" in kwargs:
             assert bool(((b == 0).reshape(b.shape[0], -1, 4).sum(-1) >= 2).all())
@@ -105,20 +116,23 @@ def test_admm_with_the_layer_target_solves_the_layer_problem():
     w0 = torch.randn(24, 64, generator=g)
     mask = lowest_k_mask(w0.abs() * torch.diagonal(h).sqrt(), int(0.7 * w0.numel()))
     dead = torch.zeros(64, dtype=torch.bool)
-    own, own_mask = admm_support(w0, w0.masked_fill(mask, 0), mask, h, SparsityPattern(0.7), 12, dead)
-    given, given_mask = admm_support(torch.full_like(w0, float("nan")), w0.masked_fill(mask, 0), mask, h,
-                                     SparsityPattern(0.7), 12, dead, target=w0 @ h)
+    start, pattern = w0.masked_fill(mask, 0), SparsityPattern(0.7)
+    own, own_mask = admm_support(LayerProblem(w0, h, dead=dead), start, mask, pattern, 12)
+    given, given_mask = admm_support(LayerProblem(torch.full_like(w0, float("nan")), h, target=w0 @ h, dead=dead),
+                                     start, mask, pattern, 12)
     assert not torch.equal(own_mask, mask)  # the steps moved the support
     assert torch.equal(own_mask, given_mask) and torch.allclose(own, given, atol=1e-4)
+    # `dead` is optional: none given is no input dead
+    unset, unset_mask = admm_support(LayerProblem(w0, h), start, mask, pattern, 12)
+    assert torch.equal(unset_mask, own_mask) and torch.equal(unset, own)
 
 
-@pytest.mark.parametrize("kwargs", [{"sparsity": 0.6}, {"sparsity": 0.6, "sparsity_allocation": "owl", "owl_m": 2.0},
-                                    {"mask_structure": "2:4"}], ids=["uniform", "owl", "2:4"])
+@pytest.mark.parametrize("kwargs", ADMM_CASES, ids=["uniform", "owl", "2:4"])
 def test_block_reconstruction_reselects_the_output_projections_masks_on_the_block_objective(kwargs):
     """With the block reconstruction, o_proj/down_proj get their ADMM on the block objective instead of their own
     layer's: the layer solve stops after the sweep, the reconstruction moves their masks and keeps every count."""
-    plain, _ = _prune(block_reconstruction=True, **kwargs)
-    admm, report = _prune(block_reconstruction=True, admm_steps=9, **kwargs)
+    plain, _ = _prune(reconstruction=True, **kwargs)
+    admm, report = _prune(reconstruction=True, method_options={"admm_steps": 9}, **kwargs)
     outputs = {r.name for r in report.reconstruction}
     assert {r.name.rsplit(".", 1)[-1] for r in report.reconstruction} == {"o_proj", "down_proj"}
     for record in report.layers:
@@ -152,17 +166,30 @@ def _objective(w, w0, h) -> float:
     return float(((d @ h) * d).sum())
 
 
-def test_refine_tolerance_stops_early_at_the_converged_objective():
+def _criterion(w, w0, pruned, h) -> float:
+    """The refit's stopping quantity at `w`: the preconditioned residual `Σ r² / diag(H)`, `r = (w0 − w) H` on the
+    surviving entries."""
+    r = ((w0 - w) @ h) * ~pruned
+    return float((r.square() / torch.diagonal(h)).sum())
+
+
+@pytest.mark.parametrize("tolerance", [0.3, 0.1, 0.01])
+def test_refit_tolerance_stops_at_the_first_step_meeting_the_residual_criterion(tolerance):
+    """With a tolerance the refit stops after exactly the steps a fixed-step refit needs to bring the residual below
+    `tolerance²` times the initial one, and gives that fixed-step refit's weights."""
     w0, start, pruned, h = _refit_problem()
-    converged = refit_surviving_weights(w0, start, pruned, h, 300)
-    early = refit_surviving_weights(w0, start, pruned, h, 300, tolerance=1e-3)
-    steps = next(k for k in range(300) if torch.equal(refit_surviving_weights(w0, start, pruned, h, k), early))
-    assert 0 < steps < 300
-    best, initial = _objective(converged, w0, h), _objective(start, w0, h)
-    assert _objective(early, w0, h) - best <= 1e-3 * (initial - best)
-    assert torch.equal(refit_surviving_weights(w0, start, pruned, h, 5, tolerance=0.0),
-                       refit_surviving_weights(w0, start, pruned, h, 5))  # 0: fixed steps, as before
+    problem = LayerProblem(w0, h)
+    fixed = [refit_surviving_weights(problem, start, pruned, k) for k in range(301)]
+    goal = tolerance**2 * _criterion(start, w0, pruned, h)
+    residuals = [_criterion(w, w0, pruned, h) for w in fixed]
+    first = next(k for k, r in enumerate(residuals) if r <= goal)
+    assert 0 < first < 300 and residuals[first - 1] > goal
+    early = refit_surviving_weights(problem, start, pruned, 300, tolerance)
+    assert torch.equal(early, fixed[first])
+    assert torch.equal(refit_surviving_weights(problem, start, pruned, 5, 0.0), fixed[5])  # 0: fixed steps
     assert bool((early[pruned] == 0).all())
+    best, initial = _objective(fixed[300], w0, h), _objective(start, w0, h)
+    assert best < _objective(early, w0, h) < initial
 
 
 def test_refit_with_a_target_solves_the_cross_covariance_problem():
@@ -173,17 +200,29 @@ def test_refit_with_a_target_solves_the_cross_covariance_problem():
     w_d = torch.randn(8, 24, generator=g)
     pruned = torch.rand(8, 24, generator=g) < 0.5
     gram, cross = x_p.t() @ x_p, x_d.t() @ x_p
-    w = refit_surviving_weights(w_d, w_d.masked_fill(pruned, 0), pruned, gram, 200, target=w_d @ cross)
+    w = refit_surviving_weights(LayerProblem(w_d, gram, target=w_d @ cross), w_d.masked_fill(pruned, 0), pruned, 200)
     for i in range(8):  # reference: ordinary least squares on each row's free columns
         free = ~pruned[i]
         ref = torch.linalg.lstsq(x_p[:, free], (x_d @ w_d[i]).unsqueeze(1)).solution.squeeze(1)
         torch.testing.assert_close(w[i, free], ref, rtol=1e-3, atol=1e-3)
 
 
-def test_refine_tolerance_is_used_by_the_solver():
-    model_a, report_a = _prune(sparsity=0.6, refine_steps=64)
-    model_b, report_b = _prune(sparsity=0.6, refine_steps=64, refine_tolerance=0.5)
-    assert any(not torch.equal(a, b) for a, b in zip(_linears(model_a), _linears(model_b)))
+def test_refit_tolerance_of_the_config_stops_the_solvers_refit_early():
+    """The method built from the config refits for as many steps as the fixed-step solver whose weights it gives,
+    fewer than `refit_steps`: not the full `refit_steps` refit."""
+    from test_solvers import correlated_inputs, make_stats
+
+    config = D2PruneConfig(method="sparsegpt", sparsity=0.6,
+                           method_options={"refit_steps": 64, "refit_tolerance": 0.5, "refit_budget": False})
+    method = get_method(config.method)(config.method_options, config.pattern)
+    method.setup(300)
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    stats = make_stats(w, correlated_inputs(9))
+    early = method.solver.prune(w, stats, config.pattern)
+    fixed = {k: OBSSolver(refit_steps=k).prune(w, stats, config.pattern).weight for k in range(1, 65)}
+    same = [k for k, weight in fixed.items() if torch.equal(weight, early.weight)]
+    assert same and same[0] < 64 and not torch.equal(early.weight, fixed[64])
 
 
 # ------------------------------------------------------------------ block-level reconstruction
@@ -194,12 +233,12 @@ def test_refine_tolerance_is_used_by_the_solver():
 ])
 def test_output_projections_are_found_from_structure(name, expected, everything):
     model = make_tiny(name)
-    config = D2PruneConfig()
-    engine = PruningEngine(config, _adapter(model))
-    blocks, _, targets = engine.plan(model)
-    batch = capture_block_inputs(model, blocks[0], [{"input_ids": calib_batches(1)[0]}], torch.device("cpu"),
-                                 torch.device("cpu"), engine.adapter.forward_model)[0]
-    groups = _sequential_groups(blocks[0], targets[0], batch, torch.device("cpu"))
+    engine = PruningEngine(D2PruneConfig(), get_adapter(model))
+    stack = engine.plan(model).stacks[0]
+    cpu = torch.device("cpu")
+    batch = capture_block_inputs(model, stack.blocks[0], [{"input_ids": calib_batches(1)[0]}],
+                                 CaptureOptions(cpu, cpu, engine.adapter.forward_model))[0]
+    groups = execution_groups(stack.blocks[0], stack.targets[0], batch, cpu)
     outputs = output_projections(groups)
     assert len(outputs) == len(expected)
     assert all(t.name.endswith(f".0.{e}") for t, e in zip(outputs, expected))
@@ -207,12 +246,6 @@ def test_output_projections_are_found_from_structure(name, expected, everything)
     prefix = outputs[0].name[: -len(expected[0])]
     assert [[t.name for t in g] for g in reconstruction_groups(groups, "all")] == [
         [prefix + n for n in group] for group in everything]
-
-
-def _adapter(model):
-    from optimum_d2prune.architectures import get_adapter
-
-    return get_adapter(model)
 
 
 def _first_block_output_error(model, dense) -> float:
@@ -224,22 +257,40 @@ def _first_block_output_error(model, dense) -> float:
     return float((ours[1] - ref[1]).square().sum() / (ref[1] - ref[0]).square().sum())
 
 
+def _assert_refit_moves_only_surviving_weights(plain, refit, refit_names: set, sparsity: float) -> None:
+    """Every matrix keeps its exact zero count; in block 0 (same inputs in both runs) the matrices the block
+    reconstruction refit keep the plain run's mask with other surviving weights, and every other one is the plain
+    run's bit for bit. Later blocks see other inputs in the two runs, so only their counts compare."""
+    modules = dict(refit.named_modules())
+    for name, module in plain.named_modules():
+        if not (isinstance(module, torch.nn.Linear) and ".layers." in name):
+            continue
+        a, b = module.weight, modules[name].weight
+        assert int((a == 0).sum()) == int((b == 0).sum()) == round_half_up(sparsity * a.numel()), name
+        if ".layers.0." not in name:
+            continue
+        if name in refit_names:
+            assert torch.equal(a == 0, b == 0) and not torch.equal(a, b), name
+        else:
+            assert torch.equal(a, b), name
+
+
 def test_block_reconstruction_lowers_the_block_output_error():
     dense = make_tiny("llama4")
-    plain, _ = _prune(sparsity=0.7, refine_steps=0)
-    refit, report = _prune(sparsity=0.7, refine_steps=0, block_reconstruction=True)
+    no_refit = {"refit_steps": 0}
+    plain, _ = _prune(sparsity=0.7, method_options=no_refit)
+    refit, report = _prune(sparsity=0.7, method_options=no_refit, reconstruction=True)
     assert _first_block_output_error(refit, dense) < 0.8 * _first_block_output_error(plain, dense)
     assert len(report.reconstruction) == 8
     assert all(r.error_after <= r.error_before for r in report.reconstruction)
-    for a, b in zip(_linears(plain), _linears(refit)):  # same masks: only surviving weights move
-        assert torch.equal(a == 0, b == 0) or int((b == 0).sum()) >= int((a == 0).sum())
+    _assert_refit_moves_only_surviving_weights(plain, refit, {r.name for r in report.reconstruction}, 0.7)
     assert "block-level refit" in report.summary()
-    wider, report = _prune(sparsity=0.7, refine_steps=0, block_reconstruction=True, reconstruction_targets="all")
+    wider, report = _prune(sparsity=0.7, method_options=no_refit, reconstruction=True,
+                           reconstruction_options={"targets": "all"})
     assert [r.name.split(".", 3)[-1] for r in report.reconstruction[:4]] == [
         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     assert len(report.reconstruction) == 16 and all(r.error_after <= r.error_before for r in report.reconstruction)
-    for a, b in zip(_linears(plain), _linears(wider)):
-        assert torch.equal(a == 0, b == 0) or int((b == 0).sum()) >= int((a == 0).sum())
+    _assert_refit_moves_only_surviving_weights(plain, wider, {r.name for r in report.reconstruction}, 0.7)
 
 
 @pytest.mark.parametrize("name", ["llama4", "opt"])
@@ -254,7 +305,7 @@ def test_reconstruction_from_the_recorded_dense_outputs_matches_swapping_the_den
             for module in model.modules():
                 if isinstance(module, torch.nn.Linear) and module.bias is not None:
                     module.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-        pruner = D2Pruner(D2PruneConfig(sparsity=0.7, block_reconstruction=True))
+        pruner = D2Pruner(D2PruneConfig(sparsity=0.7, reconstruction=True))
         pruner.prune(model, calib_batches())
         layers = model.model.decoder.layers if name == "opt" else model.model.layers
         return [m.weight for m in layers[0].modules() if isinstance(m, torch.nn.Linear)], pruner.report
@@ -286,15 +337,15 @@ def _block_outputs(model, batches) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("name", ["llama4", "opt"])
 def test_model_reference_brings_the_block_outputs_closer_to_the_dense_models(name):
-    """`reconstruction_reference="model"` refits each block's last projection to the dense model's block output,
-    "block" to the dense block's on the pruned activations: on the calibration data the blocks' outputs are closer
-    to the dense model's with "model" (relative squared error, measured: llama4 0.0085 vs 0.0114 after block 0 and
-    0.0082 vs 0.0247 after block 3; OPT 0.0329 vs 0.0339 and 0.0410 vs 0.0527)."""
+    """`reconstruction_options={"reference": "model"}` refits each block's last projection to the dense model's block
+    output, "block" to the dense block's on the pruned activations: on the calibration data the blocks' outputs are
+    closer to the dense model's with "model" (relative squared error, measured: llama4 0.0085 vs 0.0114 after block
+    0 and 0.0082 vs 0.0247 after block 3; OPT 0.0329 vs 0.0339 and 0.0410 vs 0.0527)."""
     batches = calib_batches()
     dense = _block_outputs(make_tiny(name), batches)
     errors = {}
     for reference in ("block", "model"):
-        model = _prune(name, sparsity=0.6, block_reconstruction=True, reconstruction_reference=reference)[0]
+        model = _prune(name, sparsity=0.6, reconstruction=True, reconstruction_options={"reference": reference})[0]
         errors[reference] = [float((a - b).square().sum() / b.square().sum())
                              for a, b in zip(_block_outputs(model, batches), dense)]
     assert all(m < b for m, b in zip(errors["model"], errors["block"])), errors
@@ -310,7 +361,8 @@ def test_model_reference_keeps_the_dense_block_target_for_post_norm_blocks(caplo
         model.config.do_layer_norm_before = False
         for layer in model.model.decoder.layers:
             layer.do_layer_norm_before = False
-        pruner = D2Pruner(D2PruneConfig(sparsity=0.6, block_reconstruction=True, reconstruction_reference=reference))
+        pruner = D2Pruner(D2PruneConfig(sparsity=0.6, reconstruction=True,
+                                        reconstruction_options={"reference": reference}))
         pruner.prune(model, calib_batches())
         return model, pruner.report
 
@@ -324,84 +376,88 @@ def test_model_reference_keeps_the_dense_block_target_for_post_norm_blocks(caplo
         assert torch.equal(a, b)
 
 
-# ------------------------------------------------------------------ configuration and presets
-@pytest.mark.parametrize("kwargs, match", [
-    ({"sparsity_allocation": "owl", "mask_structure": "2:4"}, "N:M"),
-    ({"sparsity_allocation": "layerwise"}, "sparsity_allocation"),
-    ({"owl_lambda": 0.7}, "owl_lambda"),
-    ({"owl_lambda": -0.1}, "owl_lambda"),
-    ({"owl_m": 0}, "owl_m"),
-    ({"refine_tolerance": 1.5}, "refine_tolerance"),
-    ({"refine_tolerance": "tight"}, "refine_tolerance"),
-    ({"block_reconstruction": "yes"}, "block_reconstruction"),
-    ({"reconstruction_targets": "everything"}, "reconstruction_targets"),
-    ({"reconstruction_reference": "dense"}, "reconstruction_reference"),
-    ({"preset": "fast"}, "preset"),
-    ({"kl_query_rows": 0}, "kl_query_rows"),
-    ({"kl_query_rows": 64.0}, "kl_query_rows"),
-    ({"measure_flips": "yes"}, "measure_flips"),
-    ({"admm_steps": -1}, "admm_steps"),
-    ({"admm_steps": 2.5}, "admm_steps"),
-    ({"method": "wanda", "admm_steps": 10}, "weight-updating"),
-])
-def test_config_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        D2PruneConfig(**kwargs)
+# ------------------------------------------------------------------ presets
+MAX_QUALITY = PRESETS["max_quality"]
+OWL_FROM = MAX_QUALITY.allocation_options["min_sparsity"]
 
 
-def test_presets_resolve_defaults_explicit_values_win_and_round_trip(tmp_path):
-    default = D2PruneConfig()
-    assert (default.lambda1, default.activation_scale, default.attention_update, default.sparsity_allocation,
-            default.refine_tolerance, default.block_reconstruction, default.refine_steps) == \
-        (1.0, "auto", "dynamic", "uniform", 0.15, False, None)
-    paper = D2PruneConfig(preset="paper")
-    assert (paper.activation_scale, paper.lambda1, paper.lambda2, paper.attention_update, paper.refine_steps) == \
-        (1500.0, 1.0, 0.0, "v", 0)
-    mine = D2PruneConfig(preset="paper", attention_update="k", activation_scale="auto")
-    assert mine.attention_update == "k" and mine.activation_scale == "auto" and mine.refine_steps == 0
-    best = D2PruneConfig(preset="max_quality", sparsity=0.8)
-    for key, value in PRESETS["max_quality"].items():
-        assert getattr(best, key) == value
-    assert D2PruneConfig(preset="max_quality", mask_structure="2:4").sparsity_allocation == "uniform"
-    # the preset's OWL budgets start at PRESET_OWL_FROM; below it uniform, unless asked for explicitly
-    below = D2PruneConfig(preset="max_quality", sparsity=0.5)
-    assert below.sparsity_allocation == "uniform" and below.block_reconstruction and below.admm_steps
-    assert D2PruneConfig(preset="max_quality", sparsity=PRESET_OWL_FROM).sparsity_allocation == "owl"
-    assert D2PruneConfig(preset="max_quality", sparsity=0.5, sparsity_allocation="owl").sparsity_allocation == "owl"
-    assert below.replace(preset="max_quality", sparsity=0.8).sparsity_allocation == "owl"
-    # the preset's ADMM steps are for the methods that update weights; the others take the rest of the preset
-    assert [D2PruneConfig(preset="max_quality", method=m).admm_steps for m in ("sparsegpt", "wanda", "magnitude")] \
-        == [PRESETS["max_quality"]["admm_steps"], 0, 0]
+@pytest.mark.parametrize("sparsity", [OWL_FROM - 0.05, OWL_FROM, 0.8])
+def test_max_quality_runs_what_its_table_says(sparsity):
+    """Against the default run at the same sparsity: block reconstruction of the output projections, ADMM in the
+    solve of every other weight-updated matrix (the refit projections run theirs on the block objective), and OWL
+    budgets from the table's `min_sparsity` on, uniform budgets below it."""
+    assert MAX_QUALITY.reconstruction and MAX_QUALITY.allocation == "owl"
+    assert MAX_QUALITY.method_options["d2prune"]["admm_steps"] > 0
+    _, default = _prune(sparsity=sparsity)
+    model, report = _prune(sparsity=sparsity, preset="max_quality")
+    assert default.reconstruction == [] and default.block_sparsity == []
+    assert not any("+admm" in r.solver for r in default.layers)
+    refit = {r.name for r in report.reconstruction}
+    assert len(refit) == 8 and {n.rsplit(".", 1)[-1] for n in refit} == {"o_proj", "down_proj"}
+    for record in report.layers:
+        assert ("+admm" in record.solver) == (record.updated and record.name not in refit), record
+    weights = _linears(model)
+    if sparsity >= OWL_FROM:
+        deviation = MAX_QUALITY.allocation_options.get("deviation", 0.08)
+        assert len(report.block_sparsity) == 4
+        assert max(report.block_sparsity) - min(report.block_sparsity) == pytest.approx(2 * deviation)
+        total = sum(w.numel() for w in weights)
+        assert sum(int((w == 0).sum()) for w in weights) == round_half_up(sparsity * total)
+    else:
+        assert report.block_sparsity == []
+        for w in weights:
+            assert int((w == 0).sum()) == round_half_up(sparsity * w.numel())
+
+
+def test_paper_preset_is_the_published_algorithm():
+    """The preset's run is the run of its options given explicitly: v pruned without update in every block, no
+    refit (the default run refits)."""
+    a, report = _prune(sparsity=0.5, preset="paper")
+    b, _ = _prune(sparsity=0.5, method_options={"activation_scale": 1500.0, "lambda1": 1.0, "lambda2": 0.0,
+                                                "skip_update": "v", "refit_steps": 0})
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    assert {(r.chosen, r.strategy) for r in report.attention} == {("v", "fixed")} and len(report.attention) == 4
+    assert {r.solver for r in report.layers} == {"d2-sparsegpt", "d2-wanda"}
+    _, default = _prune(sparsity=0.5)
+    assert "d2-sparsegpt+refit" in {r.solver for r in default.layers}
+
+
+def test_explicit_values_win_over_the_preset_and_a_new_preset_re_resolves(tmp_path):
+    mine = D2PruneConfig(preset="paper", method_options={"skip_update": "k", "activation_scale": "auto"})
+    assert (mine.method_options.skip_update, mine.method_options.activation_scale) == ("k", "auto")
+    assert mine.method_options.refit_steps == 0  # the rest comes from the preset
+    assert D2PruneConfig(preset="max_quality", mask_structure="2:4").allocation == "uniform"
+    without = D2PruneConfig(preset="max_quality", sparsity=0.8, reconstruction=False)
+    assert without.reconstruction is False and without.reconstruction_options is None and without.allocation == "owl"
+    wanda = D2PruneConfig(preset="max_quality", method="wanda", sparsity=0.8)  # no ADMM: the rest of the preset
+    assert wanda.reconstruction and wanda.allocation == "owl" and not hasattr(wanda.method_options, "admm_steps")
     path = tmp_path / "config.json"
     mine.to_json_file(path)
     again = D2PruneConfig.from_json_file(path)
     assert again == mine and again.to_dict()["preset"] == "paper"
     switched = mine.replace(preset="max_quality")
-    assert not mine.block_reconstruction and switched.block_reconstruction
-    assert switched.attention_update == "dynamic"  # re-resolved: the new preset does not set it
+    assert not mine.reconstruction and switched.reconstruction
+    assert switched.method_options.skip_update == "dynamic"  # re-resolved: the new preset does not set it
 
 
 def test_nm_patterns_update_every_projection_unless_told_otherwise():
     """At N:M the default leaves no q/k/v un-updated (dev-split choice); an explicit value or the paper preset's fixed
     v is kept, unstructured sparsity keeps the attention-aware choice, and the resolved value round-trips."""
-    assert D2PruneConfig(mask_structure="2:4").attention_update == "all"
-    assert D2PruneConfig(mask_structure="4:8", preset="max_quality").attention_update == "all"
-    assert D2PruneConfig(mask_structure="2:4", attention_update="dynamic").attention_update == "dynamic"
-    assert D2PruneConfig(mask_structure="2:4", preset="paper").attention_update == "v"
-    assert D2PruneConfig(sparsity=0.5).attention_update == "dynamic"
+
+    def skip_update(**kwargs) -> str:
+        return D2PruneConfig(**kwargs).method_options.skip_update
+
+    assert skip_update(mask_structure="2:4") == "none"
+    assert skip_update(mask_structure="4:8", preset="max_quality") == "none"
+    assert skip_update(mask_structure="2:4", method_options={"skip_update": "dynamic"}) == "dynamic"
+    assert skip_update(mask_structure="2:4", preset="paper") == "v"
+    assert skip_update(sparsity=0.5) == "dynamic"
     config = D2PruneConfig(mask_structure="2:4")
     assert D2PruneConfig.from_dict(config.to_dict()) == config
     default, report = _prune(mask_structure="2:4")
-    explicit, _ = _prune(mask_structure="2:4", attention_update="all")
+    explicit, _ = _prune(mask_structure="2:4", method_options={"skip_update": "none"})
     assert not report.attention  # no projection was chosen to stay un-updated
     assert all(torch.equal(a, b) for a, b in zip(_linears(default), _linears(explicit)))
-    _, dynamic = _prune(mask_structure="2:4", attention_update="dynamic")
+    _, dynamic = _prune(mask_structure="2:4", method_options={"skip_update": "dynamic"})
     assert dynamic.attention  # the control: asked for, the choice is made and recorded
-
-
-def test_paper_preset_is_the_published_algorithm():
-    a, _ = _prune(sparsity=0.5, preset="paper")
-    b, _ = _prune(sparsity=0.5, activation_scale=1500.0, lambda1=1.0, lambda2=0.0, attention_update="v",
-                  refine_steps=0)
-    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
-        assert torch.equal(x, y)

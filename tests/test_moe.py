@@ -11,10 +11,14 @@ import pytest
 import torch
 
 from conftest import assert_nm_pattern, calib_batches
-from optimum_d2prune.testing.families import TEXT, VOCAB
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import get_adapter
-from optimum_d2prune.engine import PruningEngine
+from optimum_d2prune.architectures.experts import expert_parameters
+from optimum_d2prune.calibration import experts as expert_statistics
+from optimum_d2prune.calibration.experts import ExpertStatisticsCollector
+from optimum_d2prune.calibration.hooks import calibration_context
+from optimum_d2prune.pipeline.engine import PruningEngine
+from optimum_d2prune.testing.families import TEXT, VOCAB
 
 EXPERTS = 5
 UNUSED = 4
@@ -71,7 +75,7 @@ def test_expert_token_counts_match_the_router_and_every_expert_is_exact(kind):
     batches = calib_batches()
     expected = router_counts(model, batches)
     assert int(expected[UNUSED]) == 0 and int(expected.min()) == 0 and int(expected.max()) > int(expected[:4].min())
-    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="dynamic"))
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method_options={"skip_update": "dynamic"}))
     pruner.prune(model, batches)
     report = pruner.report
     block0 = {e.expert: e for e in report.experts if e.block == 0}
@@ -113,9 +117,6 @@ def test_sparsity_zero_keeps_the_logits_and_save_reload_keeps_expert_zeros(tmp_p
 def test_expert_statistics_are_those_of_the_routed_tokens():
     """The Hessian of an expert's first matrix is built from exactly the tokens routed to it (checked against a
     replay from the router's output) and the down projection's from `act(gate) * up` of those tokens."""
-    from optimum_d2prune.hooks import calibration_context
-    from optimum_d2prune.moe import ExpertStatisticsCollector
-
     model = make_moe("qwen3_moe")
     mlp = model.model.layers[0].mlp
     seen = {}
@@ -154,7 +155,7 @@ def test_targets_can_leave_the_experts_dense():
     D2Pruner(D2PruneConfig(sparsity=0.5, method="wanda", ignore=[r"experts"])).prune(model, calib_batches())
     assert all(int((w == 0).sum()) == 0 for w in expert_weights(model).values())
     engine = PruningEngine(D2PruneConfig(), get_adapter(model))
-    names = [t.name for t in engine.plan(model)[2][0]]
+    names = [t.name for t in engine.plan(model).stacks[0].targets[0]]
     assert any(n.endswith("down_proj[4]") for n in names)
 
 
@@ -163,7 +164,6 @@ def test_expert_replay_reproduces_the_experts_module(kind):
     """The per-expert replay used for statistics (first matrix, the module's own gating, down matrix; transposed
     and biased layouts included) recombines to exactly what the experts module computes."""
     from optimum_d2prune.testing.families import make_family
-    from optimum_d2prune.moe import _hidden_act, _linear, expert_parameters
 
     model = make_family("gpt-oss") if kind == "gpt-oss" else make_moe(kind)
     experts = model.model.layers[0].mlp.experts
@@ -179,16 +179,14 @@ def test_expert_replay_reproduces_the_experts_module(kind):
         for t in range(10):
             for k in range(2):
                 e = int(index[t, k])
-                h = _hidden_act(experts, first, _linear(experts, first, e, hidden[t : t + 1]))
-                out[t] += weights[t, k] * _linear(experts, second, e, h)[0]
+                h = expert_statistics._hidden_act(experts, first,
+                                                  expert_statistics._linear(experts, first, e, hidden[t : t + 1]))
+                out[t] += weights[t, k] * expert_statistics._linear(experts, second, e, h)[0]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_all_experts_allocated_up_front_give_the_same_statistics():
     """Data-parallel ranks allocate every expert's statistics (same keys everywhere); the sums are unchanged."""
-    from optimum_d2prune.hooks import calibration_context
-    from optimum_d2prune.moe import ExpertStatisticsCollector
-
     model = make_moe("qwen3_moe")
     experts = {"experts": model.model.layers[0].mlp.experts}
     lazy = ExpertStatisticsCollector(experts, "hessian", torch.device("cpu"), 24)
@@ -213,24 +211,22 @@ def test_all_experts_allocated_up_front_give_the_same_statistics():
 def test_deferred_statistics_hold_one_expert_at_a_time_and_match_the_eager_ones(monkeypatch):
     """Without data parallelism an expert's Hessians are built when it is pruned, one expert at a time, from the
     kept inputs; the result is the same model as accumulating every expert's statistics during the forward."""
-    from optimum_d2prune import moe
-
     alive = []
-    original = moe.ExpertStatisticsCollector.statistics
+    original = ExpertStatisticsCollector.statistics
 
     def spy(self, name, param, expert):
         out = original(self, name, param, expert)
         alive.append(len({k.rsplit("[", 1)[1] for k in self._built}))  # experts with built statistics
         return out
 
-    monkeypatch.setattr(moe.ExpertStatisticsCollector, "statistics", spy)
+    monkeypatch.setattr(ExpertStatisticsCollector, "statistics", spy)
     deferred = make_moe("mixtral")
     D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt")).prune(deferred, calib_batches())
     assert alive and max(alive) == 1
 
     eager = make_moe("mixtral")
-    real_init = moe.ExpertStatisticsCollector.__init__
-    monkeypatch.setattr(moe.ExpertStatisticsCollector, "__init__",
+    real_init = ExpertStatisticsCollector.__init__
+    monkeypatch.setattr(ExpertStatisticsCollector, "__init__",
                         lambda self, *a, **k: real_init(self, *a, **{**k, "all_experts": True}))
     D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt")).prune(eager, calib_batches())
     for (name, a), b in zip(expert_weights(deferred).items(), expert_weights(eager).values()):
@@ -282,7 +278,7 @@ def test_two_gloo_ranks_match_one_process_on_experts(tmp_path):
 
 def test_experts_below_the_token_threshold_fall_back_to_wanda_and_are_reported():
     model = make_moe("qwen3_moe")
-    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", min_expert_tokens=10**6))
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", method_options={"min_expert_tokens": 10**6}))
     pruner.prune(model, calib_batches())
     records = pruner.report.experts
     assert records and all(r.fallback for r in records)
@@ -293,18 +289,18 @@ def test_experts_below_the_token_threshold_fall_back_to_wanda_and_are_reported()
     assert "(fallback)" in pruner.report.expert_table()
     for name, w in expert_weights(model).items():
         assert int((w == 0).sum()) == w.numel() // 2, name
-    no_threshold = D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", min_expert_tokens=0))
+    no_threshold = D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", method_options={"min_expert_tokens": 0}))
     no_threshold.prune(make_moe("qwen3_moe"), calib_batches())  # an expert without tokens still gets magnitude
     assert {(r.tokens > 0, r.solver) for r in no_threshold.report.experts} == {(True, "sparsegpt"),
                                                                                 (False, "magnitude")}
-    with pytest.raises(ValueError, match="min_expert_tokens"):
-        D2PruneConfig(min_expert_tokens=-1)
+    with pytest.raises(ValueError, match="`min_expert_tokens` must be an integer >= 0"):
+        D2PruneConfig(method_options={"min_expert_tokens": -1})
 
 
 def test_resumed_run_keeps_the_expert_records(tmp_path):
     """The per-expert records (token counts, fallbacks) of finished blocks survive a resume from `checkpoint_dir`."""
     batches = calib_batches(num=2, batch=2, length=16)
-    config = D2PruneConfig(method="sparsegpt", checkpoint_dir=str(tmp_path / "ckpt"))
+    config = D2PruneConfig(method="sparsegpt", runtime={"checkpoint_dir": str(tmp_path / "ckpt")})
     first = D2Pruner(config)
     first.prune(make_moe("qwen3_moe"), batches)
     resumed = D2Pruner(config)  # same model, data and config: every block is restored from the checkpoint

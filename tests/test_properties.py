@@ -18,12 +18,13 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from optimum_d2prune import D2PruneConfig  # noqa: E402
-from optimum_d2prune.masks import (SparsityPattern, group_zero_counts, kth_smallest, lowest_k_mask,  # noqa: E402
-                                   round_half_up)
-from optimum_d2prune.solvers import DualTaylor, MagnitudeSolver, OBSSolver, WandaSolver, solvers_for  # noqa: E402
-from optimum_d2prune.solvers.base import relative_error  # noqa: E402
-from optimum_d2prune.solvers.obs import MASKING_MARGIN  # noqa: E402
-from optimum_d2prune.statistics import InputStatistics, LinearStatistics  # noqa: E402
+from optimum_d2prune.calibration.statistics import InputStatistics, LinearStatistics  # noqa: E402
+from optimum_d2prune.masks import kth_smallest, lowest_k_mask  # noqa: E402
+from optimum_d2prune.methods.registry import get_method  # noqa: E402
+from optimum_d2prune.methods.solvers import DualTaylor, MagnitudeSolver, OBSSolver, WandaSolver  # noqa: E402
+from optimum_d2prune.methods.solvers.base import relative_error  # noqa: E402
+from optimum_d2prune.methods.solvers.obs import MASKING_MARGIN  # noqa: E402
+from optimum_d2prune.patterns import SparsityPattern, group_zero_counts, round_half_up  # noqa: E402
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -63,7 +64,7 @@ def _solvers(block_size: int):
     return [
         OBSSolver(block_size=block_size),
         OBSSolver(dual_taylor=DualTaylor(1.0, -0.5, 50.0), block_size=block_size),
-        OBSSolver(block_size=block_size, refine_steps=3),
+        OBSSolver(block_size=block_size, refit_steps=3),
         WandaSolver(),
         WandaSolver(dual_taylor=DualTaylor(1.0, 0.0, 50.0)),
         MagnitudeSolver(),
@@ -131,10 +132,12 @@ def test_zero_lambdas_give_sparsegpt_mask(data):
     cols = weight.shape[1]
     # one column block: the published algorithm rounds each block with Python's round (ties to even)
     assume(pattern.is_nm or abs(pattern.sparsity * weight.numel() % 1 - 0.5) > 1e-6)
-    config = D2PruneConfig(method="d2prune", lambda1=0.0, lambda2=0.0, refine_steps=0,
-                           block_size=cols if pattern.is_nm else 128, mask_structure=pattern.structure,
-                           sparsity=pattern.sparsity)
-    update, _ = solvers_for(config, seq_len=x.shape[0])
+    config = D2PruneConfig(method="d2prune", mask_structure=pattern.structure, sparsity=pattern.sparsity,
+                           method_options={"lambda1": 0.0, "lambda2": 0.0, "refit_steps": 0,
+                                           "block_size": cols if pattern.is_nm else 128})
+    method = get_method(config.method)(config.method_options, config.pattern)
+    method.setup(x.shape[0])
+    update = method.solver
     out = update.prune(weight, stats, pattern)
     _, ref_mask = reference_sparsegpt(weight, [x], pattern.sparsity, pattern.n, pattern.m, blocksize=cols)
     assert torch.equal(out.mask, ref_mask)
@@ -145,7 +148,7 @@ def test_zero_lambdas_give_sparsegpt_mask(data):
 def test_obs_update_never_worse_than_mask_only(data):
     weight, stats, pattern, block_size, _ = data.draw(layers(nm=data.draw(st.sampled_from((None, True)))))
     for solver in (OBSSolver(block_size=block_size), OBSSolver(DualTaylor(1.0, 0.0, 50.0), block_size=block_size),
-                   OBSSolver(block_size=block_size, refine_steps=2)):
+                   OBSSolver(block_size=block_size, refit_steps=2)):
         out = solver.prune(weight, stats, pattern)
         masked = weight.float().masked_fill(out.mask, 0)
         mask_only = relative_error(weight, masked, stats)

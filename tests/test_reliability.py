@@ -17,7 +17,8 @@ import torch
 
 from conftest import VOCAB, calib_batches, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune.masks import SparsityPattern
+from optimum_d2prune.errors import D2PruneError
+from optimum_d2prune.patterns import SparsityPattern
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def run_child(code: str, *args: str, timeout: int = 300) -> subprocess.Completed
 # ------------------------------------------------------------------------------------- checkpoint_dir files
 def _finished_checkpoint(tmp_path: Path, seed: int = 0) -> Path:
     ckpt = tmp_path / "ckpt"
-    D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", checkpoint_dir=str(ckpt))).prune(
+    D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", runtime={"checkpoint_dir": str(ckpt)})).prune(
         make_tiny("llama", seed=seed), calib_batches())
     return ckpt
 
@@ -122,8 +123,8 @@ def test_damaged_checkpoint_dir_is_refused_before_loading(case, tmp_path):
     marker = damage(ckpt, tmp_path)
     model = make_tiny("llama")
     before = snapshot(model)
-    with pytest.raises(ValueError, match=match):
-        D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", checkpoint_dir=str(ckpt))).prune(
+    with pytest.raises(D2PruneError, match=match):
+        D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", runtime={"checkpoint_dir": str(ckpt)})).prune(
             model, calib_batches())
     assert_untouched(model, before)
     if marker is not None:
@@ -135,15 +136,15 @@ def test_other_finetune_with_same_name_is_not_resumed(tmp_path):
     ckpt = _finished_checkpoint(tmp_path, seed=0)
     other = make_tiny("llama", seed=1)
     before = snapshot(other)
-    with pytest.raises(ValueError, match="holds a run with another model"):
-        D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", checkpoint_dir=str(ckpt))).prune(
+    with pytest.raises(D2PruneError, match="holds a run with another model"):
+        D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", runtime={"checkpoint_dir": str(ckpt)})).prune(
             other, calib_batches())
     assert_untouched(other, before)
 
 
 # ------------------------------------------------------------------------------------- mask rules on bad shapes
 def _stats_with_dead_inputs(weight: torch.Tensor, dead: list[int], seed: int = 0):
-    from optimum_d2prune.statistics import InputStatistics, LinearStatistics
+    from optimum_d2prune.calibration.statistics import InputStatistics, LinearStatistics
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(512, weight.shape[1], generator=g)
@@ -159,7 +160,7 @@ def _stats_with_dead_inputs(weight: torch.Tensor, dead: list[int], seed: int = 0
 @pytest.mark.parametrize("structure,expected", [("unstructured", 102), ("2:4", 512)])
 def test_dead_inputs_stay_inside_the_exact_count(structure, expected, lambdas):
     """10 % of an 8x128 matrix is round(102.4) = 102 zeros, even with 40 of its 128 inputs never active."""
-    from optimum_d2prune.solvers import DualTaylor, OBSSolver
+    from optimum_d2prune.methods.solvers import DualTaylor, OBSSolver
 
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(8, 128, generator=g)
@@ -175,24 +176,25 @@ NM_BLOCK_SIZE_CASES = {
     # name: (config kwargs, expected error); each refused by the config, before any model is touched
     "m_does_not_divide_block_size": ({"mask_structure": "2:6"}, r"`block_size` \(128\) is not a multiple of M=6"),
     "m_above_block_size": ({"mask_structure": "2:256"}, r"not a multiple of M=256"),
-    "m_does_not_divide_custom_block_size": ({"mask_structure": "2:4", "block_size": 90, "method": "sparsegpt"},
-                                            r"e\.g\. 88"),
+    "m_does_not_divide_custom_block_size": ({"mask_structure": "2:4", "method": "sparsegpt",
+                                             "method_options": {"block_size": 90}}, r"e\.g\. 88"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(NM_BLOCK_SIZE_CASES))
 def test_nm_groups_must_tile_the_solver_blocks(case):
     kwargs, match = NM_BLOCK_SIZE_CASES[case]
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(D2PruneError, match=match):
         D2PruneConfig(**kwargs)
 
 
 def test_nm_with_a_matching_block_size_prunes():
-    from optimum_d2prune.solvers import OBSSolver
+    from optimum_d2prune.methods.solvers import OBSSolver
 
-    config = D2PruneConfig(mask_structure="2:6", block_size=120, method="sparsegpt")
+    config = D2PruneConfig(mask_structure="2:6", method="sparsegpt", method_options={"block_size": 120})
     weight = torch.randn(6, 240)
-    out = OBSSolver(block_size=config.block_size).prune(weight, _stats_with_dead_inputs(weight, []), config.pattern)
+    out = OBSSolver(block_size=config.method_options.block_size).prune(weight, _stats_with_dead_inputs(weight, []),
+                                                                       config.pattern)
     assert bool(((out.weight == 0).reshape(6, 40, 6).sum(-1) == 2).all())
 
 
@@ -224,7 +226,7 @@ BEFORE_BLOCK_0 = {
                                            "'qproj_typo' matches no Linear"),
     "nan_weight_before_block_0": ({}, calib_batches(num=1), lambda m: _poison(m, "model.layers.1.mlp.up_proj"),
                                   r"model\.layers\.1\.mlp\.up_proj\.weight"),
-    "inf_in_norm_weight": ({"on_nonfinite": "skip"}, calib_batches(num=1),
+    "inf_in_norm_weight": ({"runtime": {"on_nonfinite": "skip"}}, calib_batches(num=1),
                            lambda m: _poison(m, "model.layers.0.input_layernorm", float("inf")),
                            r"model\.layers\.0\.input_layernorm\.weight"),
 }
@@ -243,7 +245,7 @@ def test_bad_input_is_refused_before_block_0(case):
     model = transform(model) if transform else model
     before = snapshot(model)
     pruner = D2Pruner(D2PruneConfig(sparsity=0.5, **kwargs))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(D2PruneError, match=match):
         pruner.prune(model, loader)
     assert pruner.report is None  # no block was pruned, no report exists
     assert_untouched(model, before)
@@ -251,9 +253,9 @@ def test_bad_input_is_refused_before_block_0(case):
 
 # ------------------------------------------------------------------------------------- non-finite values
 def test_nan_weight_mid_model_names_block_and_module():
-    """Not the 'Hessian not positive definite ... use more calibration tokens' of the old code."""
+    """The refusal names the weight, not a Hessian that is not positive definite."""
     model = _poison(make_tiny("llama"), "model.layers.1.self_attn.k_proj")
-    with pytest.raises(ValueError, match=r"NaN or Inf.*model\.layers\.1\.self_attn\.k_proj\.weight"):
+    with pytest.raises(D2PruneError, match=r"NaN or Inf.*model\.layers\.1\.self_attn\.k_proj\.weight"):
         D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, calib_batches(num=1))
 
 
@@ -263,7 +265,7 @@ def test_nonfinite_activations_raise_at_the_block_they_enter():
     block = model.model.layers[0]
     hook = block.mlp.register_forward_hook(lambda m, a, out: out * float("inf"))
     try:
-        with pytest.raises(ValueError, match="hidden states entering block 1 hold NaN or Inf"):
+        with pytest.raises(D2PruneError, match="hidden states entering block 1 hold NaN or Inf"):
             D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt")).prune(model, calib_batches(num=1))
     finally:
         hook.remove()
@@ -271,7 +273,7 @@ def test_nonfinite_activations_raise_at_the_block_they_enter():
 
 def test_skip_leaves_the_module_reports_it_and_refuses_to_save(tmp_path):
     model = _poison(make_tiny("llama"), "model.layers.1.mlp.down_proj")
-    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", on_nonfinite="skip"))
+    pruner = D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt", runtime={"on_nonfinite": "skip"}))
     pruner.prune(model, calib_batches(num=1))
     assert list(pruner.report.skipped) == ["model.layers.1.mlp.down_proj"]
     assert "left unpruned (NaN/Inf): model.layers.1.mlp.down_proj" in pruner.report.summary()
@@ -284,7 +286,7 @@ def test_skip_leaves_the_module_reports_it_and_refuses_to_save(tmp_path):
 
 # ------------------------------------------------------------------------------------- inputs of every kind
 def test_half_precision_timm_vit_gets_pixels_in_its_dtype():
-    """Float32 image batches on a bf16 timm ViT: cast before block 0 like `pruner._logits` does."""
+    """Float32 image batches on a bf16 timm ViT are cast to the model's dtype before block 0."""
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
@@ -305,9 +307,9 @@ MASK_SHAPE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(MASK_SHAPE_CASES))
 def test_token_mask_of_the_wrong_shape_raises(case):
-    """A mask that does not fit the tokens used to be ignored, so padding counted as data."""
+    """A mask that does not fit the tokens is refused (ignoring it would count padding as data)."""
     if MASK_SHAPE_CASES[case] == "statistics":
-        from optimum_d2prune.hooks import StatisticsCollector
+        from optimum_d2prune.calibration.hooks import StatisticsCollector
 
         layer = torch.nn.Linear(8, 4)
         collector = StatisticsCollector({"fc": layer}, "hessian", torch.device("cpu"), seq_len=6)
@@ -318,7 +320,7 @@ def test_token_mask_of_the_wrong_shape_raises(case):
         finally:
             collector.remove()
     else:
-        from optimum_d2prune.attention import attention_kl
+        from optimum_d2prune.methods.d2prune.attention import attention_kl
 
         p = torch.softmax(torch.randn(2, 3, 6, 6), -1)
         with pytest.raises(ValueError, match=r"`query_mask` \(2, 5\) does not match"):
@@ -328,7 +330,7 @@ def test_token_mask_of_the_wrong_shape_raises(case):
 def test_only_unreachable_hub_errors_become_offline(monkeypatch):
     """A bug (here a bad split name) surfaces as itself, not as 'offline: pass a local folder'."""
     datasets = pytest.importorskip("datasets")
-    from optimum_d2prune.vision import get_image_calibration_dataset
+    from optimum_d2prune.calibration.images import get_image_calibration_dataset
 
     def bad_split(*args, **kwargs):
         raise ValueError('Unknown split "tran". Should be one of ["train"].')

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
         if kill_before_block >= 0:
             block = model.model.layers[kill_before_block]
             block.register_forward_pre_hook(lambda *a: os.kill(os.getpid(), signal.SIGKILL))
-        config = D2PruneConfig(**json.loads(config_json), checkpoint_dir=checkpoint_dir or None)
+        config = D2PruneConfig(**json.loads(config_json), runtime={{"checkpoint_dir": checkpoint_dir or None}})
         pruner = D2Pruner(config)
         pruner.prune(model, calib_batches(num=6))
         if int(os.environ.get("RANK", "0")) == 0:
@@ -69,8 +69,8 @@ CONFIG = '{"sparsity": 0.5}'
 
 # the second: the dense model's activations are checkpointed too (restarting them from the pruned ones would not
 # give the same model)
-@pytest.mark.parametrize("config", [CONFIG, '{"sparsity": 0.5, "block_reconstruction": true, '
-                                             '"reconstruction_reference": "model"}'])
+@pytest.mark.parametrize("config", [CONFIG, '{"sparsity": 0.5, "reconstruction": true, '
+                                             '"reconstruction_options": {"reference": "model"}}'])
 def test_killed_run_resumes_to_the_same_model(script, tmp_path, config):
     full, resumed = tmp_path / "full.pt", tmp_path / "resumed.pt"
     run([sys.executable, str(script), str(full), "", "-1", config])
@@ -88,16 +88,19 @@ def test_killed_run_resumes_to_the_same_model(script, tmp_path, config):
 
 def test_checkpoint_dir_of_another_run_is_refused(tmp_path):
     ckpt = tmp_path / "ckpt"
-    D2Pruner(D2PruneConfig(sparsity=0.5, checkpoint_dir=str(ckpt))).prune(make_tiny("llama"), calib_batches())
+    D2Pruner(D2PruneConfig(sparsity=0.5, runtime={"checkpoint_dir": str(ckpt)})).prune(make_tiny("llama"),
+                                                                                      calib_batches())
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     with pytest.raises(ValueError, match="holds a run with another model, calibration data or config"):
-        D2Pruner(D2PruneConfig(sparsity=0.6, checkpoint_dir=str(ckpt))).prune(make_tiny("llama"), calib_batches())
+        D2Pruner(D2PruneConfig(sparsity=0.6, runtime={"checkpoint_dir": str(ckpt)})).prune(make_tiny("llama"),
+                                                                                          calib_batches())
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty and holds no D²Prune state"):
-        D2Pruner(D2PruneConfig(sparsity=0.5, checkpoint_dir=str(foreign))).prune(make_tiny("llama"), calib_batches())
+        D2Pruner(D2PruneConfig(sparsity=0.5, runtime={"checkpoint_dir": str(foreign)})).prune(make_tiny("llama"),
+                                                                                             calib_batches())
 
 
 def free_port() -> int:
@@ -109,7 +112,7 @@ def free_port() -> int:
 @pytest.mark.parametrize(
     "config, atol",
     [
-        ('{"sparsity": 0.5, "refine_steps": 0}', 1e-5),
+        ('{"sparsity": 0.5, "method_options": {"refit_steps": 0}}', 1e-5),
         ('{"mask_structure": "2:4", "method": "sparsegpt"}', 1e-5),
         # the default D²Prune: the conjugate-gradient refit amplifies the rounding of the differently ordered
         # Hessian sums (~1e-7 relative) along directions the calibration inputs barely excite (o_proj reads a GQA

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from optimum_d2prune import D2PruneConfig
-from optimum_d2prune.masks import SparsityPattern, round_half_up
-from optimum_d2prune.solvers import DualTaylor, MagnitudeSolver, OBSSolver, WandaSolver, solvers_for
-from optimum_d2prune.statistics import GRAM_BLOCK, InputStatistics, LinearStatistics
+from optimum_d2prune.calibration.statistics import GRAM_BLOCK, InputStatistics, LinearStatistics
+from optimum_d2prune.methods.registry import get_method
+from optimum_d2prune.methods.solvers import DualTaylor, MagnitudeSolver, OBSSolver, WandaSolver
+from optimum_d2prune.patterns import SparsityPattern, round_half_up
 
 ROWS, COLS = 64, 256
 
@@ -119,9 +120,11 @@ def test_d2prune_with_zero_lambdas_is_exactly_sparsegpt_and_wanda(structure, spa
     torch.manual_seed(0)
     W = torch.randn(ROWS, COLS)
     xs = correlated_inputs(2)
-    config = D2PruneConfig(method="d2prune", lambda1=0.0, lambda2=0.0, mask_structure=structure, sparsity=sparsity,
-                           refine_steps=0)
-    update, non_update = solvers_for(config, seq_len=300)
+    config = D2PruneConfig(method="d2prune", mask_structure=structure, sparsity=sparsity,
+                           method_options={"lambda1": 0.0, "lambda2": 0.0, "refit_steps": 0})
+    method = get_method(config.method)(config.method_options, config.pattern)
+    method.setup(300)
+    update, non_update = method.solvers()
     stats = make_stats(W, xs)
     out = update.prune(W, stats, config.pattern)
     base = OBSSolver().prune(W, stats, config.pattern)
@@ -194,7 +197,7 @@ def _layer_problem(structure: str, sparsity: float):
 def test_refit_keeps_the_mask_and_lowers_the_error(structure, sparsity):
     W, stats, pattern = _layer_problem(structure, sparsity)
     plain = OBSSolver().prune(W, stats, pattern)
-    refit = OBSSolver(refine_steps=16).prune(W, stats, pattern)
+    refit = OBSSolver(refit_steps=16).prune(W, stats, pattern)
     assert torch.equal(plain.mask, refit.mask)
     assert torch.equal(refit.weight == 0, refit.mask)
     assert refit.error < 0.95 * plain.error
@@ -207,8 +210,8 @@ def test_refit_keeps_the_mask_and_lowers_the_error(structure, sparsity):
 @pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5)])
 def test_admm_moves_the_mask_to_a_lower_error_with_the_same_pattern(structure, sparsity):
     W, stats, pattern = _layer_problem(structure, sparsity)
-    refit = OBSSolver(refine_steps=16).prune(W, stats, pattern)
-    admm = OBSSolver(refine_steps=16, admm_steps=30).prune(W, stats, pattern)
+    refit = OBSSolver(refit_steps=16).prune(W, stats, pattern)
+    admm = OBSSolver(refit_steps=16, admm_steps=30).prune(W, stats, pattern)
     assert torch.equal(admm.weight == 0, admm.mask)
     if pattern.is_nm:
         zeros = admm.mask.reshape(ROWS, COLS // pattern.m, pattern.m).sum(-1)
@@ -217,9 +220,9 @@ def test_admm_moves_the_mask_to_a_lower_error_with_the_same_pattern(structure, s
         assert int(admm.mask.sum()) == int(refit.mask.sum())
     assert not torch.equal(admm.mask, refit.mask)
     assert admm.error < 0.97 * refit.error
-    # the candidate path (solve without refinement, then `refine`) gives the same result as one solve
-    solver = OBSSolver(refine_steps=16, admm_steps=30)
-    late = solver.refine(W, solver.without_refinement().prune(W, stats, pattern), stats, pattern)
+    # the candidate path (solve without the refit, then `refit`) gives the same result as one solve
+    solver = OBSSolver(refit_steps=16, admm_steps=30)
+    late = solver.refit(W, solver.without_refit().prune(W, stats, pattern), stats, pattern)
     assert torch.equal(late.mask, admm.mask)
 
 
@@ -230,18 +233,20 @@ def test_admm_prunes_dead_inputs_first():
         x[:, :5] = 0.0  # five inputs never active
     W = torch.randn(16, 64)
     pattern = SparsityPattern.parse("unstructured", 0.5)
-    out = OBSSolver(refine_steps=8, admm_steps=12).prune(W, make_stats(W, xs), pattern)
+    out = OBSSolver(refit_steps=8, admm_steps=12).prune(W, make_stats(W, xs), pattern)
     assert bool(out.mask[:, :5].all())
     assert int(out.mask.sum()) == 16 * 32
 
 
-def test_deterministic_masks():
+@pytest.mark.parametrize("solver", [OBSSolver(DualTaylor(1.0, 0.0, 50.0), refit_steps=4), WandaSolver()],
+                         ids=["d2-sparsegpt+refit", "wanda"])
+def test_solves_are_deterministic_and_the_comparison_sees_other_inputs(solver):
     W = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(7))
-    xs = correlated_inputs(7)
-    solver = OBSSolver(DualTaylor(1.0, 0.0, 50.0))
-    a = solver.prune(W, make_stats(W, xs), SparsityPattern.parse("unstructured", 0.5))
-    b = solver.prune(W, make_stats(W, xs), SparsityPattern.parse("unstructured", 0.5))
+    pattern = SparsityPattern.parse("unstructured", 0.5)
+    a, b = (solver.prune(W, make_stats(W, correlated_inputs(7)), pattern) for _ in range(2))
     assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
+    other = solver.prune(W, make_stats(W, correlated_inputs(8)), pattern)  # the same check on other inputs fails
+    assert not torch.equal(a.mask, other.mask) and not torch.equal(a.weight, other.weight)
 
 
 def test_dual_taylor_terms_change_the_mask_and_are_counted():

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import CheckpointError
 from ..report import AttentionRecord, ExpertRecord, LayerRecord, PruneReport, ReconstructionRecord
 
 logger = logging.getLogger(__name__)
@@ -137,25 +138,25 @@ class BlockCheckpoint:
         path = self.directory / self.state_file
         if not path.is_file():
             if self.directory.exists() and any(p.suffix != ".tmp" for p in self.directory.iterdir()):
-                raise ValueError(f"`checkpoint_dir` {self.directory} is not empty and holds no D²Prune state: "
+                raise CheckpointError(f"`checkpoint_dir` {self.directory} is not empty and holds no D²Prune state: "
                                  "choose an empty or new directory.")
             return None
         try:  # tensors and primitives only: a crafted file cannot run code
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated zip, bad pickle, forbidden global: all mean "not a usable state"
-            raise ValueError(
+            raise CheckpointError(
                 f"`checkpoint_dir` state {path} is unreadable or not a D²Prune state ({type(err).__name__}: "
                 f"{str(err)[:200]}); it was not loaded. Delete {self.directory} (or choose a new directory) to "
                 "start the run over."
             ) from err
         if not _digest_matches(state):
-            raise ValueError(
+            raise CheckpointError(
                 f"`checkpoint_dir` state {path} is corrupted (its content does not match the digest written with "
                 f"it, or it has none); it was not used. Delete {self.directory} (or choose a new directory) to "
                 "start the run over."
             )
         if state.get("fingerprint") != self.fingerprint:
-            raise ValueError(
+            raise CheckpointError(
                 f"`checkpoint_dir` {self.directory} holds a run with another model, calibration data or config; "
                 "use a new directory (it is left untouched)."
             )
@@ -167,8 +168,8 @@ class BlockCheckpoint:
         """Check every finished block's file against the digest in the state, before any weight is loaded."""
         digests = state.get("block_digests")
         if not isinstance(digests, dict):
-            raise ValueError(f"`checkpoint_dir` {self.directory} holds a state without block digests (written by an "
-                             "older version); delete it to start the run over.")
+            raise CheckpointError(f"`checkpoint_dir` {self.directory} holds a state without block digests (written "
+                                  "by an older version); delete it to start the run over.")
         for block in range(state["last_block"] + 1):
             path = self.directory / _block_file(block)
             expected = digests.get(block)
@@ -176,7 +177,7 @@ class BlockCheckpoint:
                 continue
             actual = file_digest(path) if path.is_file() else "missing"
             if actual != expected:
-                raise ValueError(
+                raise CheckpointError(
                     f"`checkpoint_dir` file {path} is {'missing' if actual == 'missing' else 'corrupted or truncated'}"
                     f" (its SHA-256 does not match the one recorded after block {block}); nothing was loaded. Delete "
                     f"{self.directory} (or choose a new directory) to start the run over."

@@ -84,12 +84,12 @@ def _ridge_inverse(eigvals: torch.Tensor, eigvecs: torch.Tensor, penalty: float)
     return (eigvecs / (eigvals + penalty)) @ eigvecs.t()
 
 
-def _project(values: torch.Tensor, pattern: SparsityPattern, count: int, dead: torch.Tensor,
+def _project(values: torch.Tensor, pattern: SparsityPattern, count: int, dead: Optional[torch.Tensor],
              previous: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The mask of the Euclidean projection onto the pattern: prune the smallest magnitudes (dead inputs first).
     Unstructured: also the magnitude threshold, the next step's starting guess (it moves little between steps)."""
     score = values.abs()
-    if bool(dead.any()):
+    if dead is not None and bool(dead.any()):
         score[:, dead] = float("-inf")
     if pattern.is_nm:
         return nm_mask(score, pattern.n, pattern.m), None
