@@ -38,6 +38,7 @@ SUBSTITUTIONS = [
     ("--nproc-per-node 8", "--nproc-per-node 2"),
     ("num_samples=128, seq_len=2048", "num_samples=4, seq_len=32"),
     ("num_samples=32, seq_len=512", "num_samples=4, seq_len=32"),
+    ("seq_len=512", "seq_len=32"),
 ]
 #: appended to every command-line run: sizes a tiny model and a 4-kilobyte text can give
 SMALL_RUN = ["--num-samples", "4", "--seq-len", "32"]
