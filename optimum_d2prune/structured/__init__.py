@@ -1,0 +1,20 @@
+"""Structured pruning: shrink a transformers model to a smaller *dense* one with a standard config.
+
+Removes MLP channels, attention heads (whole key/value groups), MoE experts or whole blocks, the same number in every
+block, so that plain `from_pretrained` loads the result and every runtime runs it faster and stores it smaller.
+
+```python
+from optimum_d2prune.structured import StructuredConfig, save_shrunk, shrink
+
+report = shrink(model, calib, StructuredConfig(mode="channels", ratio=0.2))   # in place
+save_shrunk(model, "out", report, tokenizer=tokenizer)
+```
+"""
+
+from .config import COMPENSATIONS, METHODS, MODES, StructuredConfig
+from .plan import ShrinkPlan, nearest_ratios, plan_shrink
+from .report import ShrinkReport, UnitRecord
+from .shrink import shrink
+
+__all__ = ["COMPENSATIONS", "METHODS", "MODES", "ShrinkPlan", "ShrinkReport", "StructuredConfig", "UnitRecord",
+           "nearest_ratios", "plan_shrink", "shrink"]
