@@ -12,9 +12,10 @@ save_shrunk(model, "out", report, tokenizer=tokenizer)
 """
 
 from .config import COMPENSATIONS, METHODS, MODES, StructuredConfig
+from .export import save_shrunk
 from .plan import ShrinkPlan, nearest_ratios, plan_shrink
 from .report import ShrinkReport, UnitRecord
 from .shrink import shrink
 
 __all__ = ["COMPENSATIONS", "METHODS", "MODES", "ShrinkPlan", "ShrinkReport", "StructuredConfig", "UnitRecord",
-           "nearest_ratios", "plan_shrink", "shrink"]
+           "nearest_ratios", "plan_shrink", "save_shrunk", "shrink"]

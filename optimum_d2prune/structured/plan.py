@@ -74,19 +74,8 @@ def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def unit_layouts(model: nn.Module, mode: str) -> list[UnitLayout]:
     """The mode's units in every block that has them (channels: a dense MLP; heads: q/k/v + output projection;
     experts: a fused experts module with its router)."""
-    path, blocks = blocks_of(model)
-    config = getattr(model, "config", None)
-    found = []
-    for i, block in enumerate(blocks):
-        prefix = f"{path}.{i}"
-        if mode == "channels":
-            layout = find_mlp(block, prefix, i)
-        elif mode == "heads":
-            layout = find_attention(block, prefix, i, config)
-        else:
-            layout = find_experts(block, prefix, i)
-        if layout is not None:
-            found.append(layout)
+    _, blocks = blocks_of(model)
+    found = [layout for i in range(len(blocks)) if (layout := block_layout(model, mode, i)) is not None]
     if not found:
         what = {"channels": "a dense MLP of a known layout (gate/up/down, fc1/fc2, c_fc/c_proj...)",
                 "heads": "q/k/v projections and an output projection",
@@ -96,6 +85,17 @@ def unit_layouts(model: nn.Module, mode: str) -> list[UnitLayout]:
         raise UnsupportedModelError(f"mode={mode!r} needs {what} in the blocks of {type(model).__name__}; found "
                                     f"none{hint}. Use another mode, e.g. 'blocks'.")
     return found
+
+
+def block_layout(model: nn.Module, mode: str, index: int) -> Optional[UnitLayout]:
+    """The mode's units of block `index` as the block is now (after zero biases were added to it)."""
+    path, blocks = blocks_of(model)
+    block, prefix = blocks[index], f"{path}.{index}"
+    if mode == "channels":
+        return find_mlp(block, prefix, index)
+    if mode == "heads":
+        return find_attention(block, prefix, index, getattr(model, "config", None))
+    return find_experts(block, prefix, index)
 
 
 def unit_layouts_safe(model: nn.Module, mode: str) -> bool:
@@ -253,7 +253,15 @@ def meta_model(model: nn.Module, config: Any) -> nn.Module:
 def check_expressible(model: nn.Module, plan: ShrinkPlan, removed_blocks: Optional[list[int]] = None) -> None:
     """Refuse unless the new config builds exactly the parameters of the shrunk model (names and shapes)."""
     config = new_config(model, plan.config_changes)
-    reference = parameter_shapes(meta_model(model, config))
+    family = type(text_config(model.config)).__name__
+    try:
+        reference = parameter_shapes(meta_model(model, config))
+    except Exception as err:  # noqa: BLE001 - the family's own modeling code refuses the new sizes
+        raise UnsupportedModelError(
+            f"The config of {family} cannot describe the model shrunk in mode {plan.mode!r} (changes "
+            f"{plan.config_changes}): its modeling code refuses it ({type(err).__name__}: {err}). Its sizes are "
+            "derived from other fields (e.g. the head size from hidden_size / num_attention_heads), so "
+            "`from_pretrained` could not load the result. Use another mode (channels or blocks).") from err
     if plan.mode == "blocks":
         expected = block_renamed_shapes(model, plan.blocks_path, removed_blocks or [])
     else:
@@ -267,7 +275,6 @@ def check_expressible(model: nn.Module, plan: ShrinkPlan, removed_blocks: Option
                  plan.added_biases]
     problems += [f"{n}: only in the shrunk model" for n in sorted(set(expected) - set(reference))]
     if problems:
-        family = type(text_config(model.config)).__name__
         raise UnsupportedModelError(
             f"The config of {family} cannot describe the model shrunk in mode {plan.mode!r} (changes "
             f"{plan.config_changes}): {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Its modeling "

@@ -25,7 +25,7 @@ from .compensation import bias_shift, damping, least_squares_refit, output_error
 from .config import StructuredConfig
 from .experts import collect_usage
 from .layout import UnitLayout, in_dim, matrix
-from .plan import ShrinkPlan, block_config_changes, blocks_of, check_expressible, plan_shrink
+from .plan import ShrinkPlan, block_config_changes, block_layout, blocks_of, check_expressible, plan_shrink
 from .report import ShrinkReport, UnitRecord
 from .saliency import DualTaylorTerms, d2prune_scores, flap_scores, group_sum, lowest, obs_select, wanda_scores
 from .statistics import ConsumerStatistics
@@ -104,9 +104,11 @@ def _shrink_units(model: nn.Module, plan: ShrinkPlan, data: Optional[list], conf
         for i, block in enumerate(tqdm(blocks, desc=f"shrink {config.mode}", unit="block")):
             layout = layouts.get(i)
             if layout is not None:
-                for name in plan.added_biases:
-                    if name.startswith(f"{plan.blocks_path}.{i}."):
-                        add_zero_bias(model, name)
+                added = [n for n in plan.added_biases if n.startswith(f"{plan.blocks_path}.{i}.")]
+                for name in added:
+                    add_zero_bias(model, name)
+                if added:  # the new biases are sliced with their units
+                    layout = block_layout(model, config.mode, i)
                 if layout.kind == "experts":
                     record = _remove_experts(model, block, layout, inputs, plan.remove, config)
                 else:

@@ -1,4 +1,4 @@
-"""Calibration sums of a consuming layer (down_proj / fc2 / o_proj): `X Xᵀ`, `Σx` and `Σy²`, in fp32.
+"""Calibration sums of a consuming layer (down_proj / fc2 / o_proj): `X Xᵀ`, `Σx` and `Σy²` (fp32 by default).
 
 Sums only, normalised when read, so the result does not depend on how the tokens were batched. With N tokens:
 `H = (2/N) X Xᵀ` (the layer-wise Hessian of the unstructured method), `mean_j = Σx_j / N`, the per-token RMS of
@@ -21,23 +21,24 @@ class ConsumerStatistics:
     columns: int
     device: torch.device
     seq_len: int = 1
+    dtype: torch.dtype = torch.float32
     tokens: int = 0
     gram: torch.Tensor = field(init=False)
     total: torch.Tensor = field(init=False)
     y_sq: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
-        self.gram = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.device)
-        self.total = torch.zeros(self.columns, dtype=torch.float32, device=self.device)
+        self.gram = torch.zeros(self.columns, self.columns, dtype=self.dtype, device=self.device)
+        self.total = torch.zeros(self.columns, dtype=self.dtype, device=self.device)
 
     def add(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
         """Accumulate `[tokens, cols]` inputs (and `[tokens, rows]` outputs)."""
-        x = x.to(device=self.device, dtype=torch.float32)
+        x = x.to(device=self.device, dtype=self.dtype)
         self.tokens += x.shape[0]
         self.gram.addmm_(x.t(), x)
         self.total.add_(x.sum(0))
         if y is not None:
-            y = y.to(device=self.device, dtype=torch.float32).square().sum(0)
+            y = y.to(device=self.device, dtype=self.dtype).square().sum(0)
             self.y_sq = y if self.y_sq is None else self.y_sq.add_(y)
 
     def mean(self) -> torch.Tensor:
