@@ -7,6 +7,7 @@ block, so that plain `from_pretrained` loads the result and every runtime runs i
 from optimum_d2prune.structured import StructuredConfig, save_shrunk, shrink
 
 report = shrink(model, calib, StructuredConfig(mode="channels", ratio=0.2))   # in place
+distill(model, dense_model, calib, RecoveryConfig(steps=50), layer_map=report.kept_blocks)   # optional
 save_shrunk(model, "out", report, tokenizer=tokenizer)
 ```
 """
@@ -14,8 +15,9 @@ save_shrunk(model, "out", report, tokenizer=tokenizer)
 from .config import COMPENSATIONS, METHODS, MODES, StructuredConfig
 from .export import save_shrunk
 from .plan import ShrinkPlan, nearest_ratios, plan_shrink
+from .recovery import RecoveryConfig, RecoveryReport, distill
 from .report import ShrinkReport, UnitRecord
 from .shrink import shrink
 
-__all__ = ["COMPENSATIONS", "METHODS", "MODES", "ShrinkPlan", "ShrinkReport", "StructuredConfig", "UnitRecord",
-           "nearest_ratios", "plan_shrink", "save_shrunk", "shrink"]
+__all__ = ["COMPENSATIONS", "METHODS", "MODES", "RecoveryConfig", "RecoveryReport", "ShrinkPlan", "ShrinkReport",
+           "StructuredConfig", "UnitRecord", "distill", "nearest_ratios", "plan_shrink", "save_shrunk", "shrink"]

@@ -168,9 +168,9 @@ def find_attention(block: nn.Module, block_prefix: str, index: int, config: Any)
     out_name = _join(base, output[0])
     slices += _linear_slices(out_name, output[1], False, columns)
     # norms over all heads (e.g. OLMo-2's q/k norms) and per-head parameters (attention sinks)
-    skip = {id(m) for m in (*modules.values(), output[1])}
-    for pname, param in _own_parameters(attention, skip):
-        if param.dim() != 1:
+    projections = [_relative(name, path) for name in (*modules, _join(path, output[0]))]
+    for pname, param in attention.named_parameters():
+        if param.dim() != 1 or any(pname.startswith(f"{p}.") for p in projections):
             continue
         size = param.shape[0]
         if "norm" in pname and size == heads * d:
@@ -183,22 +183,9 @@ def find_attention(block: nn.Module, block_prefix: str, index: int, config: Any)
                       info={"heads": heads, "kv_heads": kv, "head_dim": d, "queries_per_group": per})
 
 
-def _own_parameters(root: nn.Module, skip: set[int]) -> list[tuple[str, nn.Parameter]]:
-    """Parameters of `root` not inside the modules of `skip` (by id)."""
-    out = []
-    for mname, module in root.named_modules():
-        if id(module) in skip:
-            continue
-        if any(id(m) in skip for m in _ancestors(root, mname)):
-            continue
-        for pname, param in module.named_parameters(recurse=False):
-            out.append((_join(mname, pname), param))
-    return out
-
-
-def _ancestors(root: nn.Module, path: str) -> list[nn.Module]:
-    parts = path.split(".") if path else []
-    return [root.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+def _relative(name: str, prefix: str) -> str:
+    """`name` relative to the module at `prefix` (both relative to the block)."""
+    return name[len(prefix) + 1:] if prefix and name.startswith(f"{prefix}.") else name
 
 
 def find_experts(block: nn.Module, block_prefix: str, index: int) -> Optional[UnitLayout]:

@@ -171,7 +171,7 @@ def plan_shrink(model: nn.Module, config: StructuredConfig) -> ShrinkPlan:
     plan.config_changes = _config_changes(model, plan)
     if config.add_bias:
         _plan_biases(model, plan)
-    check_expressible(model, plan)
+    plan.added_biases = check_expressible(model, plan)
     return plan
 
 
@@ -250,8 +250,9 @@ def meta_model(model: nn.Module, config: Any) -> nn.Module:
         return type(model)(config)
 
 
-def check_expressible(model: nn.Module, plan: ShrinkPlan, removed_blocks: Optional[list[int]] = None) -> None:
-    """Refuse unless the new config builds exactly the parameters of the shrunk model (names and shapes)."""
+def check_expressible(model: nn.Module, plan: ShrinkPlan, removed_blocks: Optional[list[int]] = None) -> list[str]:
+    """Refuse unless the new config builds exactly the parameters of the shrunk model (names and shapes); returns
+    the modules that must get a zero bias because a bias flag of the new config gives them one."""
     config = new_config(model, plan.config_changes)
     family = type(text_config(model.config)).__name__
     try:
@@ -267,12 +268,12 @@ def check_expressible(model: nn.Module, plan: ShrinkPlan, removed_blocks: Option
     else:
         expected = expected_shapes(model, plan)
     extra = sorted(set(reference) - set(expected))
-    missing_bias = [n for n in extra if n.endswith(".bias") and n[: -len(".bias")] + ".weight" in expected]
-    plan.added_biases = [n[: -len(".bias")] for n in missing_bias] if plan.config_changes.keys() & _bias_flags() else []
+    biases = []
+    if plan.config_changes.keys() & _bias_flags():
+        biases = [n[: -len(".bias")] for n in extra if n.endswith(".bias") and n[: -len(".bias")] + ".weight" in expected]
     problems = [f"{n}: config gives {tuple(reference[n])}, shrunk model has {tuple(expected[n])}"
                 for n in sorted(set(reference) & set(expected)) if reference[n] != expected[n]]
-    problems += [f"{n}: only in the model the config builds" for n in extra if n[: -len('.bias')] not in
-                 plan.added_biases]
+    problems += [f"{n}: only in the model the config builds" for n in extra if n[: -len(".bias")] not in biases]
     problems += [f"{n}: only in the shrunk model" for n in sorted(set(expected) - set(reference))]
     if problems:
         raise UnsupportedModelError(
@@ -280,6 +281,7 @@ def check_expressible(model: nn.Module, plan: ShrinkPlan, removed_blocks: Option
             f"{plan.config_changes}): {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Its modeling "
             "code derives these sizes from other fields (e.g. the head size from hidden_size / num_attention_heads), "
             "so `from_pretrained` could not load the result. Use another mode (channels or blocks).")
+    return biases
 
 
 def _bias_flags() -> set[str]:
