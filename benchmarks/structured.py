@@ -51,7 +51,7 @@ from optimum_d2prune import D2PruneConfig, D2Pruner  # noqa: E402
 from optimum_d2prune.data import get_calibration_dataset  # noqa: E402
 from optimum_d2prune.evaluation import perplexity  # noqa: E402
 from optimum_d2prune.models import load_causal_lm  # noqa: E402
-from optimum_d2prune.structured import StructuredConfig, nearest_ratios, save_shrunk, shrink  # noqa: E402
+from optimum_d2prune.structured import StructuredConfig, valid_ratios, save_shrunk, shrink  # noqa: E402
 from optimum_d2prune.structured.recovery import RecoveryConfig, distill  # noqa: E402
 
 logger = logging.getLogger("structured")
@@ -164,7 +164,7 @@ class Bench:
 
 def resolve_ratio(model: torch.nn.Module, mode: str, ratio: float) -> Optional[float]:
     """The expressible ratio nearest to `ratio`, or None when it is farther than `RATIO_SLACK`."""
-    valid = nearest_ratios(model, mode)
+    valid = valid_ratios(model, mode)
     best = min(valid, key=lambda r: abs(r - ratio))
     return best if abs(best - ratio) <= RATIO_SLACK else None
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
 from optimum_d2prune.errors import ConfigError, InputError, UnsupportedModelError
-from optimum_d2prune.structured import StructuredConfig, nearest_ratios, save_shrunk, shrink
+from optimum_d2prune.structured import StructuredConfig, valid_ratios, save_shrunk, shrink
 from optimum_d2prune.structured.compensation import bias_shift, least_squares_refit, output_error
 from optimum_d2prune.structured.saliency import obs_select
 from optimum_d2prune.structured.statistics import ConsumerStatistics
@@ -32,7 +32,7 @@ def _batches(family: str, num: int = 3, seed: int = 0) -> list[dict[str, torch.T
 
 def _ratio(model, mode: str, position: int) -> float:
     """An exactly expressible ratio: the `position`-th of the mode's valid ratios."""
-    return nearest_ratios(model, mode)[position]
+    return valid_ratios(model, mode)[position]
 
 
 # family, mode, position in the valid ratios, method, config fields expected after the shrink
@@ -140,7 +140,7 @@ def test_experts_mode_removes_an_expert_that_adds_nothing_and_its_router_row(fam
     router = model.model.layers[0].mlp.gate
     experts.down_proj.data[3].zero_()  # expert 3 of block 0 outputs zeros: REAP score 0
     kept_router = torch.cat([router.weight.data[:3], router.weight.data[4:]])
-    report = shrink(model, _batches(family), StructuredConfig(mode="experts", ratio=nearest_ratios(model, "experts")[0]))
+    report = shrink(model, _batches(family), StructuredConfig(mode="experts", ratio=valid_ratios(model, "experts")[0]))
     assert report.units[0].removed == [3]
     torch.testing.assert_close(model.model.layers[0].mlp.gate.weight.data, kept_router)
     assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
@@ -275,7 +275,7 @@ def test_invalid_config_is_refused(settings, words):
 
 def test_magnitude_needs_no_data_and_channel_multiple_is_kept(tmp_path):
     model = make_family("llama")
-    config = StructuredConfig(mode="channels", ratio=nearest_ratios(model, "channels",
+    config = StructuredConfig(mode="channels", ratio=valid_ratios(model, "channels",
                                                                     StructuredConfig(channel_multiple=32))[1],
                               method="magnitude", channel_multiple=32)
     report = shrink(model, None, config)

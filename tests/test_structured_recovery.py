@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from optimum_d2prune.errors import CheckpointError, ConfigError
-from optimum_d2prune.structured import StructuredConfig, nearest_ratios, shrink
+from optimum_d2prune.structured import StructuredConfig, valid_ratios, shrink
 from optimum_d2prune.structured.recovery import RecoveryConfig, _kl, distill
 from optimum_d2prune.testing.families import VOCAB, make_family
 
@@ -27,7 +27,7 @@ def _kl_to(student, teacher, batches) -> float:
 def test_distillation_brings_the_shrunk_model_closer_to_the_dense_one(mode):
     teacher = make_family("llama")
     student = copy.deepcopy(teacher)
-    report = shrink(student, _batches(), StructuredConfig(mode=mode, ratio=nearest_ratios(student, mode)[-1]))
+    report = shrink(student, _batches(), StructuredConfig(mode=mode, ratio=valid_ratios(student, mode)[-1]))
     before = _kl_to(student, teacher, _batches())
     distill(student, teacher, _batches(), RecoveryConfig(steps=15, learning_rate=1e-4),
             layer_map=report.kept_blocks)
@@ -53,7 +53,7 @@ def test_keep_masks_keeps_every_zero(keep_masks):
 def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     teacher = make_family("llama")
     base = copy.deepcopy(teacher)
-    shrink(base, _batches(), StructuredConfig(mode="channels", ratio=nearest_ratios(base, "channels")[40]))
+    shrink(base, _batches(), StructuredConfig(mode="channels", ratio=valid_ratios(base, "channels")[40]))
     straight, resumed = copy.deepcopy(base), copy.deepcopy(base)
     settings = dict(learning_rate=1e-3, save_every=2, output_dir=str(tmp_path / "state"))
     distill(straight, teacher, _batches(), RecoveryConfig(steps=6, learning_rate=1e-3))
@@ -70,7 +70,7 @@ def test_a_state_of_another_run_is_refused(tmp_path):
     student = copy.deepcopy(teacher)
     distill(student, teacher, _batches(), RecoveryConfig(steps=1, output_dir=str(tmp_path)))
     other = copy.deepcopy(teacher)
-    shrink(other, _batches(), StructuredConfig(mode="channels", ratio=nearest_ratios(other, "channels")[10]))
+    shrink(other, _batches(), StructuredConfig(mode="channels", ratio=valid_ratios(other, "channels")[10]))
     with pytest.raises(CheckpointError, match="another recovery run"):
         distill(other, teacher, _batches(), RecoveryConfig(steps=2, output_dir=str(tmp_path)))
 

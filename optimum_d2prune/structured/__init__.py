@@ -14,10 +14,10 @@ save_shrunk(model, "out", report, tokenizer=tokenizer)
 
 from .config import COMPENSATIONS, METHODS, MODES, StructuredConfig
 from .export import save_shrunk
-from .plan import ShrinkPlan, nearest_ratios, plan_shrink
+from .plan import ShrinkPlan, valid_ratios, plan_shrink
 from .recovery import RecoveryConfig, RecoveryReport, distill
 from .report import ShrinkReport, UnitRecord
 from .shrink import shrink
 
 __all__ = ["COMPENSATIONS", "METHODS", "MODES", "RecoveryConfig", "RecoveryReport", "ShrinkPlan", "ShrinkReport",
-           "StructuredConfig", "UnitRecord", "distill", "nearest_ratios", "plan_shrink", "save_shrunk", "shrink"]
+           "StructuredConfig", "UnitRecord", "distill", "valid_ratios", "plan_shrink", "save_shrunk", "shrink"]

@@ -326,7 +326,7 @@ def block_config_changes(model: nn.Module, removed: list[int]) -> dict[str, Any]
     return changes
 
 
-def nearest_ratios(model: nn.Module, mode: str, config: Optional[StructuredConfig] = None) -> list[float]:
+def valid_ratios(model: nn.Module, mode: str, config: Optional[StructuredConfig] = None) -> list[float]:
     """Every ratio of block parameters `mode` can express on `model` (ascending)."""
     config = config or StructuredConfig(mode=mode, ratio=0.5, ratio_tolerance=1.0)
     block_params = block_parameter_count(model)
