@@ -281,3 +281,19 @@ def test_magnitude_needs_no_data_and_channel_multiple_is_kept(tmp_path):
     report = shrink(model, None, config)
     assert model.config.intermediate_size == 64
     assert report.units[0].error is None
+
+
+def test_save_refuses_a_folder_it_did_not_make(tmp_path):
+    from optimum_d2prune.errors import OutputPathError
+
+    model = make_family("llama")
+    report = shrink(model, None, StructuredConfig(mode="channels", ratio=valid_ratios(model, "channels")[5],
+                                                  method="magnitude"))
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match="overwrite=True"):
+        save_shrunk(model, folder, report)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    card = (save_shrunk(model, tmp_path / "new", report) / "README.md").read_text()
+    assert "`intermediate_size` 128 → 122" in card and "convert_hf_to_gguf.py" in card
