@@ -51,7 +51,7 @@ from optimum_d2prune import D2PruneConfig, D2Pruner  # noqa: E402
 from optimum_d2prune.data import get_calibration_dataset  # noqa: E402
 from optimum_d2prune.evaluation import perplexity  # noqa: E402
 from optimum_d2prune.models import load_causal_lm  # noqa: E402
-from optimum_d2prune.structured import StructuredConfig, valid_ratios, save_shrunk, shrink  # noqa: E402
+from optimum_d2prune.structured import StructuredConfig, save_shrunk, shrink, valid_ratios  # noqa: E402
 from optimum_d2prune.structured.recovery import RecoveryConfig, distill  # noqa: E402
 
 logger = logging.getLogger("structured")
@@ -228,7 +228,7 @@ def measure_speed(model: torch.nn.Module, args: argparse.Namespace, vocab: int) 
         ids = torch.randint(3, vocab, (batch, 64), generator=g)
         state = model(input_ids=ids, use_cache=True)
 
-        def decode() -> None:
+        def decode(state=state) -> None:
             past, token = state.past_key_values, state.logits[:, -1:].argmax(-1)
             for _ in range(args.decode_tokens):
                 step = model(input_ids=token, past_key_values=past, use_cache=True)
@@ -277,7 +277,8 @@ def format_report(rows: list[dict], speed: dict[str, dict[str, float]], args: ar
                          f"{r['ppl']:.2f} | {rel:.3f} | {r.get('shrink_s', 0) + r.get('recovery_s', 0):.0f} |")
         lines.append("")
     if speed:
-        metrics = [f"{m}_{d}" for d in args.dtypes for m in ["prefill"] + [f"decode_b{b}" for b in args.decode_batches]]
+        kinds = ["prefill"] + [f"decode_b{b}" for b in args.decode_batches]
+        metrics = [f"{m}_{d}" for d in args.dtypes for m in kinds]
         dense = speed.get("dense", {})
         lines += ["## CPU speed (tokens/s, median; x dense)", "",
                   f"Prefill: one {args.prefill_tokens}-token sequence; decode: {args.decode_tokens} greedy steps with "

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
 from optimum_d2prune.errors import ConfigError, InputError, UnsupportedModelError
-from optimum_d2prune.structured import StructuredConfig, valid_ratios, save_shrunk, shrink
+from optimum_d2prune.structured import StructuredConfig, save_shrunk, shrink, valid_ratios
 from optimum_d2prune.structured.compensation import bias_shift, least_squares_refit, output_error
 from optimum_d2prune.structured.saliency import obs_select
 from optimum_d2prune.structured.statistics import ConsumerStatistics
@@ -152,7 +152,7 @@ def test_compensation_lowers_the_consumer_error(tmp_path):
     ratio = _ratio(model, "channels", 40)
     compensated = shrink(copy.deepcopy(model), batches, StructuredConfig(mode="channels", ratio=ratio))
     masked = shrink(model, batches, StructuredConfig(mode="channels", ratio=ratio, compensation="none"))
-    for with_ls, without in zip(compensated.units, masked.units):
+    for with_ls, without in zip(compensated.units, masked.units, strict=True):
         assert with_ls.error < with_ls.error_masked
         assert without.error == pytest.approx(without.error_masked)
 

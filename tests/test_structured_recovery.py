@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from optimum_d2prune.errors import CheckpointError, ConfigError
-from optimum_d2prune.structured import StructuredConfig, valid_ratios, shrink
+from optimum_d2prune.structured import StructuredConfig, shrink, valid_ratios
 from optimum_d2prune.structured.recovery import RecoveryConfig, _kl, distill
 from optimum_d2prune.testing.families import VOCAB, make_family
 
@@ -61,7 +61,7 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     fresh = copy.deepcopy(base)  # a new process: the weights come from the saved state
     report = distill(fresh, teacher, _batches(), RecoveryConfig(steps=6, **settings))
     assert report.resumed_from == 3 and len(report.losses) == 6
-    for (name, a), b in zip(straight.state_dict().items(), fresh.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), fresh.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 

@@ -14,7 +14,7 @@ save_shrunk(model, "out", report, tokenizer=tokenizer)
 
 from .config import COMPENSATIONS, METHODS, MODES, StructuredConfig
 from .export import save_shrunk
-from .plan import ShrinkPlan, valid_ratios, plan_shrink
+from .plan import ShrinkPlan, plan_shrink, valid_ratios
 from .recovery import RecoveryConfig, RecoveryReport, distill
 from .report import ShrinkReport, UnitRecord
 from .shrink import shrink

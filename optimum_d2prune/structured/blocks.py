@@ -37,7 +37,8 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1.0, 1.0)
 
 
-def measure(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, torch.Tensor]], span: int) -> BlockSimilarity:
+def measure(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, torch.Tensor]],
+            span: int) -> BlockSimilarity:
     """Cosine similarities of every block's input and output, and angular distances over `span` blocks."""
     count = len(blocks)
     cos_sum = torch.zeros(count, dtype=torch.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
@@ -133,7 +134,7 @@ class StructuredConfig:
 
 
 def _check_number(name: str, value: Any, low: Optional[float] = None, low_open: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ConfigError(f"`{name}` must be a number, got {value!r}.")
     if low is not None and (value <= low if low_open else value < low):
         raise ConfigError(f"`{name}` must be {'>' if low_open else '>='} {low}, got {value!r}.")

@@ -40,7 +40,8 @@ class ExpertUsage:
         return self.weighted_norm.double() / max(self.tokens, 1)
 
 
-def _routing(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _routing(module: nn.Module, args: tuple,
+             kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
     values = list(bound.values())
     hidden = bound.get("hidden_states", values[0] if values else None)
@@ -86,8 +87,9 @@ def _drain(experts: nn.Module, usage: ExpertUsage, state: dict[str, Any]) -> Non
                 valid = index < usage.counts.numel()
                 token, slot = valid.nonzero(as_tuple=True)
                 chosen = index[token, slot]
-                outputs = experts(hidden[token], chosen.unsqueeze(1), torch.ones_like(weights[token, slot]).unsqueeze(1))
-                norms = outputs.float().norm(dim=-1).double().cpu() * weights[token, slot].double().cpu()
+                gates = weights[token, slot]
+                outputs = experts(hidden[token], chosen.unsqueeze(1), torch.ones_like(gates).unsqueeze(1))
+                norms = outputs.float().norm(dim=-1).double().cpu() * gates.double().cpu()
                 usage.counts += torch.bincount(chosen.cpu(), minlength=usage.counts.numel())
                 usage.weighted_norm.index_add_(0, chosen.cpu(), norms)
     finally:

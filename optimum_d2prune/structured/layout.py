@@ -111,12 +111,12 @@ def find_mlp(block: nn.Module, block_prefix: str, index: int) -> Optional[UnitLa
                 continue
             width = matrix(mods[-1]).shape[1]
             parts = [FUSED_PRODUCERS.get(n, 1) for n in producers]
-            if any(matrix(m).shape[0] != width * p for m, p in zip(mods[:-1], parts)):
+            if any(matrix(m).shape[0] != width * p for m, p in zip(mods[:-1], parts, strict=True)):
                 continue
             base = _join(block_prefix, parent_path)
             channels = torch.arange(width).unsqueeze(1)
             slices: list[ParamSlice] = []
-            for name, module, p in zip(producers, mods[:-1], parts):
+            for name, module, p in zip(producers, mods[:-1], parts, strict=True):
                 rows = torch.cat([channels + k * width for k in range(p)], dim=1)
                 slices += _linear_slices(_join(base, name), module, True, rows)
             slices += _linear_slices(_join(base, consumer), mods[-1], False, channels)

@@ -218,9 +218,10 @@ def _plan_biases(model: nn.Module, plan: ShrinkPlan) -> None:
         return
     flags = [f for f in BIAS_FLAGS[KIND_OF_MODE[plan.mode]] if getattr(cfg, f, None) is False]
     if not flags:
-        raise ConfigError(f"`add_bias` needs a config flag that gives `{plan.layouts[0].consumer.rsplit('.', 1)[-1]}` "
-                          f"a bias, and {type(cfg).__name__} has none (looked for {BIAS_FLAGS[KIND_OF_MODE[plan.mode]]}"
-                          "). Use `add_bias=False` (and compensation 'least_squares' or 'none').")
+        consumer_name = plan.layouts[0].consumer.rsplit(".", 1)[-1]
+        raise ConfigError(f"`add_bias` needs a config flag that gives `{consumer_name}` a bias, and "
+                          f"{type(cfg).__name__} has none (looked for {BIAS_FLAGS[KIND_OF_MODE[plan.mode]]}). Use "
+                          "`add_bias=False` (and compensation 'least_squares' or 'none').")
     plan.config_changes.update({f: True for f in flags})
 
 
@@ -270,7 +271,8 @@ def check_expressible(model: nn.Module, plan: ShrinkPlan, removed_blocks: Option
     extra = sorted(set(reference) - set(expected))
     biases = []
     if plan.config_changes.keys() & _bias_flags():
-        biases = [n[: -len(".bias")] for n in extra if n.endswith(".bias") and n[: -len(".bias")] + ".weight" in expected]
+        owners = [n[: -len(".bias")] for n in extra if n.endswith(".bias")]
+        biases = [n for n in owners if f"{n}.weight" in expected]
     problems = [f"{n}: config gives {tuple(reference[n])}, shrunk model has {tuple(expected[n])}"
                 for n in sorted(set(reference) & set(expected)) if reference[n] != expected[n]]
     problems += [f"{n}: only in the model the config builds" for n in extra if n[: -len(".bias")] not in biases]

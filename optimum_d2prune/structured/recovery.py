@@ -121,7 +121,8 @@ class _BlockOutputs:
         self.hooks.remove()
 
 
-def _kl(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+def _kl(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor],
+        temperature: float) -> torch.Tensor:
     s = F.log_softmax(student.float() / temperature, dim=-1)
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
     per = (t.exp() * (t - s)).sum(-1)

@@ -19,8 +19,15 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from .blocks import blocks_to_remove, measure
-from .calibration import BlockInputs, as_batches, capture_inputs, collect_consumer, forward_block, inference, \
-    model_device
+from .calibration import (
+    BlockInputs,
+    as_batches,
+    capture_inputs,
+    collect_consumer,
+    forward_block,
+    inference,
+    model_device,
+)
 from .compensation import bias_shift, damping, least_squares_refit, output_error
 from .config import StructuredConfig
 from .experts import collect_usage
@@ -29,8 +36,14 @@ from .plan import ShrinkPlan, block_config_changes, block_layout, blocks_of, che
 from .report import ShrinkReport, UnitRecord
 from .saliency import DualTaylorTerms, d2prune_scores, flap_scores, group_sum, lowest, obs_select, wanda_scores
 from .statistics import ConsumerStatistics
-from .surgery import add_zero_bias, apply_config_changes, remove_blocks, remove_units, set_parameter, \
-    update_expert_counts
+from .surgery import (
+    add_zero_bias,
+    apply_config_changes,
+    remove_blocks,
+    remove_units,
+    set_parameter,
+    update_expert_counts,
+)
 
 logger = logging.getLogger(__name__)
 
