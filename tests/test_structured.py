@@ -297,3 +297,22 @@ def test_save_refuses_a_folder_it_did_not_make(tmp_path):
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
     card = (save_shrunk(model, tmp_path / "new", report) / "README.md").read_text()
     assert "`intermediate_size` 128 → 122" in card and "convert_hf_to_gguf.py" in card
+
+
+def test_a_failure_after_a_cut_block_says_the_model_must_be_reloaded(monkeypatch):
+    from optimum_d2prune.errors import ModelStateError
+    from optimum_d2prune.structured import pipeline as shrink_module
+
+    calls = []
+    original = shrink_module.least_squares_refit
+
+    def failing_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated solver failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(shrink_module, "least_squares_refit", failing_second_time)
+    model = make_family("llama")
+    with pytest.raises(ModelStateError, match="reload the model"):
+        shrink(model, _batches("llama"), StructuredConfig(mode="channels", ratio=valid_ratios(model, "channels")[5]))

@@ -17,7 +17,7 @@ from .export import save_shrunk
 from .plan import ShrinkPlan, plan_shrink, valid_ratios
 from .recovery import RecoveryConfig, RecoveryReport, distill
 from .report import ShrinkReport, UnitRecord
-from .shrink import shrink
+from .pipeline import shrink
 
 __all__ = ["COMPENSATIONS", "METHODS", "MODES", "RecoveryConfig", "RecoveryReport", "ShrinkPlan", "ShrinkReport",
            "StructuredConfig", "UnitRecord", "distill", "valid_ratios", "plan_shrink", "save_shrunk", "shrink"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelStateError
 from .blocks import blocks_to_remove, measure
 from .calibration import (
     BlockInputs,
@@ -110,25 +110,38 @@ def _shrink_blocks(model: nn.Module, plan: ShrinkPlan, data: list, config: Struc
 def _shrink_units(model: nn.Module, plan: ShrinkPlan, data: Optional[list], config: StructuredConfig,
                   report: ShrinkReport) -> None:
     _, blocks = blocks_of(model)
-    layouts = {layout.block: layout for layout in plan.layouts}
     inputs = capture_inputs(model, blocks, data) if data is not None else None
     device = torch.device(config.device) if config.device else model_device(model)
     with inference(model):
         for i, block in enumerate(tqdm(blocks, desc=f"shrink {config.mode}", unit="block")):
-            layout = layouts.get(i)
-            if layout is not None:
-                added = [n for n in plan.added_biases if n.startswith(f"{plan.blocks_path}.{i}.")]
-                for name in added:
-                    add_zero_bias(model, name)
-                if added:  # the new biases are sliced with their units
-                    layout = block_layout(model, config.mode, i)
-                if layout.kind == "experts":
-                    record = _remove_experts(model, block, layout, inputs, plan.remove, config)
-                else:
-                    record = _remove_groups(model, block, layout, inputs, plan.remove, config, device)
-                report.units.append(record)
+            try:
+                _shrink_block(model, plan, config, report, inputs, device, i)
+            except Exception as err:
+                if not report.units:
+                    raise
+                raise ModelStateError(f"Shrinking stopped at block {i} ({type(err).__name__}: {err}); blocks "
+                                      f"0-{i - 1} are already cut while the config is not updated: reload the model "
+                                      "before using it.") from err
             if inputs is not None and i < len(blocks) - 1:
                 inputs.hidden = forward_block(block, inputs, i)
+
+
+def _shrink_block(model: nn.Module, plan: ShrinkPlan, config: StructuredConfig, report: ShrinkReport,
+                  inputs: Optional[BlockInputs], device: torch.device, index: int) -> None:
+    layout = next((layout for layout in plan.layouts if layout.block == index), None)
+    if layout is None:
+        return
+    added = [n for n in plan.added_biases if n.startswith(f"{plan.blocks_path}.{index}.")]
+    for name in added:
+        add_zero_bias(model, name)
+    if added:  # the new biases are sliced with their units
+        layout = block_layout(model, config.mode, index)
+    block = blocks_of(model)[1][index]
+    if layout.kind == "experts":
+        record = _remove_experts(model, block, layout, inputs, plan.remove, config)
+    else:
+        record = _remove_groups(model, block, layout, inputs, plan.remove, config, device)
+    report.units.append(record)
 
 
 def _remove_experts(model: nn.Module, block: nn.Module, layout: UnitLayout, inputs: BlockInputs, count: int,
