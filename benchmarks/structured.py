@@ -85,7 +85,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3])
     parser.add_argument("--methods", nargs="+", default=None, help="Only these row variants (names of VARIANTS).")
     parser.add_argument("--recovery-steps", type=int, default=50, help="Distillation steps (0: no recovery rows).")
-    parser.add_argument("--recovery-lr", type=float, default=2e-5)
+    parser.add_argument("--recovery-lr", type=float, default=1e-4)
     parser.add_argument("--no-unstructured", action="store_true", help="Skip the 50 %% unstructured reference.")
     parser.add_argument("--speed-runs", type=int, default=5, help="Rounds of the speed measurement (0: no speed).")
     parser.add_argument("--prefill-tokens", type=int, default=512)

@@ -43,7 +43,7 @@ class RecoveryConfig:
     """Settings of the recovery distillation."""
 
     steps: int = field(default=100, metadata={"help": "Optimizer steps (the budget)."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant after warmup)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant after warmup)."})
     warmup_steps: int = field(default=0, metadata={"help": "Steps of linear learning-rate warmup."})
     batch_size: int = field(default=1, metadata={"help": "Calibration batches per step (gradients accumulated)."})
     kl_weight: float = field(default=1.0, metadata={"help": "Weight of the logit KL term."})
