@@ -1,0 +1,98 @@
+"""The KL term's attention probabilities equal the model's own eager attention weights, on every tested family.
+
+The attention module gets its captured mask exactly as the model gave it (SDPA's boolean mask, BLOOM's additive
+one, MPT's boolean mask marking the *masked* entries), so the probabilities computed for candidate q/k weights are
+those of a model holding these weights, run with eager attention.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimum_d2prune.architectures import AttentionInputs, GenericAdapter
+from optimum_d2prune.architectures.base import read_rows, write_rows
+from optimum_d2prune.architectures.generic import _attention_weights
+from optimum_d2prune.testing.families import FAMILIES, VOCAB, make_family
+
+
+def _inputs(family):
+    """(model kwargs, per-sequence validity [B, T] or None): left padding in the second text sequence."""
+    if FAMILIES[family].kind == "image":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}, None
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask, "use_cache": False}, mask.bool()
+
+
+def _candidate(module, refs, seed):
+    """q/k rows with about half of their entries zeroed (a candidate of the dynamic choice)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for p in ("q", "k"):
+        w = read_rows(module.get_submodule(refs[p].module), refs[p].rows).float()
+        out[p] = w * (torch.rand(w.shape, generator=g) > 0.5)
+    return out
+
+
+def _run_capturing(model, attention, kwargs, output=False):
+    """Run the model; return what `attention` received (and, with `output`, the weights it returned)."""
+    seen = {}
+
+    def before(module, args, kw):
+        seen["inputs"] = AttentionInputs(args, dict(kw))
+
+    def after(module, args, kw, out):
+        seen["weights"] = _attention_weights(out)
+
+    handles = [attention.register_forward_pre_hook(before, with_kwargs=True)]
+    if output:
+        handles.append(attention.register_forward_hook(after, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**kwargs, **({"output_attentions": True} if output else {}))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _compare(probs, expected, valid):
+    if valid is None:
+        torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-5)
+        return
+    for b in range(probs.shape[0]):
+        keep = valid[b]
+        torch.testing.assert_close(probs[b][:, keep][..., keep], expected[b][:, keep][..., keep],
+                                   rtol=1e-4, atol=1e-5)
+        if not keep.all():
+            assert float(probs[b][:, keep][..., ~keep].abs().max()) == 0.0  # padded keys: no attention
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_kl_probabilities_equal_the_eager_weights_of_a_model_holding_the_candidate(family):
+    model = make_family(family)  # SDPA where transformers supports it, else eager
+    implementation = model.config._attn_implementation
+    adapter = GenericAdapter()
+    adapter.validate(model)
+    kwargs, valid = _inputs(family)
+    checked = 0
+    for index, block in enumerate(adapter.blocks(model)):
+        for number, (attention, refs) in enumerate(adapter.attention_groups(block)):
+            inputs = _run_capturing(model, attention, kwargs)["inputs"]
+            candidate = _candidate(block, refs, seed=10 * index + number)
+            probs = adapter.attention_probs(attention, inputs, candidate)
+            saved = {p: read_rows(block.get_submodule(refs[p].module), refs[p].rows).clone() for p in ("q", "k")}
+            for p in ("q", "k"):
+                write_rows(block.get_submodule(refs[p].module), refs[p].rows, candidate[p])
+            model.config._attn_implementation = "eager"
+            try:
+                expected = _run_capturing(model, attention, kwargs, output=True)["weights"].float()
+            finally:
+                model.config._attn_implementation = implementation
+                for p in ("q", "k"):
+                    write_rows(block.get_submodule(refs[p].module), refs[p].rows, saved[p])
+            _compare(probs, expected, valid)
+            checked += 1
+    assert checked >= 2
