@@ -84,6 +84,10 @@ def _dbrx() -> nn.Module:
                   ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2))
 
 
+#: layer types of the tiny hybrid models: one block without softmax attention, two with
+HYBRID_LAYERS = ["linear_attention", "full_attention", "full_attention"]
+
+
 @dataclass(frozen=True)
 class Family:
     """One tested family: its display name, a builder of a tiny random model, and what the config exercises."""
@@ -152,6 +156,20 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            generic_suite=False),
     Family("persimmon", lambda: _causal_lm("PersimmonConfig", num_key_value_heads=None),
            "fused query_key_value interleaved per head, q/k layer norms", generic_suite=False),
+    Family("qwen3-next", lambda: _causal_lm(
+        "Qwen3NextConfig", num_hidden_layers=3, layer_types=HYBRID_LAYERS, head_dim=16, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
+           "hybrid: gated delta net blocks (no softmax attention), gated attention, experts", generic_suite=False),
+    Family("olmo-hybrid", lambda: _causal_lm(
+        "OlmoHybridConfig", num_hidden_layers=3, layer_types=HYBRID_LAYERS, linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
+           "hybrid: gated delta net blocks with separate q_proj/k_proj/v_proj (no softmax attention)",
+           generic_suite=False),
+    Family("minimax", lambda: _causal_lm(
+        "MiniMaxConfig", num_hidden_layers=3, layer_types=HYBRID_LAYERS, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, intermediate_size=32),
+           "hybrid: lightning attention blocks (a fused qkv_proj, no softmax), experts", generic_suite=False),
     Family("vit", lambda: _image_classifier("ViT"), "bidirectional, cls token", kind="image"),
     Family("deit", lambda: _image_classifier("DeiT"), "cls + distillation tokens", kind="image"),
     Family("dinov2", lambda: _image_classifier("Dinov2"), "layer scale", kind="image"),
@@ -304,7 +322,9 @@ def _shrink_layers(config: dict) -> None:
         if isinstance(config.get(key), int) and config[key] == old:
             config[key] = len(keep)
     for key, value in list(config.items()):
-        if isinstance(value, list) and len(value) == old:
+        if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):  # keyed by layer index
+            config[key] = {str(keep.index(int(k))): v for k, v in value.items() if int(k) in keep}
+        elif isinstance(value, list) and len(value) == old:
             config[key] = [value[i] for i in keep]
         elif (isinstance(value, list) and key.endswith("layers") and value
               and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
@@ -329,6 +349,10 @@ def _shrink_dict(config: dict) -> dict:
             config[key] = [2**i for i in range(len(value))]
         elif key not in old_layers or config[key] == old_layers[key]:
             config[key] = _shrink_value(key, value)
+    if isinstance(config.get("qk_rope_head_dim"), int):  # multi-head latent attention: RoPE on the rope part only
+        config["head_dim"] = config["qk_rope_head_dim"]
+        if isinstance(config.get("qk_nope_head_dim"), int):
+            config["qk_head_dim"] = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
     patch = config.get("patch_size")
     if isinstance(config.get("image_size"), int) and isinstance(patch, int) and patch > 0:
         config["image_size"] = min(config["image_size"], max(32, 4 * patch))
