@@ -74,7 +74,9 @@ BLOCK_PATHS = (
 
 #: separate q/k/v projection names (children of one attention module)
 SEPARATE_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"), ("wq", "wk", "wv"),
-                ("Wq", "Wk", "Wv"), ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"))
+                ("Wq", "Wk", "Wv"), ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"),
+                ("query_proj", "key_proj", "value_proj"), ("project_q", "project_k", "project_v"),
+                ("linear_q", "linear_k", "linear_v"), ("q_linear", "k_linear", "v_linear"))
 
 #: the remedy every refusal of the attention-aware choice names
 AWARE_REMEDY = ("Prune with `attention_update='all'` or a baseline method (`sparsegpt`, `wanda`, `magnitude`: they "

@@ -215,10 +215,11 @@ SWEEP_MAX_PARAMETERS = 12_000_000
 
 _HIDDEN = {"hidden_size", "d_model", "n_embd", "n_embed", "embed_dim", "dim", "model_dim", "hidden_dim",
            "word_embed_proj_dim", "embedding_size", "projection_dim", "text_embed_dim", "vision_embed_dim",
-           "emb_dim", "d_embed", "encoder_hidden_size", "cross_attention_hidden_size", "vision_hidden_size"}
+           "emb_dim", "d_embed", "encoder_hidden_size", "cross_attention_hidden_size", "vision_hidden_size",
+           "dim_model"}
 _INTERMEDIATE = {"intermediate_size", "ffn_dim", "n_inner", "d_ff", "dff", "encoder_ffn_dim", "decoder_ffn_dim",
                  "ffn_hidden_size", "intermediate_size_mlp", "mlp_dim", "dim_feedforward", "encoder_intermediate_size",
-                 "decoder_intermediate_size", "d_inner"}
+                 "decoder_intermediate_size", "d_inner", "dim_ff"}
 _MOE_INTERMEDIATE = {"moe_intermediate_size", "shared_expert_intermediate_size", "shared_intermediate_size",
                      "expert_intermediate_size", "moe_ffn_hidden_size"}
 _LAYERS = {"num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers",
@@ -229,7 +230,7 @@ _HEADS = {"num_attention_heads", "n_head", "n_heads", "encoder_attention_heads",
 _KV_HEADS = {"num_key_value_heads", "num_kv_heads", "kv_n_heads", "multi_query_group_num", "n_kv_heads",
              "encoder_num_key_value_heads", "decoder_num_key_value_heads"}
 _HEAD_DIM = {"head_dim", "d_kv", "attention_head_dim", "kv_channels", "v_head_dim", "qk_nope_head_dim",
-             "linear_key_head_dim", "linear_value_head_dim", "mamba_d_head"}
+             "linear_key_head_dim", "linear_value_head_dim", "mamba_d_head", "dim_head"}
 _EXPERTS = {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"}
 _TOP_K = {"num_experts_per_tok", "moe_top_k", "num_selected_experts", "top_k"}
 #: other sizes, to at most this value
@@ -406,7 +407,7 @@ def build_case(case: SweepCase, seed: int = 0) -> nn.Module:
 
 
 def _main_input(model: nn.Module, name: str, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """One batch of the input `name` (token ids, pixels or audio features) sized from the model's config."""
+    """One batch of the input `name` (token ids, pixels, audio features or a waveform) sized from the config."""
     config = model.config
     if name == "input_ids":
         return {"input_ids": torch.randint(3, SWEEP_TOKENS, (2, SWEEP_SEQ), generator=g)}
@@ -420,7 +421,9 @@ def _main_input(model: nn.Module, name: str, g: torch.Generator) -> dict[str, to
         bins = getattr(audio, "num_mel_bins", None) or getattr(audio, "feature_size", 16)
         frames = 2 * (getattr(audio, "max_source_positions", None) or SWEEP_SEQ)
         return {"input_features": torch.randn(2, bins, frames, generator=g)}
-    raise SweepSkip(f"reads `{name}`: the sweep makes token ids, pixels and audio features only")
+    if name == "input_values":  # a raw waveform: 3200 samples are 10 frames of wav2vec2's 320x downsampling
+        return {"input_values": torch.randn(2, 3200, generator=g)}
+    raise SweepSkip(f"reads `{name}`: the sweep makes token ids, pixels, audio features and waveforms only")
 
 
 def calibration_batches(model: nn.Module, num: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
