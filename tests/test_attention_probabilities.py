@@ -96,3 +96,22 @@ def test_kl_probabilities_equal_the_eager_weights_of_a_model_holding_the_candida
             _compare(probs, expected, valid)
             checked += 1
     assert checked >= 2
+
+
+def test_attention_weights_that_are_not_probabilities_per_query_are_refused_before_any_weight_changes():
+    """Longformer's sliding-window attention returns `[B, T, heads, window]` weights: nothing the KL term can read.
+    D²Prune's choice refuses it with a remedy at the first block, before a weight changes; "all" still prunes it."""
+    from optimum_d2prune import D2PruneConfig, D2Pruner
+    from optimum_d2prune.errors import UnsupportedModelError
+    from optimum_d2prune.testing.families import build_case, calibration_batches, sweep_cases
+
+    model = build_case(sweep_cases(["longformer"])[0])
+    batches = calibration_batches(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(UnsupportedModelError, match=r"LongformerSelfAttention.*shape.*attention_update='all'"):
+        D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, batches)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # its global-attention Linears never run without global tokens: left out
+    D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="all", ignore=["_global"])).prune(model, batches)
+    w = model.encoder.layer[1].attention.self.query.weight
+    assert int((w == 0).sum()) == w.numel() // 2

@@ -442,11 +442,14 @@ class GenericAdapter(ArchitectureAdapter):
                 kwargs["output_attentions"] = True
             output = attention(**kwargs)
         probs = _attention_weights(output)
-        if probs is None:
+        queries = next((v.shape[1] for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() == 3), None)
+        if probs is None or (queries is not None and probs.shape[-2] != queries):
+            found = "no attention weights" if probs is None else (
+                f"attention weights of shape {tuple(probs.shape)}, not [batch, heads, {queries} queries, keys]")
             raise UnsupportedArchitectureError(
-                f"{type(attention).__name__} returned no attention weights in eager mode; the generic path cannot "
-                "compute the KL term for it. Use `attention_update` in ('all', 'q', 'k', 'v') or add an adapter "
-                "with its own `attention_scores`."
+                f"{type(attention).__name__} returned {found} in eager mode; the generic path cannot compute the KL "
+                f"term for it. {AWARE_REMEDY}, use `attention_update` in ('q', 'k', 'v'), or add an adapter with "
+                "its own `attention_scores`."
             )
         probs = probs.float()
         return AttentionScores(probs.shape[1], probs.shape[1], lambda heads: probs[:, heads])
