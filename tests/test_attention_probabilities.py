@@ -115,3 +115,75 @@ def test_attention_weights_that_are_not_probabilities_per_query_are_refused_befo
     D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="all", ignore=["_global"])).prune(model, batches)
     w = model.encoder.layer[1].attention.self.query.weight
     assert int((w == 0).sum()) == w.numel() // 2
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling=1.0, dropout=0.0, **kwargs):
+    """The toy family's eager function, without a key/value head repeat: it fails on grouped-query attention."""
+    weights = torch.softmax(query @ key.transpose(-1, -2) * scaling, dim=-1)
+    return (weights @ value).transpose(1, 2), weights
+
+
+class _ToyGQAAttention(torch.nn.Module):
+    """4 query heads, 2 key/value heads, dispatched through transformers' attention interface (SDPA runs it)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.is_causal, self.num_key_value_groups = config, True, 2
+        self.q_proj, self.k_proj = torch.nn.Linear(32, 32), torch.nn.Linear(32, 16)
+        self.v_proj, self.o_proj = torch.nn.Linear(32, 16), torch.nn.Linear(32, 32)
+
+    def forward(self, hidden_states, attention_mask=None):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, 4, 8).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, t, 2, 8).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, t, 2, 8).transpose(1, 2)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(self, q, k, v, attention_mask, scaling=8**-0.5)
+        return self.o_proj(out.reshape(b, t, 32))
+
+
+class _ToyGQA(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig(num_attention_heads=4, num_key_value_heads=2, hidden_size=32)
+        self.config._attn_implementation = "sdpa"
+        self.embed = torch.nn.Embedding(VOCAB, 32)
+        self.layers = torch.nn.ModuleList(_ToyGQABlock(self.config) for _ in range(2))
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+class _ToyGQABlock(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self_attn = _ToyGQAAttention(config)
+
+    def forward(self, h):
+        return h + self.self_attn(h)
+
+
+def test_a_family_whose_eager_attention_fails_is_refused_before_any_weight_changes():
+    """The KL term runs the family's own eager function; where that function fails on the module's queries and
+    keys (a transformers eager path without the key/value head repeat), D²Prune's choice refuses with a remedy."""
+    from conftest import calib_batches
+    from optimum_d2prune import D2PruneConfig, D2Pruner
+    from optimum_d2prune.errors import UnsupportedModelError
+
+    torch.manual_seed(0)
+    model = _ToyGQA().eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(UnsupportedModelError, match=r"eager attention function of _ToyGQAAttention fails.*"
+                                                    r"attention_update='all'"):
+        D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, calib_batches())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="all")).prune(model, calib_batches())
+    w = model.layers[1].self_attn.k_proj.weight
+    assert int((w == 0).sum()) == w.numel() // 2

@@ -551,6 +551,16 @@ def _chunked_eager_scores(attention: nn.Module, eager: Any, query: torch.Tensor,
         _, weights = eager(attention, q, k, k, m, *args, **{**kwargs, "dropout": 0.0})
         return weights.float()
 
+    def run_all(q: torch.Tensor, k: torch.Tensor, m: Optional[torch.Tensor]) -> torch.Tensor:
+        try:
+            return run(q, k, m)
+        except RuntimeError as err:  # the family's eager attention itself fails (e.g. no key/value head repeat)
+            raise UnsupportedArchitectureError(
+                f"The eager attention function of {type(attention).__name__} fails on the queries and keys its "
+                f"module computes ({' '.join(str(err).split())[:200]}); the generic path cannot compute the KL "
+                f"term for it. {AWARE_REMEDY}, or add an adapter with its own `attention_scores`."
+            ) from err
+
     def weights(sl: slice, rows: Optional[torch.Tensor]) -> torch.Tensor:
         q, m = query, mask
         if rows is not None:
@@ -558,7 +568,7 @@ def _chunked_eager_scores(attention: nn.Module, eager: Any, query: torch.Tensor,
             if m is not None and m.shape[-2] > 1:
                 m = m.index_select(-2, rows.to(m.device))
         if sl.stop - sl.start == heads:
-            return run(q, key, m)
+            return run_all(q, key, m)
         if not all_heads[0]:
             try:
                 return run(q[:, sl], key[:, sl.start // group : sl.stop // group], m)
@@ -566,7 +576,7 @@ def _chunked_eager_scores(attention: nn.Module, eager: Any, query: torch.Tensor,
                 logger.debug("%s: eager attention needs all heads at once (%s).", type(attention).__name__, err)
                 all_heads[0] = True
         if not last or last[0] is not rows:
-            last[:] = [rows, run(q, key, m)]
+            last[:] = [rows, run_all(q, key, m)]
         return last[1][:, sl]
 
     def log_probs(sl: slice, rows: Optional[torch.Tensor]) -> torch.Tensor:
