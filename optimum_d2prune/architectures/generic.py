@@ -173,7 +173,6 @@ FUSED_LAYOUTS: dict[str, dict[str, Layout]] = {
     "gpt2": {"c_attn": BLOCKED},
     "openai-gpt": {"c_attn": BLOCKED},
     "imagegpt": {"c_attn": BLOCKED},
-    "decision_transformer": {"c_attn": BLOCKED},
     "gpt_bigcode": {"c_attn": lambda config: BLOCKED if config.multi_query else PER_HEAD},
     "codegen": {"qkv_proj": FusedLayout("mp_num", ("q", "v", "k"))},
     "gpt_neox": {"query_key_value": PER_HEAD},

@@ -156,6 +156,20 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            generic_suite=False),
     Family("persimmon", lambda: _causal_lm("PersimmonConfig", num_key_value_heads=None),
            "fused query_key_value interleaved per head, q/k layer norms", generic_suite=False),
+    Family("gpt-neox-japanese", lambda: _model(
+        "GPTNeoXJapaneseConfig", "GPTNeoXJapaneseForCausalLM", vocab_size=VOCAB, hidden_size=64,
+        intermediate_multiple_size=2, num_hidden_layers=2, num_attention_heads=4, bos_token_id=1, eos_token_id=2),
+           "fused query_key_value interleaved per head, no SDPA", eager_only=True, generic_suite=False),
+    Family("openai-gpt", lambda: _model("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", **{**GPT, "bos_token_id": None,
+                                                                                     "eos_token_id": None}),
+           "GPT-1: Conv1D, fused c_attn [q; k; v], no SDPA", eager_only=True, generic_suite=False),
+    Family("imagegpt", lambda: _model("ImageGPTConfig", "ImageGPTForCausalImageModeling", **GPT),
+           "Conv1D, fused c_attn [q; k; v], no SDPA", eager_only=True, generic_suite=False),
+    Family("ergo", lambda: _causal_lm("ErgoConfig", head_dim=16, first_dense_intermediate_size=128,
+                                      moe_intermediate_size=32, shared_intermediate_size=32, num_experts=4,
+                                      num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                                      mlp_layer_types=["dense", "sparse"]),
+           "fused qkv_proj [q; k; v] with GQA, q/k norms, sliding and full layers, experts", generic_suite=False),
     Family("qwen3-next", lambda: _causal_lm(
         "Qwen3NextConfig", num_hidden_layers=3, layer_types=HYBRID_LAYERS, head_dim=16, num_experts=4,
         num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, linear_num_value_heads=4,
@@ -183,7 +197,7 @@ CAUSAL_FAMILIES = sorted(n for n, f in FAMILIES.items()
 EAGER_ONLY = {n for n, f in FAMILIES.items() if f.eager_only}
 #: families whose attention reads q, k and v from one fused Linear (their layouts: tests/test_fused_layouts.py)
 FUSED_FAMILIES = ("phi3", "gpt-neox", "gpt2", "codegen", "gpt-bigcode", "falcon", "falcon-mqa", "falcon-alibi",
-                  "bloom", "mpt", "dbrx", "persimmon")
+                  "bloom", "mpt", "dbrx", "persimmon", "gpt-neox-japanese", "openai-gpt", "imagegpt", "ergo")
 
 
 def make_family(name: str, seed: int = 0, attn_implementation: str = "sdpa") -> nn.Module:
@@ -299,6 +313,8 @@ def _shrink_value(key: str, value: Any) -> Any:
             return min(value, size) if value > 0 else value
     if key in _KV_HEADS:
         return min(value, 2) if value > 0 else value
+    if key.endswith(("intermediate_size", "_lora_rank")):  # the other sizes of this kind (dense-first layers)
+        return min(value, 64) if value > 0 else value
     if key in _CAPS:
         return min(value, _CAPS[key]) if value > 0 else value
     return value
