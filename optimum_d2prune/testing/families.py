@@ -140,6 +140,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "fused qkv_proj in 4 model-parallel partitions of [q, v, k]", generic_suite=False),
     Family("gpt-bigcode", lambda: _model("GPTBigCodeConfig", "GPTBigCodeForCausalLM", multi_query=True, **GPT),
            "multi-query attention in a fused c_attn [q; k; v]", generic_suite=False),
+    Family("gpt-bigcode-mha", lambda: _model("GPTBigCodeConfig", "GPTBigCodeForCausalLM", multi_query=False, **GPT),
+           "multi-head attention: fused c_attn interleaved per head", generic_suite=False),
     Family("falcon", lambda: _falcon(new_decoder_architecture=True, num_kv_heads=2),
            "new decoder architecture: fused query_key_value grouped per key/value head", generic_suite=False),
     Family("falcon-mqa", lambda: _falcon(new_decoder_architecture=False, multi_query=True, parallel_attn=True),
@@ -196,8 +198,9 @@ CAUSAL_FAMILIES = sorted(n for n, f in FAMILIES.items()
                          if f.kind == "causal" and f.generic_suite and n not in ("qwen3-moe", "mixtral"))
 EAGER_ONLY = {n for n, f in FAMILIES.items() if f.eager_only}
 #: families whose attention reads q, k and v from one fused Linear (their layouts: tests/test_fused_layouts.py)
-FUSED_FAMILIES = ("phi3", "gpt-neox", "gpt2", "codegen", "gpt-bigcode", "falcon", "falcon-mqa", "falcon-alibi",
-                  "bloom", "mpt", "dbrx", "persimmon", "gpt-neox-japanese", "openai-gpt", "imagegpt", "ergo")
+FUSED_FAMILIES = ("phi3", "gpt-neox", "gpt2", "codegen", "gpt-bigcode", "gpt-bigcode-mha", "falcon", "falcon-mqa",
+                  "falcon-alibi", "bloom", "mpt", "dbrx", "persimmon", "gpt-neox-japanese", "openai-gpt", "imagegpt",
+                  "ergo")
 
 
 def make_family(name: str, seed: int = 0, attn_implementation: str = "sdpa") -> nn.Module:
