@@ -117,6 +117,10 @@ class ArchitectureAdapter(ABC):
         refs = self.projections(block)
         return [(self.attention_module(block), refs)] if refs else []
 
+    def has_attention(self, block: nn.Module) -> bool:
+        """Whether the block has a softmax attention with q/k/v (state-space and linear-attention blocks have not)."""
+        return bool(self.attention_groups(block))
+
     def forward_model(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
         """Call the model on one prepared batch (`input_ids`/`attention_mask` or `pixel_values`)."""
         return model(**inputs)

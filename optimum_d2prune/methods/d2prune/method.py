@@ -43,11 +43,11 @@ class D2PruneMethod(PruningMethod):
         if not self.options.attention_aware:
             return
         blocks = [block for stack in plan.stacks for block in stack.blocks]
-        without = sum(not adapter.attention_groups(block) for block in blocks)
-        if without and without < len(blocks):
-            logger.info("%d of %d blocks have no attention (e.g. state-space or linear-attention layers): they are "
-                        "pruned without the q/k/v choice.", without, len(blocks))
-        if without == len(blocks):
+        without = [i for i, block in enumerate(blocks) if not adapter.has_attention(block)]
+        if without and len(without) < len(blocks):
+            logger.info("Blocks %s have no softmax attention (state-space or linear-attention layers): they are pruned "
+                        "with every projection updated.", ", ".join(map(str, without)))
+        if len(without) == len(blocks):
             raise UnsupportedModelError(
                 "D²Prune's attention-aware choice needs the blocks' q/k/v projections, and none was found (looked "
                 "for separate q/k/v linears such as q_proj/k_proj/v_proj or query/key/value, and fused ones such as "
