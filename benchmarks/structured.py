@@ -58,13 +58,13 @@ logger = logging.getLogger("structured")
 RESULTS = Path(__file__).resolve().parent / "results"
 #: row variants per mode: name -> StructuredConfig fields (besides mode and ratio) and whether recovery follows
 VARIANTS: dict[str, list[tuple[str, dict, bool]]] = {
-    "channels": [("d2prune", {"method": "d2prune"}, False), ("d2prune+recovery", {"method": "d2prune"}, True),
-                 ("d2prune-comp", {"method": "d2prune", "compensation": "none"}, False),
-                 ("wanda", {"method": "wanda"}, False), ("magnitude", {"method": "magnitude"}, False),
-                 ("flap", {"method": "flap"}, False)],
-    "blocks": [("block_influence", {"method": "block_influence"}, False),
-               ("block_influence+recovery", {"method": "block_influence"}, True),
-               ("angular", {"method": "angular"}, False)],
+    "channels": [("d2prune", {"saliency": "d2prune"}, False), ("d2prune+recovery", {"saliency": "d2prune"}, True),
+                 ("d2prune-comp", {"saliency": "d2prune", "compensation": "none"}, False),
+                 ("wanda", {"saliency": "wanda"}, False), ("magnitude", {"saliency": "magnitude"}, False),
+                 ("flap", {"saliency": "flap"}, False)],
+    "blocks": [("block_influence", {"saliency": "block_influence"}, False),
+               ("block_influence+recovery", {"saliency": "block_influence"}, True),
+               ("angular", {"saliency": "angular"}, False)],
 }
 VARIANTS["heads"] = VARIANTS["channels"]
 #: the farthest a requested ratio may be from the nearest expressible one before the (mode, ratio) is skipped
@@ -177,7 +177,7 @@ def run_row(bench: Bench, split: str, mode: str, ratio: float, variant: tuple[st
     report = shrink(model, calib, StructuredConfig(mode=mode, ratio=ratio, **fields))
     seconds = time.perf_counter() - started
     row = {"split": split, "mode": mode, "ratio": ratio, "name": name, "achieved_ratio": report.achieved_ratio,
-           "method": report.method, "compensation": report.compensation, "params": report.params_after,
+           "saliency": report.saliency, "compensation": report.compensation, "params": report.params_after,
            "shrink_s": round(seconds, 1), "config_changes": {k: list(v) for k, v in report.config_changes.items()},
            "removed_blocks": report.removed_blocks, "mean_layer_error": report.mean_error()}
     if recover:

@@ -90,7 +90,12 @@ class D2Pruner:
         `optimum_d2prune.io.save_pruned` for the keyword arguments: `overwrite`, `calibration`, `evaluation`...).
         Refused before `prune()` has run: there is no pruning to record."""
         from .io.save_load import save_pruned
+        from .structured.report import ShrinkReport
 
+        if isinstance(self.report, ShrinkReport):  # a smaller dense model, recorded as such
+            from .structured.export import save_shrunk
+
+            return save_shrunk(model, save_dir, self.report, tokenizer, **kwargs)
         if self.report is None:
             raise ModelStateError("`D2Pruner.save` needs a pruned model: call `prune(model, calibration)` first (or "
                                   "use `optimum_d2prune.save_pruned(model, save_dir, config)` for a model pruned "

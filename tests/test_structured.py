@@ -68,7 +68,7 @@ def test_shrunk_checkpoint_reloads_with_plain_from_pretrained(tmp_path, family, 
     batches = _batches(family)
     ratio = _ratio(model, mode, position)
     before = sum(p.numel() for p in model.parameters())
-    report = shrink(model, batches, StructuredConfig(mode=mode, ratio=ratio, method=method))
+    report = shrink(model, batches, StructuredConfig(mode=mode, ratio=ratio, saliency=method))
     assert report.achieved_ratio == pytest.approx(ratio)
     assert report.params_after < before and report.params_after == sum(p.numel() for p in model.parameters())
     assert before - report.params_after == pytest.approx(ratio * report.block_params_before,
@@ -129,7 +129,7 @@ def test_block_metrics_choose_the_blocks_that_change_least(method, expected):
     for index, noise in ((1, 0.0), (3, 1e-3), (4, 1e-2)):
         _make_identity(model.model.layers[index])
         model.model.layers[index].mlp.down_proj.weight.data.normal_(0, noise)
-    report = shrink(model, _batches("llama"), StructuredConfig(mode="blocks", ratio=2 / 6, method=method))
+    report = shrink(model, _batches("llama"), StructuredConfig(mode="blocks", ratio=2 / 6, saliency=method))
     assert report.removed_blocks == expected
 
 
@@ -160,7 +160,7 @@ def test_compensation_lowers_the_consumer_error(tmp_path):
 def test_flap_adds_the_mean_of_the_removed_inputs_to_a_new_bias():
     model = make_family("llama")
     report = shrink(model, _batches("llama"), StructuredConfig(mode="channels", ratio=_ratio(model, "channels", 40),
-                                                                method="flap"))
+                                                                saliency="flap"))
     assert report.added_biases and model.config.mlp_bias is True
     down = model.model.layers[0].mlp.down_proj
     assert down.bias is not None and float(down.bias.detach().abs().max()) > 0
@@ -236,7 +236,7 @@ REFUSALS = [
     ("llama", dict(mode="blocks", ratio=0.3), True, ConfigError, "0.5000 (1 blocks)"),
     ("mixtral", dict(mode="channels", ratio=0.1), True, UnsupportedModelError, "mode='experts'"),
     ("llama", dict(mode="experts", ratio=0.1), True, UnsupportedModelError, "experts module"),
-    ("qwen3-mixed", dict(mode="channels", ratio=0.1, method="flap"), True, ConfigError, "mlp_bias"),
+    ("qwen3-mixed", dict(mode="channels", ratio=0.1, saliency="flap"), True, ConfigError, "mlp_bias"),
     ("llama", dict(mode="channels", ratio=0.1), False, InputError, "calibration batches"),
 ]
 
@@ -258,7 +258,7 @@ BAD_CONFIGS = [
     (dict(mode="width"), "`mode`"),
     (dict(ratio=1.0), "`ratio`"),
     (dict(ratio=0), "`ratio`"),
-    (dict(mode="channels", method="reap"), "does not apply"),
+    (dict(mode="channels", saliency="reap"), "does not apply"),
     (dict(mode="blocks", compensation="least_squares"), "compensation='none'"),
     (dict(compensation="lstsq"), "`compensation`"),
     (dict(compensation="none", add_bias=True), "add_bias"),
@@ -277,7 +277,7 @@ def test_magnitude_needs_no_data_and_channel_multiple_is_kept(tmp_path):
     model = make_family("llama")
     config = StructuredConfig(mode="channels", ratio=valid_ratios(model, "channels",
                                                                     StructuredConfig(channel_multiple=32))[1],
-                              method="magnitude", channel_multiple=32)
+                              saliency="magnitude", channel_multiple=32)
     report = shrink(model, None, config)
     assert model.config.intermediate_size == 64
     assert report.units[0].error is None
@@ -288,7 +288,7 @@ def test_save_refuses_a_folder_it_did_not_make(tmp_path):
 
     model = make_family("llama")
     report = shrink(model, None, StructuredConfig(mode="channels", ratio=valid_ratios(model, "channels")[5],
-                                                  method="magnitude"))
+                                                  saliency="magnitude"))
     folder = tmp_path / "taken"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")

@@ -20,6 +20,7 @@ from ..configuration import D2PruneConfig, RuntimeOptions
 from ..errors import ConfigError
 from ..methods.d2prune.options import D2PruneOptions
 from ..refine.options import OwlOptions, ReconstructionOptions
+from ..structured.config import ShrinkOptions
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -109,6 +110,8 @@ PRUNING_GROUPS: tuple[tuple[str, type, str, tuple[str, ...]], ...] = (
     ("pruning", D2PruneConfig, "", ("method_options", "allocation_options", "reconstruction_options", "runtime")),
     ("method options (d2prune; sparsegpt takes the OBS ones: block size, damping, refit, ADMM)", D2PruneOptions, "",
      ()),
+    ("structured shrinking options (--method shrink; --sparsity is then the fraction of block parameters removed)",
+     ShrinkOptions, "", ()),
     ("OWL allocation options (--allocation owl)", OwlOptions, "owl-", ()),
     ("block reconstruction options (--reconstruction)", ReconstructionOptions, "reconstruction-", ()),
     ("runtime (not saved with the model)", RuntimeOptions, "", ()),
@@ -117,6 +120,9 @@ RUN_GROUPS: tuple[tuple[str, type], ...] = (
     ("model", ModelArguments), ("calibration", CalibrationArguments), ("evaluation", EvaluationArguments),
     ("output", OutputArguments),
 )
+#: every method option the parser has a flag for (the built-in methods' option classes)
+METHOD_OPTION_FIELDS = tuple(dict.fromkeys(f.name for cls in (D2PruneOptions, ShrinkOptions)
+                                           for f in dataclasses.fields(cls) if f.name != "group_name"))
 #: flags kept for command lines written for earlier releases: flag -> the field it sets
 ALIASES = {"allocation": "--sparsity-allocation", "reconstruction": "--block-reconstruction",
            "strategy": "--dynamic-strategy", "kl_samples": "--kl-num-samples"}
@@ -141,6 +147,8 @@ def _add_dataclass(group: Any, cls: type, prefix: str, skip: tuple[str, ...], gi
         if f.name in skip or not f.init or f.name == "group_name":
             continue
         dest = f"{prefix.replace('-', '_')}{f.name}"
+        if any(action.dest == dest for action in group._actions):  # a field two option groups share: one flag
+            continue
         flags = [f"--{prefix}{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]
         if f.name in ALIASES and not prefix:
             flags.append(ALIASES[f.name])
@@ -212,13 +220,13 @@ def config_from_args(args: argparse.Namespace) -> D2PruneConfig:
     options_class = method_options_class(top.get("method", "d2prune"))
     own = {f.name for f in dataclasses.fields(options_class)}
     method_options = {}
-    for f in dataclasses.fields(D2PruneOptions):
-        if f.name not in given:
+    for name in METHOD_OPTION_FIELDS:
+        if name not in given:
             continue
-        if f.name not in own:
-            raise ConfigError(f"--{f.name.replace('_', '-')} is not an option of method {top.get('method', 'd2prune')!r}"
+        if name not in own:
+            raise ConfigError(f"--{name.replace('_', '-')} is not an option of method {top.get('method', 'd2prune')!r}"
                               f" (its options: {', '.join('--' + n.replace('_', '-') for n in sorted(own))}).")
-        method_options[f.name] = given[f.name]
+        method_options[name] = given[name]
     if method_options:
         top["method_options"] = method_options
     owl = {f.name: given[f"owl_{f.name}"] for f in dataclasses.fields(OwlOptions) if f"owl_{f.name}" in given}

@@ -57,14 +57,18 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def summary_table(report, evaluation: dict[str, Any], out: Path, url: Optional[str] = None) -> str:
     """The final table printed by the CLI."""
-    rows = [
-        ("method", report.method),
-        ("pattern", report.pattern),
-        ("pruned layers", str(len(report.layers))),
-        ("sparsity (pruned layers)", f"{report.total_sparsity:.2%}"),
-        ("pruning time", f"{report.seconds:.1f} s"),
-    ]
-    if report.attention:
+    from ..structured.report import ShrinkReport
+
+    if isinstance(report, ShrinkReport):
+        rows = [("method", f"shrink ({report.mode}, {report.saliency})"),
+                ("block parameters removed", f"{report.achieved_ratio:.2%}"),
+                ("parameters", f"{report.params_before:,} -> {report.params_after:,}"),
+                ("shrinking time", f"{report.seconds:.1f} s")]
+    else:
+        rows = [("method", report.method), ("pattern", report.pattern), ("pruned layers", str(len(report.layers))),
+                ("sparsity (pruned layers)", f"{report.total_sparsity:.2%}"),
+                ("pruning time", f"{report.seconds:.1f} s")]
+    if getattr(report, "attention", None):
         rows.append(("projection left un-updated (blocks)",
                      ", ".join(f"{p}: {n}" for p, n in report.unupdated_counts().items())))
     for name, value in evaluation.items():
@@ -82,8 +86,12 @@ def summary_table(report, evaluation: dict[str, Any], out: Path, url: Optional[s
 
 def summary_line(report, perplexities: Optional[dict[str, float]], eval_name: str, out: Path, seconds: float) -> str:
     """One line a person can read at the end of a run: where, how sparse, how good, how long."""
-    pattern = f" ({report.pattern})" if ":" in str(report.pattern) else ""
-    line = f"Saved to {out}: {report.total_sparsity:.2%} zeros in {len(report.layers)} matrices{pattern}"
+    if hasattr(report, "achieved_ratio"):  # a shrunk model
+        line = (f"Saved to {out}: {report.achieved_ratio:.2%} of the block parameters removed "
+                f"({report.params_before:,} -> {report.params_after:,} parameters)")
+    else:
+        pattern = f" ({report.pattern})" if ":" in str(report.pattern) else ""
+        line = f"Saved to {out}: {report.total_sparsity:.2%} zeros in {len(report.layers)} matrices{pattern}"
     if perplexities:
         values = " -> ".join(f"{perplexities[k]:.3f}" for k in ("dense", "pruned") if k in perplexities)
         line += f"; {eval_name.replace('perplexity (', 'perplexity on ', 1).rstrip(')')}: {values}"

@@ -54,6 +54,12 @@ class CliRun:
     calibration_record: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def shrunk(self) -> bool:
+        from ..structured.report import ShrinkReport
+
+        return isinstance(self.report, ShrinkReport)
+
+    @property
     def command(self) -> str:
         return "optimum-cli d2prune " + " ".join(shlex.quote(a) for a in self.argv)
 
@@ -141,11 +147,18 @@ class CliRun:
         self.calibration_record = calibration
         home = next(self.model.parameters()).device
         self.model.to("cpu")  # saved from host memory; weights keep their dtype
-        self.run_id = new_run_id()  # the evaluation is recorded only into the folder this save made
-        self.out = save_pruned(self.model, self.args.output_dir, self.config, self.report, self.tokenizer,
-                               overwrite=self.args.overwrite, base_model=self.source.hub_id, calibration=calibration,
-                               evaluation=self.evaluation, command=self.command, extra_files=self._report_files(),
-                               run_id=self.run_id)
+        if self.shrunk:  # a smaller dense model: its own record
+            from ..structured.export import save_shrunk
+
+            self.out = save_shrunk(self.model, self.args.output_dir, self.report, self.tokenizer,
+                                   overwrite=self.args.overwrite, base_model=self.source.hub_id,
+                                   evaluation=self.evaluation)
+        else:
+            self.run_id = new_run_id()  # the evaluation is recorded only into the folder this save made
+            self.out = save_pruned(self.model, self.args.output_dir, self.config, self.report, self.tokenizer,
+                                   overwrite=self.args.overwrite, base_model=self.source.hub_id,
+                                   calibration=calibration, evaluation=self.evaluation, command=self.command,
+                                   extra_files=self._report_files(), run_id=self.run_id)
         self.model.to(home)
         return self.out
 
@@ -169,7 +182,11 @@ class CliRun:
                 self.evaluation["zero-shot mean"] = {"pruned": self.zero_shot.mean}
         except Exception as err:  # the model is saved: say where, whatever went wrong
             raise EvaluationFailedError(self.out, err) from err
-        if self.evaluation:
+        if self.evaluation and self.shrunk:
+            from ..structured.export import record_shrunk_evaluation
+
+            record_shrunk_evaluation(self.out, self.evaluation)
+        elif self.evaluation:
             record_evaluation(self.out, self.evaluation, self._report_files(), run_id=self.run_id,
                               sizes=self._sizes())
 

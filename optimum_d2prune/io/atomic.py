@@ -38,6 +38,8 @@ PathLike = Union[str, os.PathLike]
 
 RECORD_NAME = "d2prune_config.json"  # == configuration.CONFIG_NAME (not imported: it would import torch)
 RECORD_KEYS = ("format_version", "config", "sparsity")  # what a record written by this tool always holds
+#: the record of a structured shrink (`structured.export.RECORD_NAME`) and the keys it always holds
+SHRINK_RECORD_NAME, SHRINK_RECORD_KEYS = "structured_shrink.json", ("report", "versions")
 #: written first into every temporary folder of a save: `{"pid": ..., "host": ...}` of the writing process
 PARTIAL_MARKER = ".d2prune-partial"
 _LEFTOVER = r"\.{name}\.(?:tmp|old)-[0-9a-f]{{12}}"
@@ -45,14 +47,16 @@ _LEFTOVER = r"\.{name}\.(?:tmp|old)-[0-9a-f]{{12}}"
 
 # ------------------------------------------------------------------------------------------ which folders
 def is_tool_output(folder: PathLike) -> bool:
-    """Whether `folder` holds a record written by this tool (`d2prune_config.json`: a JSON object with the keys
-    `format_version`, `config` and `sparsity`)."""
-    file = Path(folder) / RECORD_NAME
-    try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(record, dict) and all(k in record for k in RECORD_KEYS) and isinstance(record["config"], dict)
+    """Whether `folder` holds a record written by this tool: `d2prune_config.json` (a JSON object with the keys
+    `format_version`, `config` and `sparsity`) or a structured shrink's `structured_shrink.json`."""
+    for name, keys in ((RECORD_NAME, RECORD_KEYS), (SHRINK_RECORD_NAME, SHRINK_RECORD_KEYS)):
+        try:
+            record = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(record, dict) and all(k in record for k in keys):
+            return True
+    return False
 
 
 def _contains(folder: Path, path: Path) -> bool:

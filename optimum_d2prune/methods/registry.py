@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 #: method name -> class, in registration order (the built-ins first, once `registered_methods` has run)
 METHOD_REGISTRY: dict[str, type["PruningMethod"]] = {}
 
-_BUILTIN_MODULES = ("d2prune.method", "sparsegpt", "wanda", "magnitude")
+_BUILTIN_MODULES = ("d2prune.method", "sparsegpt", "wanda", "magnitude", "shrink")
 
 
 def register_method(cls: type["PruningMethod"]) -> type["PruningMethod"]:

@@ -1,7 +1,9 @@
 """Structured pruning: shrink a transformers model to a smaller *dense* one with a standard config.
 
 Removes MLP channels, attention heads (whole key/value groups), MoE experts or whole blocks, the same number in every
-block, so that plain `from_pretrained` loads the result and every runtime runs it faster and stores it smaller.
+block, so that plain `from_pretrained` loads the result and every runtime runs it faster and stores it smaller. The
+registered method `shrink` runs it through `D2Pruner` and `optimum-cli d2prune --method shrink`; the functions here
+are the same steps for a script:
 
 ```python
 from optimum_d2prune.structured import StructuredConfig, save_shrunk, shrink
@@ -10,14 +12,27 @@ report = shrink(model, calib, StructuredConfig(mode="channels", ratio=0.2))   # 
 distill(model, dense_model, calib, RecoveryConfig(steps=50), layer_map=report.kept_blocks)   # optional
 save_shrunk(model, "out", report, tokenizer=tokenizer)
 ```
+
+Imported on first use (the options are read by the command line, which does not import torch).
 """
 
-from .config import COMPENSATIONS, METHODS, MODES, StructuredConfig
-from .export import save_shrunk
-from .plan import ShrinkPlan, plan_shrink, valid_ratios
-from .recovery import RecoveryConfig, RecoveryReport, distill
-from .report import ShrinkReport, UnitRecord
-from .pipeline import shrink
+from __future__ import annotations
 
-__all__ = ["COMPENSATIONS", "METHODS", "MODES", "RecoveryConfig", "RecoveryReport", "ShrinkPlan", "ShrinkReport",
-           "StructuredConfig", "UnitRecord", "distill", "valid_ratios", "plan_shrink", "save_shrunk", "shrink"]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "COMPENSATIONS": "config", "METHODS": "config", "MODES": "config", "ShrinkOptions": "config",
+    "StructuredConfig": "config", "save_shrunk": "export", "ShrinkPlan": "plan", "plan_shrink": "plan",
+    "valid_ratios": "plan", "RecoveryConfig": "recovery", "RecoveryReport": "recovery", "distill": "recovery",
+    "ShrinkReport": "report", "UnitRecord": "report", "shrink": "pipeline",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,7 +45,7 @@ def as_batches(batches: Any) -> list[dict[str, torch.Tensor]]:
     """Calibration batches as dicts (a bare tensor is `input_ids`); refused when empty or malformed."""
     if batches is None or len(batches) == 0:
         raise InputError("This shrink needs calibration batches (a list of `{'input_ids': ...}` dicts, e.g. from "
-                         "`get_calibration_dataset`); only method='magnitude' works without data.")
+                         "`get_calibration_dataset`); only saliency='magnitude' works without data.")
     out = []
     for i, batch in enumerate(batches):
         if isinstance(batch, torch.Tensor):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
 
 from ..errors import ConfigError
+from ..methods.options import MethodOptions
+from ..patterns import SparsityPattern
 
 #: what a run removes: MLP channels, attention heads (whole key/value groups), MoE experts, or whole blocks
 MODES = ("channels", "heads", "experts", "blocks")
@@ -26,21 +28,17 @@ COMPENSATED_MODES = ("channels", "heads")
 
 
 @dataclass
-class StructuredConfig:
-    """Settings of one structured shrink: the result is a smaller dense model with a standard config.
+class ShrinkOptions(MethodOptions):
+    """The options of the `shrink` method (`D2PruneConfig(method="shrink", sparsity=ratio, method_options=...)`):
+    what to remove and how to choose and compensate it."""
 
-    `ratio` is the fraction of the *block* parameters (everything inside the decoder/encoder layers; embeddings and
-    heads excluded) to remove. Each mode removes whole units, the same number in every block, so only some ratios
-    can be expressed: a ratio farther than `ratio_tolerance` from the nearest expressible one is refused before any
-    work, with the nearest valid values in the message (`valid_ratios` lists them).
-    """
+    group_name: ClassVar[str] = "`method_options` of shrink"
 
-    mode: str = field(default="channels", metadata={"help": f"What to remove: one of {MODES}."})
-    ratio: float = field(default=0.2, metadata={"help": "Fraction of the block parameters to remove, in (0, 1)."})
-    method: Optional[str] = field(
+    mode: str = field(default="channels", metadata={"help": f"What to remove: one of {MODES}.", "choices": MODES})
+    saliency: Optional[str] = field(
         default=None,
-        metadata={"help": "Saliency: channels/heads: d2prune (dual-Taylor + OBS group error), wanda (|W|·‖x‖ group "
-                          "sums), magnitude (group L2 norm), flap (FLAP's fluctuation metric); experts: reap (routing "
+        metadata={"help": "How units are scored: channels/heads: d2prune (dual-Taylor + OBS group error), wanda "
+                          "(|W|·‖x‖ group sums), magnitude (group L2 norm), flap (FLAP's fluctuation metric); experts: reap (routing "
                           "frequency x gate weight x expert output norm), frequency (routed-token counts); blocks: "
                           "block_influence (ShortGPT), angular (consecutive blocks by angular distance). None: the "
                           "first of each list."})
@@ -76,23 +74,19 @@ class StructuredConfig:
     ratio_tolerance: float = field(
         default=0.005,
         metadata={"help": "Largest accepted distance between `ratio` and the nearest expressible ratio (absolute)."})
-    device: Optional[str] = field(
-        default=None, metadata={"help": "Where statistics and solves run (default: the model's device)."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in MODES:
             raise ConfigError(f"`mode` must be one of {MODES}, got {self.mode!r}.")
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
-            raise ConfigError(f"`ratio` must be a number in (0, 1) (the fraction of block parameters to remove), "
-                              f"got {self.ratio!r}.")
-        self.ratio = float(self.ratio)
         allowed = METHODS[self.mode]
-        if self.method is None:
-            self.method = allowed[0]
-        if self.method not in allowed:
-            raise ConfigError(f"`method` {self.method!r} does not apply to mode {self.mode!r}: use one of {allowed}.")
+        if self.saliency is None:
+            self.saliency = allowed[0]
+        if self.saliency not in allowed:
+            raise ConfigError(f"`saliency` {self.saliency!r} does not apply to mode {self.mode!r}: use one of "
+                              f"{allowed}.")
         if self.compensation is None:
-            self.compensation = DEFAULT_COMPENSATION.get(self.method, "none")
+            self.compensation = DEFAULT_COMPENSATION.get(self.saliency, "none")
         if self.compensation not in COMPENSATIONS:
             raise ConfigError(f"`compensation` must be one of {COMPENSATIONS}, got {self.compensation!r}.")
         if self.compensation != "none" and self.mode not in COMPENSATED_MODES:
@@ -121,16 +115,40 @@ class StructuredConfig:
             return float((512 * max(seq_len, 1)) ** 0.5)
         return float(self.activation_scale)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def resolved(self, pattern: SparsityPattern) -> "ShrinkOptions":
+        """Whole units are removed: an N:M pattern has no meaning here."""
+        if pattern.is_nm:
+            raise ConfigError(f"method='shrink' removes whole channels, heads, experts or blocks: give the fraction of "
+                              f"block parameters to remove as `sparsity`, not an N:M pattern ({pattern.structure}).")
+        return self
+
+
+@dataclass
+class StructuredConfig(ShrinkOptions):
+    """Settings of one structured shrink: the result is a smaller dense model with a standard config.
+
+    `ratio` is the fraction of the *block* parameters (everything inside the decoder/encoder layers; embeddings and
+    heads excluded) to remove. Each mode removes whole units, the same number in every block, so only some ratios
+    can be expressed: a ratio farther than `ratio_tolerance` from the nearest expressible one is refused before any
+    work, with the nearest valid values in the message (`valid_ratios` lists them).
+    """
+
+    group_name: ClassVar[str] = "`StructuredConfig`"
+
+    ratio: float = field(default=0.2, metadata={"help": "Fraction of the block parameters to remove, in (0, 1)."})
+    device: Optional[str] = field(
+        default=None, metadata={"help": "Where statistics and solves run (default: the model's device)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
+            raise ConfigError(f"`ratio` must be a number in (0, 1) (the fraction of block parameters to remove), "
+                              f"got {self.ratio!r}.")
+        self.ratio = float(self.ratio)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "StructuredConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"Unknown StructuredConfig field(s) {unknown}; the fields are {sorted(known)}.")
-        return cls(**values)
+        return cls.build(values)
 
 
 def _check_number(name: str, value: Any, low: Optional[float] = None, low_open: bool = True) -> None:

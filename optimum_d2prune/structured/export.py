@@ -15,7 +15,6 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from ..errors import OutputPathError
 from ..pipeline.finite import nonfinite_parameters
 from .report import ShrinkReport
 
@@ -68,7 +67,7 @@ def _removed_table(report: ShrinkReport) -> str:
     if report.removed_blocks:
         scores = ", ".join(f"{s:.4f}" for s in report.block_scores)
         return (f"Blocks {report.removed_blocks} of {len(report.kept_blocks) + len(report.removed_blocks)} (original "
-                f"indices), by `{report.method}`; scores per block (or start): {scores}.")
+                f"indices), by `{report.saliency}`; scores per block (or start): {scores}.")
     lines = ["| block | kind | units before | removed | consumer error masked | after compensation |",
              "|---:|---|---:|---|---:|---:|"]
     for u in report.units:
@@ -86,7 +85,7 @@ def save_shrunk(model: nn.Module, save_dir: Union[str, os.PathLike], report: Shr
                 evaluation: Optional[dict[str, Any]] = None) -> Path:
     """Write the shrunk model (`save_pretrained`, safetensors), the tokenizer, `structured_shrink.json` and a model
     card into `save_dir`, atomically. An existing non-empty folder is refused unless `overwrite=True`."""
-    from ..io.atomic import atomic_directory
+    from ..io.atomic import atomic_directory, check_output_dir
     from ..io.record import library_versions
 
     if not hasattr(model, "save_pretrained"):
@@ -95,10 +94,7 @@ def save_shrunk(model: nn.Module, save_dir: Union[str, os.PathLike], report: Shr
     if nonfinite:
         raise ValueError(f"The model holds NaN or Inf in {len(nonfinite)} tensor(s) (e.g. `{nonfinite[0]}`): it is "
                          "not saved.")
-    save_dir = Path(save_dir).expanduser().absolute()
-    if save_dir.exists() and (not save_dir.is_dir() or (any(save_dir.iterdir()) and not overwrite)):
-        raise OutputPathError(f"{save_dir} exists and is not an empty folder: choose another output folder or pass "
-                              "`overwrite=True`.")
+    save_dir = check_output_dir(save_dir, overwrite)  # never a folder this tool did not write
     record = {"report": report.to_dict(), "base_model": base_model, "evaluation": evaluation or {},
               "versions": library_versions()}
     pipeline = "image-classification" if getattr(model, "main_input_name", "") == "pixel_values" else "text-generation"
@@ -111,3 +107,22 @@ def save_shrunk(model: nn.Module, save_dir: Union[str, os.PathLike], report: Shr
         make_card(report, base_model, evaluation, pipeline).save(tmp / CARD_NAME)
     logger.info("Saved the shrunk model to %s.", save_dir)
     return save_dir
+
+
+def record_shrunk_evaluation(save_dir: Union[str, os.PathLike], evaluation: dict[str, Any]) -> None:
+    """Add evaluation results to a folder written by `save_shrunk` (its record and card), each file replaced
+    atomically: an interruption leaves the earlier version of a file, never a torn one."""
+    import uuid
+
+    from huggingface_hub import ModelCard
+
+    save_dir = Path(save_dir)
+    record = json.loads((save_dir / RECORD_NAME).read_text(encoding="utf-8"))
+    record["evaluation"] = evaluation
+    pipeline = ModelCard.load(save_dir / CARD_NAME).data.pipeline_tag
+    card = make_card(ShrinkReport.from_dict(record["report"]), record.get("base_model"), evaluation, pipeline)
+    files = {RECORD_NAME: json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", CARD_NAME: str(card)}
+    for name, content in files.items():
+        tmp = save_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(content, encoding="utf-8")
+        os.replace(tmp, save_dir / name)

@@ -57,7 +57,7 @@ def shrink(model: nn.Module, batches: Any, config: StructuredConfig) -> ShrinkRe
     Args:
         model: a transformers model (causal LM, image classifier, ...) whose blocks can be found.
         batches: calibration batches (`{"input_ids", "attention_mask"}` or `{"pixel_values"}` dicts, or tensors of
-            token ids), e.g. `get_calibration_dataset(...)`; may be None for method='magnitude' without compensation.
+            token ids), e.g. `get_calibration_dataset(...)`; may be None for saliency='magnitude' without compensation.
         config: a `StructuredConfig`.
 
     Example:
@@ -70,10 +70,10 @@ def shrink(model: nn.Module, batches: Any, config: StructuredConfig) -> ShrinkRe
         raise ConfigError(f"`config` must be a StructuredConfig, got {type(config).__name__}.")
     started = time.perf_counter()
     plan = plan_shrink(model, config)
-    needs_data = not (config.method == "magnitude" and config.compensation == "none")
+    needs_data = not (config.saliency == "magnitude" and config.compensation == "none")
     data = as_batches(batches) if needs_data else None
     params_before = sum(p.numel() for p in model.parameters())
-    report = ShrinkReport(config.mode, config.method, config.compensation, config.ratio, plan.achieved_ratio,
+    report = ShrinkReport(config.mode, config.saliency, config.compensation, config.ratio, plan.achieved_ratio,
                           plan.block_params, 0, params_before, 0, config=config.to_dict())
     _, blocks = blocks_of(model)
     report.kept_blocks = list(range(len(blocks)))
@@ -97,8 +97,8 @@ def _shrink_blocks(model: nn.Module, plan: ShrinkPlan, data: list, config: Struc
                    report: ShrinkReport) -> None:
     _, blocks = blocks_of(model)
     similarity = measure(model, blocks, data, plan.remove)
-    removed = blocks_to_remove(similarity, config.method)
-    scores = similarity.angular if config.method == "angular" else similarity.influence()
+    removed = blocks_to_remove(similarity, config.saliency)
+    scores = similarity.angular if config.saliency == "angular" else similarity.influence()
     plan.config_changes = block_config_changes(model, removed)
     check_expressible(model, plan, removed)  # on the blocks actually chosen, before the model changes
     remove_blocks(model, plan.blocks_path, removed)
@@ -148,7 +148,7 @@ def _remove_experts(model: nn.Module, block: nn.Module, layout: UnitLayout, inpu
                     config: StructuredConfig) -> UnitRecord:
     experts = model.get_submodule(layout.info["experts"])
     usage = collect_usage(block, experts, layout.units, inputs, layout.block)
-    removed = lowest(usage.scores(config.method), count)
+    removed = lowest(usage.scores(config.saliency), count)
     remove_units(model, layout, removed)
     update_expert_counts(model.get_submodule(layout.module), layout.units, layout.units - count)
     return UnitRecord(layout.block, "experts", layout.units, removed.tolist())
@@ -212,11 +212,11 @@ def _select(model: nn.Module, layout: UnitLayout, used: torch.Tensor, gram: torc
             groups: torch.Tensor, count: int, config: StructuredConfig) -> torch.Tensor:
     cols = stats.columns
     w = used[:, :cols]
-    if config.method == "magnitude":
+    if config.saliency == "magnitude":
         return lowest(unit_square_norms(model, layout), count)
-    if config.method == "wanda":
+    if config.saliency == "wanda":
         return lowest(wanda_scores(w, stats, groups), count)
-    if config.method == "flap":
+    if config.saliency == "flap":
         return lowest(flap_scores(w, stats, groups), count)
     dual = DualTaylorTerms.of(stats, config.lambda1, config.lambda2,
                               config.resolve_activation_scale(stats.seq_len))

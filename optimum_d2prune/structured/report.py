@@ -25,7 +25,7 @@ class ShrinkReport:
     """The outcome of `shrink`."""
 
     mode: str
-    method: str
+    saliency: str
     compensation: str
     ratio: float  # requested fraction of block parameters
     achieved_ratio: float
@@ -43,6 +43,10 @@ class ShrinkReport:
     config: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
+    def summary(self) -> str:
+        """One paragraph (what `D2Pruner` logs after a run)."""
+        return self.describe()
+
     def mean_error(self) -> Optional[float]:
         values = [u.error for u in self.units if u.error is not None]
         return sum(values) / len(values) if values else None
@@ -51,6 +55,14 @@ class ShrinkReport:
         out = asdict(self)
         out["config_changes"] = {k: list(v) for k, v in self.config_changes.items()}
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ShrinkReport":
+        """The report `to_dict` wrote (e.g. read back from `structured_shrink.json`)."""
+        values = dict(data)
+        values["units"] = [UnitRecord(**u) for u in values.get("units", [])]
+        values["config_changes"] = {k: tuple(v) for k, v in values.get("config_changes", {}).items()}
+        return cls(**values)
 
     def describe(self) -> str:
         """One paragraph on what was removed (for logs and the model card)."""
@@ -62,7 +74,7 @@ class ShrinkReport:
         }[self.mode]
         changes = ", ".join(f"`{k}` {_short(old)} → {_short(new)}" for k, (old, new) in self.config_changes.items())
         parts = [f"Removed {what}: {self.achieved_ratio:.2%} of the block parameters (requested {self.ratio:.2%}), "
-                 f"{self.params_before:,} → {self.params_after:,} parameters in all, chosen by `{self.method}`"
+                 f"{self.params_before:,} → {self.params_after:,} parameters in all, chosen by `{self.saliency}`"
                  f"{'' if self.compensation == 'none' else f' with `{self.compensation}` compensation'}."]
         if self.removed_blocks:
             parts.append(f"Blocks removed (original indices): {self.removed_blocks}.")
