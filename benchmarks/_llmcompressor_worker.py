@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     folder, name = resolve_gguf(args.model, args.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # dequantized to float32: no longer a GGUF-quantized checkpoint
+    # dequantized to float32: a plain float32 model, not a GGUF-quantized checkpoint
     model.config.quantization_config = None
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None

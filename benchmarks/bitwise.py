@@ -30,7 +30,7 @@ from optimum_d2prune.models import load_causal_lm  # noqa: E402
 
 logger = logging.getLogger("bitwise")
 
-#: name -> D2PruneConfig keyword arguments (the issue's refactor targets)
+#: name -> D2PruneConfig keyword arguments (the configurations a refactor must leave bit-identical)
 CONFIGS = {
     "d2prune-50": {"sparsity": 0.5},
     "d2prune-2:4": {"mask_structure": "2:4"},
@@ -94,7 +94,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-windows", type=int, default=32, help="WikiText-2 windows scored (0: none).")
     parser.add_argument("--output", required=True, help="JSON of the digests (the tensors go next to it, .pt).")
-    parser.add_argument("--compare", default=None, help="An earlier --output to compare with.")
+    parser.add_argument("--compare", default=None, help="The --output file of another run to compare with.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     set_threads(args.threads)

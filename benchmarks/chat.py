@@ -35,7 +35,7 @@ from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.calibration import get_calibration_dataset, self_generated_calibration
 from optimum_d2prune.calibration.chat import ChatScript
 from optimum_d2prune.models import load_causal_lm
-from protocol import SHARED, level_kwargs, write_report
+from protocol import SHARED, add_results_doc_argument, level_kwargs, recorded_command, write_report, write_section
 
 PROMPTS = Path(__file__).resolve().with_name("chat_prompts.txt")
 RESULTS = Path(__file__).resolve().parent / "results" / "chat.md"
@@ -132,6 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default=str(RESULTS))
+    add_results_doc_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -158,6 +159,9 @@ def main(argv=None) -> int:
             del model
     text = write_report(table(rows, args), args.output)
     print(text)
+    if args.results_doc:
+        body = text.split("\n", 1)[1].strip()  # without the title: the page's heading says what it is
+        write_section("chat", f"{body}\n\nRegenerate: `{recorded_command('chat.py', argv)} --results-doc`\n")
     return 0
 
 

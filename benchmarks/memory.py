@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--estimate-table", action="store_true", help="Print the estimate table and exit.")
     parser.add_argument("--table-from", default=None, metavar="JSON",
-                        help="Print the table of the --json rows of an earlier run and exit.")
+                        help="Print the table of a --json rows file and exit.")
     add_results_doc_argument(parser)
     args = parser.parse_args(argv)
     if args.estimate_table or args.table_from:

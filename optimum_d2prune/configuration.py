@@ -160,7 +160,8 @@ class D2PruneConfig:
         default="unstructured", metadata={"help": '"unstructured" or "N:M" (e.g. "2:4", "4:8"): N zeros in every M.'})
     method: str = field(
         default="d2prune",
-        metadata={"help": "The pruning method: d2prune, sparsegpt, wanda, magnitude, or any registered with "
+        metadata={"help": "The pruning method: d2prune, sparsegpt, wanda, magnitude, shrink (structured: removes "
+                          "channels, heads, experts or blocks; see docs/structured.md), or any registered with "
                           "`optimum_d2prune.methods.register_method`."})
     preset: Optional[str] = field(
         default=None,

@@ -18,7 +18,8 @@ from .errors import ConfigError, ModelStateError
 from .methods.base import ModelRun
 from .pipeline.checks import check_before_pruning
 from .pipeline.distributed import distributed_session
-from .pipeline.engine import IN_PROGRESS, PruningEngine
+from .pipeline.engine import PruningEngine
+from .pipeline.targets import is_partly_pruned
 from .report import PruneReport
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class D2Pruner:
                 `torch.utils.data.DataLoader` works as is.
             adapter: the architecture adapter to use (default: `get_adapter(model)`).
         """
-        if model.__dict__.get(IN_PROGRESS):
+        if is_partly_pruned(model):
             raise ModelStateError(
                 "This model is partly pruned: an earlier `prune` call on it was interrupted after it had started "
                 "changing weights. Reload the model and prune again (with `runtime.checkpoint_dir`, the rerun "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinymodels import assert_nm_pattern, calib_batches, capture_attention, make_tiny
 
-from conftest import assert_nm_pattern, calib_batches, capture_attention, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import get_adapter
 from optimum_d2prune.pipeline.engine import PruningEngine

@@ -82,7 +82,9 @@ def test_kl_probabilities_equal_the_eager_weights_of_a_model_holding_the_candida
         for number, (attention, refs) in enumerate(adapter.attention_groups(block)):
             inputs = _run_capturing(model, attention, kwargs)["inputs"]
             candidate = _candidate(block, refs, seed=10 * index + number)
-            probs = adapter.attention_probs(attention, inputs, candidate)
+            with torch.no_grad():  # as the engine calls it
+                scores = adapter.attention_scores(attention, inputs, candidate)
+                probs = scores.probs(slice(0, scores.num_heads))
             saved = {p: read_rows(block.get_submodule(refs[p].module), refs[p].rows).clone() for p in ("q", "k")}
             for p in ("q", "k"):
                 write_rows(block.get_submodule(refs[p].module), refs[p].rows, candidate[p])
@@ -108,11 +110,12 @@ def test_attention_weights_that_are_not_probabilities_per_query_are_refused_befo
     model = build_case(sweep_cases(["longformer"])[0])
     batches = calibration_batches(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(UnsupportedModelError, match=r"LongformerSelfAttention.*shape.*attention_update='all'"):
+    with pytest.raises(UnsupportedModelError, match=r"LongformerSelfAttention.*shape.*skip_update': 'none'"):
         D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, batches)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     # its global-attention Linears never run without global tokens: left out
-    D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="all", ignore=["_global"])).prune(model, batches)
+    config = D2PruneConfig(sparsity=0.5, method_options={"skip_update": "none"}, ignore=["_global"])
+    D2Pruner(config).prune(model, batches)
     w = model.encoder.layer[1].attention.self.query.weight
     assert int((w == 0).sum()) == w.numel() // 2
 
@@ -173,7 +176,8 @@ class _ToyGQABlock(torch.nn.Module):
 def test_a_family_whose_eager_attention_fails_is_refused_before_any_weight_changes():
     """The KL term runs the family's own eager function; where that function fails on the module's queries and
     keys (a transformers eager path without the key/value head repeat), D²Prune's choice refuses with a remedy."""
-    from conftest import calib_batches
+    from tinymodels import calib_batches
+
     from optimum_d2prune import D2PruneConfig, D2Pruner
     from optimum_d2prune.errors import UnsupportedModelError
 
@@ -181,9 +185,9 @@ def test_a_family_whose_eager_attention_fails_is_refused_before_any_weight_chang
     model = _ToyGQA().eval()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(UnsupportedModelError, match=r"eager attention function of _ToyGQAAttention fails.*"
-                                                    r"attention_update='all'"):
+                                                    r"skip_update': 'none'"):
         D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, calib_batches())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    D2Pruner(D2PruneConfig(sparsity=0.5, attention_update="all")).prune(model, calib_batches())
+    D2Pruner(D2PruneConfig(sparsity=0.5, method_options={"skip_update": "none"})).prune(model, calib_batches())
     w = model.layers[1].self_attn.k_proj.weight
     assert int((w == 0).sum()) == w.numel() // 2

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinymodels import calib_batches, make_tiny
 
-from conftest import calib_batches, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune.errors import D2PruneError
+from optimum_d2prune.errors import D2PruneError, ModelStateError
 
 
 def snapshot(model):
@@ -89,6 +89,30 @@ def test_error_mid_run_restores_model_state():
     handle.remove()
     assert model.training and model.config.use_cache is True
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("failing_block,partly_pruned", [(0, False), (1, True)])
+def test_a_failed_run_says_whether_the_model_must_be_reloaded(failing_block, partly_pruned):
+    """A failure before any weight changed leaves a model that prunes again as a fresh one; a failure after block 0
+    was written refuses the next `prune` on that model with the remedy."""
+    model = make_tiny("llama")
+
+    def boom(module, args):
+        raise RuntimeError("boom")
+
+    handle = model.model.layers[failing_block].mlp.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, calib_batches())
+    handle.remove()
+    if partly_pruned:
+        with pytest.raises(ModelStateError, match="partly pruned.*Reload the model"):
+            D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, calib_batches())
+        return
+    D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, calib_batches())
+    fresh = make_tiny("llama")
+    D2Pruner(D2PruneConfig(sparsity=0.5)).prune(fresh, calib_batches())
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
 
 
 def test_global_search_needs_data_to_hold_out():

@@ -7,10 +7,14 @@ import copy
 import json
 
 import pytest
+from tinymodels import tiny_llama_for
 
-from conftest import tiny_llama_for
-from optimum_d2prune.calibration import SEED_PROMPTS, check_text_source, get_calibration_dataset
-from optimum_d2prune.calibration import self_generated_calibration
+from optimum_d2prune.calibration import (
+    SEED_PROMPTS,
+    check_text_source,
+    get_calibration_dataset,
+    self_generated_calibration,
+)
 from optimum_d2prune.errors import InputError
 
 

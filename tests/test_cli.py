@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from tinymodels import FIXTURES
 
 from optimum_d2prune import D2PruneConfig, RuntimeOptions, load_pruned
 from optimum_d2prune.commands import main
 from optimum_d2prune.configuration import CONFIG_NAME
 from optimum_d2prune.errors import D2PruneError
-
-from conftest import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -204,7 +203,8 @@ FLAG_CASES = {
 
 @pytest.mark.parametrize("case", sorted(FLAG_CASES))
 def test_flags_reach_the_config(case, tmp_path):
-    from optimum_d2prune.commands.d2prune import build_parser, check_arguments
+    from optimum_d2prune.commands.checks import check_arguments
+    from optimum_d2prune.commands.d2prune import build_parser
 
     flags, expected = FLAG_CASES[case]
     args = build_parser().parse_args(["--model", "some/model", "--output-dir", str(tmp_path / "out"), *flags])
@@ -222,9 +222,24 @@ def test_flags_reach_the_config(case, tmp_path):
     (["--mask-structure", "2:4", "--allocation", "owl"], "needs unstructured sparsity"),
 ])
 def test_conflicting_flags_are_refused(flags, message, tmp_path):
-    from optimum_d2prune.commands.d2prune import build_parser, check_arguments
+    from optimum_d2prune.commands.checks import check_arguments
+    from optimum_d2prune.commands.d2prune import build_parser
 
     args = build_parser().parse_args(["--model", "some/model", "--output-dir", str(tmp_path / "out"), *flags])
     with pytest.raises(D2PruneError) as info:
         check_arguments(args)
     assert message in str(info.value)
+
+
+def test_cli_shrink_saves_a_smaller_checkpoint(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "shrunk"
+    code = main(["--model", str(tiny_checkpoint), "--output-dir", str(out), "--method", "shrink", "--sparsity",
+                 "0.25", "--mode", "channels", "--calibration", "self", "--num-samples", "2", "--seq-len", "32",
+                 "--eval", "none"])
+    assert code == 0
+    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    shrunk = AutoModelForCausalLM.from_pretrained(out)
+    assert shrunk.config.intermediate_size < dense.config.intermediate_size
+    assert json.loads((out / "structured_shrink.json").read_text())["report"]["mode"] == "channels"

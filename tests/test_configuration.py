@@ -10,8 +10,8 @@ import logging
 import numpy as np
 import pytest
 import torch
+from tinymodels import FIXTURES
 
-from conftest import FIXTURES
 from optimum_d2prune import D2PruneConfig, RuntimeOptions
 from optimum_d2prune.errors import ConfigError, D2PruneError
 

@@ -9,7 +9,8 @@ import math
 import pytest
 
 from optimum_d2prune.commands import main
-from optimum_d2prune.commands.d2prune import build_parser, check_arguments
+from optimum_d2prune.commands.checks import check_arguments
+from optimum_d2prune.commands.d2prune import build_parser
 
 
 @pytest.fixture

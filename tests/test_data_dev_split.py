@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+from test_data_eval import CharTokenizer, reference_c4_sampling
+from tinymodels import FIXTURES, make_tiny
 
-from conftest import FIXTURES, make_tiny
 from optimum_d2prune.calibration import get_calibration_dataset, load_documents, select_documents
 from optimum_d2prune.evaluation import perplexity
-from test_data_eval import CharTokenizer, reference_c4_sampling
 
 NOTES = FIXTURES / "pruning_notes.jsonl"
 

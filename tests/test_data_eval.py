@@ -8,9 +8,9 @@ import random
 
 import pytest
 import torch
+from tinymodels import make_tiny
 from transformers import BatchEncoding
 
-from conftest import make_tiny
 from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.evaluation import perplexity
 

@@ -8,8 +8,8 @@ import hashlib
 
 import pytest
 import torch
+from tinymodels import tiny_llama_for
 
-from conftest import tiny_llama_for
 from optimum_d2prune.calibration import get_calibration_dataset
 from optimum_d2prune.evaluation import perplexity
 

@@ -7,13 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from tinymodels import FIXTURES
 
 from optimum_d2prune import load_pruned
 from optimum_d2prune.commands import main
 from optimum_d2prune.configuration import CONFIG_NAME
 from optimum_d2prune.pruner import D2Pruner
-
-from conftest import FIXTURES
 
 TINY_RUN = ["--num-samples", "2", "--seq-len", "16", "--eval-seq-len", "16", "--device", "cpu"]
 
@@ -66,13 +65,14 @@ def test_default_run_needs_no_data(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_cpu_defaults_are_sized_for_the_device():
-    from optimum_d2prune.commands.d2prune import DEFAULT_SIZES, _resolve_sizes, build_parser
+    from optimum_d2prune.commands.checks import DEFAULT_SIZES, resolve_sizes
+    from optimum_d2prune.commands.d2prune import build_parser
 
     args = build_parser().parse_args(["--model", "m", "--output-dir", "o"])
-    _resolve_sizes(args, "cpu")
+    resolve_sizes(args, "cpu")
     assert (args.num_samples, args.seq_len, args.eval_samples) == DEFAULT_SIZES["cpu"] == (32, 512, 8)
     args = build_parser().parse_args(["--model", "m", "--output-dir", "o"])
-    _resolve_sizes(args, "cuda:0")
+    resolve_sizes(args, "cuda:0")
     assert (args.num_samples, args.seq_len) == (128, 2048)  # the paper's calibration size
 
 

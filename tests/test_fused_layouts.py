@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinymodels import calib_batches
 
-from conftest import calib_batches
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import GenericAdapter
 from optimum_d2prune.architectures.base import read_rows, write_rows
@@ -121,7 +121,7 @@ class _ToyBlock(torch.nn.Module):
 def test_a_fused_layout_that_cannot_be_split_is_refused_by_the_aware_choice_only():
     model = _Toy().eval()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(UnsupportedModelError, match=r"query_key_value.*attention_update='all'"):
+    with pytest.raises(UnsupportedModelError, match=r"query_key_value.*skip_update': 'none'"):
         D2Pruner(D2PruneConfig(sparsity=0.5)).prune(model, calib_batches())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before any work
     D2Pruner(D2PruneConfig(sparsity=0.5, method="sparsegpt")).prune(model, calib_batches())

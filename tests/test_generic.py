@@ -1,6 +1,6 @@
 """The generic adapter on tiny random models of many families (random weights: structure tests only).
 
-Each family checks the 'done when' list of issue 10: sparsity 0 keeps the logits, 50 % and 2:4 give the exact
+Each family checks: sparsity 0 keeps the logits, 50 % and 2:4 give the exact
 pattern on every targeted matrix, the dynamic choice runs and reports, the generic attention probabilities equal
 transformers' `output_attentions=True` (with padding), and a save -> `from_pretrained` round trip keeps the zeros.
 """
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinymodels import assert_nm_pattern, calib_batches
 
-from conftest import assert_nm_pattern, calib_batches
-from optimum_d2prune.testing.families import CAUSAL_FAMILIES, EAGER_ONLY, VOCAB, make_family
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import AttentionInputs, GenericAdapter, get_adapter
 from optimum_d2prune.pipeline.engine import PruningEngine
+from optimum_d2prune.testing.families import CAUSAL_FAMILIES, EAGER_ONLY, VOCAB, make_family
 
 FAMILIES = sorted(CAUSAL_FAMILIES)
 
@@ -90,8 +90,8 @@ def test_generic_query_row_subset_equals_the_rows_of_the_full_probabilities(fami
 
 
 def test_generic_kl_chunk_holds_only_the_query_rows():
-    """Memory of one head chunk with 8 of 256 query rows: well under one full `[B, h, T, T]` tensor (issue 11: the
-    generic path used to compute every row and select afterwards)."""
+    """Memory of one head chunk with 8 of 256 query rows: well under one full `[B, h, T, T]` tensor (only the rows
+    asked for are computed)."""
     from optimum_d2prune.testing.memory_counter import LiveTensorBytes
 
     model = make_family("qwen3-moe", attn_implementation="sdpa")

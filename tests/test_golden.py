@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
+from tinymodels import FIXTURES
 
-from conftest import FIXTURES
 from optimum_d2prune import D2PruneConfig, D2Pruner
 
 GOLDEN = json.loads((FIXTURES / "golden.json").read_text(encoding="utf-8"))

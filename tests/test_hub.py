@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tinymodels import calib_batches, make_tiny
 
-from conftest import calib_batches, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner, load_pruned, push_to_hub, save_pruned
 from optimum_d2prune.configuration import CONFIG_NAME
 from optimum_d2prune.errors import CheckpointError, InputError, OutputPathError

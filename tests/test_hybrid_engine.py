@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import calib_batches
+from tinymodels import calib_batches
+
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.testing.families import make_family
 

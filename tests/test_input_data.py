@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_data_eval import CharTokenizer, reference_c4_sampling
+from tinymodels import FIXTURES, make_tiny
 
-from conftest import FIXTURES, make_tiny
 from optimum_d2prune.calibration import check_text_source, get_calibration_dataset, resolve_data_source
 from optimum_d2prune.errors import InputError
-from test_data_eval import CharTokenizer, reference_c4_sampling
 
 
 class RecordingTokenizer(CharTokenizer):

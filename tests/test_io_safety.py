@@ -23,8 +23,8 @@ from unittest import mock
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tinymodels import calib_batches, make_tiny, tiny_llama_for
 
-from conftest import calib_batches, make_tiny, tiny_llama_for
 from optimum_d2prune import D2PruneConfig, D2Pruner, load_pruned, save_pruned
 from optimum_d2prune.configuration import CONFIG_NAME
 from optimum_d2prune.errors import CheckpointError, InputError, ModelStateError, OutputPathError
@@ -182,7 +182,7 @@ def _symlink_to_new_folder(tmp_path, pruned):
 KILLED_SAVE = """
     import os, signal, sys
     from pathlib import Path
-    from conftest import make_tiny
+    from tinymodels import make_tiny
     from optimum_d2prune import D2PruneConfig, save_pruned
 
     model = make_tiny("llama")

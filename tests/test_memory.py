@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinymodels import calib_batches, make_tiny
 
-from conftest import calib_batches, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner, RuntimeOptions
 from optimum_d2prune.architectures import AttentionInputs, get_adapter
 from optimum_d2prune.architectures.base import MaskSpec, query_key_scores
@@ -161,8 +161,8 @@ def test_kl_memory_does_not_grow_with_the_loader_batch(monkeypatch):
 
 
 def test_factorisation_adds_one_matrix():
-    """The sum becomes the damped H in place; the factor is the only `cols²` matrix kept (the old code kept three
-    and peaked at five), with one transient matrix inside the inversion."""
+    """The sum becomes the damped H in place; the factor is the only `cols²` matrix kept, with one transient matrix
+    inside the inversion."""
     cols = 256
     x = torch.randn(4096, cols)
     inputs = InputStatistics(cols, "hessian", torch.device("cpu"))

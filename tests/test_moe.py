@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinymodels import assert_nm_pattern, calib_batches
 
-from conftest import assert_nm_pattern, calib_batches
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import get_adapter
 from optimum_d2prune.architectures.experts import expert_parameters
@@ -236,7 +236,7 @@ def test_deferred_statistics_hold_one_expert_at_a_time_and_match_the_eager_ones(
 DIST_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {tests!r})
-from conftest import calib_batches
+from tinymodels import calib_batches
 from test_moe import make_moe
 from optimum_d2prune import D2PruneConfig, D2Pruner
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import pytest
+from tinymodels import calib_batches, make_tiny
 
-from conftest import calib_batches, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import get_adapter
 from optimum_d2prune.errors import ConfigError
@@ -27,11 +27,13 @@ BUILT_INS = {
     "wanda": (WandaSolver, None, ("wanda",)),
     "magnitude": (MagnitudeSolver, None, ("magnitude",)),
 }
+#: the built-in that replaces the block loop (`prune_model`): tests/test_structured.py runs it through the pruner
+WHOLE_MODEL = ("shrink",)
 
 
 @pytest.mark.parametrize("name", sorted(BUILT_INS))
 def test_built_in_methods_are_registry_entries(name):
-    assert sorted(registered_methods()) == sorted(BUILT_INS)
+    assert sorted(registered_methods()) == sorted([*BUILT_INS, *WHOLE_MODEL])
     config = D2PruneConfig(method=name)
     method = get_method(name)(config.method_options, config.pattern)
     method.setup(16)

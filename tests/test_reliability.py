@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tinymodels import VOCAB, calib_batches, make_tiny
 
-from conftest import VOCAB, calib_batches, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.errors import D2PruneError
 from optimum_d2prune.patterns import SparsityPattern
@@ -205,7 +205,7 @@ def _pad_model(model):
 
 
 def _meta_llama(model):
-    from conftest import tiny_llama
+    from tinymodels import tiny_llama
 
     with torch.device("meta"):
         return tiny_llama()
@@ -359,7 +359,7 @@ def test_process_group_initialised_for_a_run_is_destroyed(tmp_path):
         port = s.getsockname()[1]
     code = """
         import torch.distributed as dist
-        from conftest import calib_batches, make_tiny
+        from tinymodels import calib_batches, make_tiny
         from optimum_d2prune import D2PruneConfig, D2Pruner
         D2Pruner(D2PruneConfig(sparsity=0.5, method="magnitude")).prune(make_tiny("llama"), calib_batches(num=2))
         print("initialized-after-prune:", dist.is_initialized())
@@ -380,7 +380,7 @@ SAVE_CHILD = """
     import hashlib, json, os, resource, shutil, signal, sys
     from pathlib import Path
     import torch
-    from conftest import make_tiny
+    from tinymodels import make_tiny
     from optimum_d2prune import D2PruneConfig
     from optimum_d2prune.io import save_pruned
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tinymodels import calib_batches, make_tiny
 
-from conftest import calib_batches, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, torch
     sys.path.insert(0, {tests!r})
-    from conftest import calib_batches, make_tiny
+    from tinymodels import calib_batches, make_tiny
     from optimum_d2prune import D2PruneConfig, D2Pruner
 
     def main(out, checkpoint_dir, kill_before_block, config_json):

@@ -8,9 +8,8 @@ import math
 import pytest
 
 from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune.calibration import get_calibration_dataset
+from optimum_d2prune.calibration import get_calibration_dataset, held_out_seed, self_generated_calibration
 from optimum_d2prune.evaluation import perplexity
-from optimum_d2prune.calibration import held_out_seed, self_generated_calibration
 
 
 def _compare(model, dense_state, calib, ppl) -> dict[str, float]:

@@ -316,3 +316,26 @@ def test_a_failure_after_a_cut_block_says_the_model_must_be_reloaded(monkeypatch
     model = make_family("llama")
     with pytest.raises(ModelStateError, match="reload the model"):
         shrink(model, _batches("llama"), StructuredConfig(mode="channels", ratio=valid_ratios(model, "channels")[5]))
+
+
+@pytest.mark.parametrize("mode,options", [("channels", {}), ("heads", {"saliency": "wanda"}), ("blocks", {})])
+def test_shrink_method_through_the_pruner_is_the_structured_shrink(tmp_path, mode, options):
+    """`D2PruneConfig(method="shrink")` shrinks exactly as `structured.shrink` does, and `D2Pruner.save` writes the
+    shrunk checkpoint and its record."""
+    from optimum_d2prune import D2PruneConfig, D2Pruner
+
+    torch.manual_seed(0)
+    model = make_family("llama")
+    direct = copy.deepcopy(model)
+    batches = _batches("llama")
+    ratio = _ratio(model, mode, 0)
+    pruner = D2Pruner(D2PruneConfig(method="shrink", sparsity=ratio, method_options={"mode": mode, **options}))
+    pruner.prune(model, batches)
+    shrink(direct, batches, StructuredConfig(mode=mode, ratio=ratio, **options))
+    assert model.state_dict().keys() == direct.state_dict().keys()
+    for name, tensor in direct.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    path = pruner.save(model, tmp_path / "out")
+    assert (path / "structured_shrink.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    assert sum(p.numel() for p in reloaded.parameters()) == pruner.report.params_after

@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
+from tinymodels import assert_nm_pattern, capture_attention
 
-from conftest import assert_nm_pattern, capture_attention
 from optimum_d2prune import D2PruneConfig, D2Pruner
 from optimum_d2prune.architectures import get_adapter
 from optimum_d2prune.calibration.images import get_image_calibration_dataset, image_preprocessor
@@ -31,8 +31,13 @@ def one_thread():
 
 
 def tiny_transformers(kind: str, attn_implementation: str = "sdpa"):
-    from transformers import (DeiTConfig, DeiTForImageClassification, DeiTForImageClassificationWithTeacher,
-                              ViTConfig, ViTForImageClassification)
+    from transformers import (
+        DeiTConfig,
+        DeiTForImageClassification,
+        DeiTForImageClassificationWithTeacher,
+        ViTConfig,
+        ViTForImageClassification,
+    )
 
     kwargs = dict(image_size=IMAGE, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
                   num_attention_heads=4, intermediate_size=64, num_labels=CLASSES)

@@ -8,10 +8,10 @@ import html
 import re
 
 import pytest
+from tinymodels import calib_batches, make_tiny
 
-from conftest import calib_batches, make_tiny
 from optimum_d2prune import D2PruneConfig, D2Pruner
-from optimum_d2prune.report.html import render_report, write_report
+from optimum_d2prune.report.html import ReportDetails, render_report, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -36,11 +36,18 @@ def _figures(page: str) -> list[str]:
     return [name for name, _ in found]
 
 
-def test_markdown_report_has_every_figure(reports, tmp_path):
-    ppl = {"d2prune": {0.0: 30.0, 0.5: 55.0}, "wanda": {0.0: 30.0, 0.5: 64.0}}
-    written = write_report(tmp_path, reports, perplexities=ppl, format="markdown")
+CURVES = [  # perplexities drawn or not: a figure only where there is a curve (three points or more)
+    ({"d2prune": {0.0: 30.0, 0.5: 55.0, 0.7: 140.0}, "wanda": {0.0: 30.0, 0.5: 64.0, 0.7: 300.0}}, True),
+    ({"d2prune": {0.0: 30.0, 0.5: 55.0}, "wanda": {0.0: 30.0, 0.5: 64.0}}, False),
+]
+
+
+@pytest.mark.parametrize("ppl,curve", CURVES)
+def test_markdown_report_has_every_figure(reports, tmp_path, ppl, curve):
+    written = write_report(tmp_path, reports, ReportDetails(perplexities=ppl), format="markdown")
     names = {p.name for p in written}
-    assert names == {"report.md", "layer_errors.png", "attention_choices.png", "module_sparsity.png", "perplexity.png"}
+    expected = {"report.md", "layer_errors.png", "attention_choices.png", "module_sparsity.png"}
+    assert names == expected | ({"perplexity.png"} if curve else set())
     for p in written:
         if p.suffix == ".png":
             assert p.read_bytes().startswith(PNG) and p.stat().st_size > 5000

@@ -69,9 +69,8 @@ def test_prompts_are_lm_eval_s(task, lm_eval_yaml):
 
 
 def test_zero_shot_on_tiny_model(tokenizer_dir, data_dir):
+    from tinymodels import tiny_llama_for
     from transformers import AutoTokenizer
-
-    from conftest import tiny_llama_for
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = tiny_llama_for(tokenizer)

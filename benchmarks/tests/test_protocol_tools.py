@@ -18,6 +18,7 @@ import pytest
      {"reconstruction_options": {"reference": "model"}, "reconstruction": True}),
     (["reconstruction_options.refit_steps=16", "kl_query_rows=none"],
      {"reconstruction_options": {"refit_steps": 16}, "method_options": {"kl_query_rows": None}}),
+    (["skip_update=none", "kl_query_rows=None"], {"method_options": {"skip_update": "none", "kl_query_rows": None}}),
     (["offload_activations=true"], {"runtime": {"offload_activations": True}}),
     (["method=sparsegpt", "admm_steps=12"], {"method": "sparsegpt", "method_options": {"admm_steps": 12}}),
 ])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import timm  # noqa: E402,F401  (registers the timm ViT adapter)
 from .base import (
     MODEL_TYPE_TO_ADAPTER,
     PROJECTIONS,
@@ -19,8 +20,6 @@ from .base import (
     ProjectionRef,
     register_adapter,
 )
-
-from . import timm  # noqa: E402,F401  (registers the timm ViT adapter)
 from .generic import GenericAdapter, UnsupportedArchitectureError  # noqa: E402
 
 __all__ = [

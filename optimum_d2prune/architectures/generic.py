@@ -79,8 +79,8 @@ SEPARATE_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q",
                 ("linear_q", "linear_k", "linear_v"), ("q_linear", "k_linear", "v_linear"))
 
 #: the remedy every refusal of the attention-aware choice names
-AWARE_REMEDY = ("Prune with `attention_update='all'` or a baseline method (`sparsegpt`, `wanda`, `magnitude`: they "
-                "need only the block list)")
+AWARE_REMEDY = ("Prune with `method_options={'skip_update': 'none'}` (CLI `--skip-update none`) or a baseline "
+                "method (`sparsegpt`, `wanda`, `magnitude`: they need only the block list)")
 
 
 class UnsupportedArchitectureError(UnsupportedModelError):
@@ -455,7 +455,7 @@ class GenericAdapter(ArchitectureAdapter):
                 f"attention weights of shape {tuple(probs.shape)}, not [batch, heads, {queries} queries, keys]")
             raise UnsupportedArchitectureError(
                 f"{type(attention).__name__} returned {found} in eager mode; the generic path cannot compute the KL "
-                f"term for it. {AWARE_REMEDY}, use `attention_update` in ('q', 'k', 'v'), or add an adapter with "
+                f"term for it. {AWARE_REMEDY}, use `skip_update` in ('q', 'k', 'v'), or add an adapter with "
                 "its own `attention_scores`."
             )
         probs = probs.float()

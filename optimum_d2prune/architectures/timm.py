@@ -49,8 +49,8 @@ class TimmViTAdapter(ArchitectureAdapter):
             if not isinstance(qkv, nn.Linear) or not hasattr(attn, "num_heads") or not hasattr(attn, "head_dim"):
                 raise ValueError(
                     f"Block {i} of {type(model).__name__} has no fused `attn.qkv` Linear with `num_heads`/`head_dim` "
-                    f"(attention {type(attn).__name__}); only timm's standard `Attention` is supported. Prune "
-                    "with `attention_update='all'` and `targets` excluding attention, or add an adapter."
+                    f"(attention {type(attn).__name__}); only timm's standard `Attention` is supported. Prune with "
+                    "`method_options={'skip_update': 'none'}` and `targets` excluding attention, or add an adapter."
                 )
             if qkv.out_features != 3 * attn.num_heads * attn.head_dim:
                 raise ValueError(f"Block {i}: `attn.qkv` has {qkv.out_features} outputs, expected "

@@ -308,7 +308,7 @@ def _sample_corpus(src: DataSource, tokenizer: Any, num_samples: int, seq_len: i
 def _sample_conversations(docs: Sequence, tokenizer: Any, num_samples: int, seq_len: int,
                           rng: random.Random) -> list[torch.Tensor]:
     """Conversations drawn at random, rendered with the chat template, packed end to end into `seq_len` tokens."""
-    from .chat import require_chat_template, render_conversation
+    from .chat import render_conversation, require_chat_template
 
     require_chat_template(tokenizer, "calibrating on `messages` records")
     cache: dict[int, torch.Tensor] = {}

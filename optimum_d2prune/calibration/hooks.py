@@ -90,6 +90,8 @@ class StatisticsCollector:
     def _make_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
+            if isinstance(output, (tuple, list)):  # a linear subclass returning (output, extras...)
+                output = output[0]
             entry = self._seen.get(id(x))
             if entry is None:
                 existing = self.stats.get(name)

@@ -13,8 +13,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from .hooks import calibration_context
 from .chat import MAX_REPLY_TOKENS, ChatScript, resolve_chat
+from .hooks import calibration_context
 
 logger = logging.getLogger(__name__)
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import Optional
 
-from ..errors import ConfigError, InputError, OutputPathError
-from ..io.atomic import check_output_dir
+from ..errors import ConfigError, InputError
+from ..io.atomic import check_output_dir, check_writable
 from ..io.hub import check_push_access
 
 logger = logging.getLogger(__name__)
@@ -25,7 +23,7 @@ DEFAULT_SIZES = {"cuda": (128, 2048, 32), "cpu": (32, 512, 8)}
 #: first 32 (WikiText-2 test has 595 windows of 512 tokens: about an hour per evaluation on 2 cores)
 DEFAULT_EVAL_WINDOWS = {"cuda": None, "cpu": 32}
 
-def zero_shot_tasks(value: Optional[str]) -> list[str]:
+def zero_shot_tasks(value: str | None) -> list[str]:
     if not value:
         return []
     if value.strip().lower() in ("paper", "all"):
@@ -39,15 +37,7 @@ def check_output_folder(out: Path, overwrite: bool, model: str) -> None:
     """Refuse an output folder a save may not replace (`check_output_dir`) or cannot write (the save writes a
     sibling folder of the link's target, then renames it)."""
     out = check_output_dir(out, overwrite, protected=(model,))
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputPathError(f"--output-dir {out}: {parent} is a file, not a folder.")
-    try:  # a real probe: permission bits say nothing for root, nor for read-only mounts
-        tempfile.TemporaryDirectory(dir=parent, prefix=".d2prune-write-probe-").cleanup()
-    except OSError as err:
-        raise OutputPathError(f"--output-dir {out}: cannot write in {parent} ({err.strerror or err}).") from None
+    check_writable(out.parent, "--output-dir")
 
 
 def check_file_source(flag: str, value: str, builtin: tuple[str, ...]) -> None:
@@ -173,7 +163,7 @@ def check_lengths(args: argparse.Namespace, model_config) -> None:
             raise ConfigError(f"{flag} {value} is longer than the model's max_position_embeddings={limit}: lower it.")
 
 
-def plan_placement(args: argparse.Namespace, model_config, model_bytes: Optional[int], config, device: str) -> str:
+def plan_placement(args: argparse.Namespace, model_config, model_bytes: int | None, config, device: str) -> str:
     """Where the model lives while it is pruned, decided from the memory model before the weights load: "device"
     (it moves to `device`) or "host" (it stays in host memory and each block visits `device` in turn: a model larger
     than the GPU). Refused with the estimate and what would fit when neither does; `--skip-memory-check` starts

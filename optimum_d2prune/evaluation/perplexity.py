@@ -14,10 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.data import DocumentRange, _check_range_source, _load_hub, document_range
+from ..calibration.hooks import calibration_context
 from ..calibration.sources import DataSource, resolve_data_source
 from ..calibration.text import running_text, token_windows
 from ..errors import InputError
-from ..calibration.hooks import calibration_context
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ Public names are imported on first use: the CLI imports `io.atomic` and `io.hub`
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..extras import lazy_names
 
 _LAZY = {
     "check_output_dir": "atomic",
@@ -62,13 +63,5 @@ if TYPE_CHECKING:
     from .save_load import load_pruned, read_record, record_evaluation, save_pruned, verify_sparsity
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))

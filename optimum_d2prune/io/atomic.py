@@ -24,6 +24,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -111,6 +112,21 @@ def check_output_dir(path: PathLike, overwrite: bool = False, protected: Iterabl
 
 
 # -------------------------------------------------------------------------------------------- leftovers
+def check_writable(path: PathLike, what: str) -> None:
+    """Refuse `path` (named `what` in the message) when its nearest existing ancestor is a file or cannot be written
+    in: a real probe with a temporary folder, since permission bits say nothing for root or read-only mounts."""
+    parent = Path(path).expanduser()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{what} {path}: {parent} is a file, not a folder.")
+    try:
+        tempfile.TemporaryDirectory(dir=parent, prefix=".d2prune-write-probe-").cleanup()
+    except OSError as err:
+        raise OutputPathError(f"{what} {path}: cannot write in {parent} ({err.strerror or err}); "
+                              "choose a writable folder.") from None
+
+
 def _write_marker(folder: Path) -> None:
     (folder / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}),
                                          encoding="utf-8")

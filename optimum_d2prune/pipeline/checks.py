@@ -11,9 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -22,6 +20,7 @@ from ..architectures import ArchitectureAdapter
 from ..calibration.hooks import HookManager, StopForward, calibration_context
 from ..configuration import D2PruneConfig
 from ..errors import ConfigError, InputError, OutputPathError, UnsupportedModelError
+from ..io.atomic import check_writable
 from .finite import check_model_weights
 from .propagate import input_device
 from .targets import ModelPlan
@@ -46,7 +45,7 @@ def check_before_pruning(model: nn.Module, batches: list[dict[str, torch.Tensor]
     return plan
 
 
-def check_device(device: Optional[str]) -> None:
+def check_device(device: str | None) -> None:
     """A device that exists on this machine (checked before anything loads or moves)."""
     if device is None:
         return
@@ -62,23 +61,14 @@ def check_device(device: Optional[str]) -> None:
         raise ConfigError(f"`device` {device!r}: MPS is not available on this machine; use device='cpu'.")
 
 
-def check_checkpoint_dir(directory: Optional[str]) -> None:
+def check_checkpoint_dir(directory: str | None) -> None:
     """A checkpoint folder that can be created and written (probed with a temporary folder), before any work."""
     if directory is None:
         return
     path = Path(directory).expanduser()
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"`checkpoint_dir` {directory} exists and is not a folder: choose a folder.")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputPathError(f"`checkpoint_dir` {directory}: {parent} is a file, not a folder.")
-    try:  # a real probe: permission bits say nothing for root, nor for read-only mounts
-        tempfile.TemporaryDirectory(dir=parent, prefix=".d2prune-write-probe-").cleanup()
-    except OSError as err:
-        raise OutputPathError(f"`checkpoint_dir` {directory}: cannot write in {parent} ({err.strerror or err}); "
-                              "choose a writable folder.") from None
+    check_writable(path, "`checkpoint_dir`")
 
 
 def order_stacks(model: nn.Module, plan: ModelPlan, batch: dict[str, torch.Tensor],
@@ -161,7 +151,7 @@ def _check_target_patterns(config: D2PruneConfig, plan: ModelPlan) -> None:
                              f"{example!r}): fix or remove it.")
 
 
-def _embedding_size(model: nn.Module) -> Optional[int]:
+def _embedding_size(model: nn.Module) -> int | None:
     get = getattr(model, "get_input_embeddings", None)
     embeddings = get() if get is not None else None
     size = getattr(embeddings, "num_embeddings", None)

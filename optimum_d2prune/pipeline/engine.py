@@ -28,7 +28,7 @@ from ..methods.registry import get_method
 from ..refine.allocation import ALLOCATION_RULES, AllocationJob, budget_patterns
 from ..refine.reconstruction import BlockReconstruction
 from ..report import PruneReport
-from .capture import CaptureOptions, CapturedBatch, capture_block_arguments, capture_block_inputs
+from .capture import CapturedBatch, CaptureOptions, capture_block_arguments, capture_block_inputs
 from .checkpoint import BlockCheckpoint, restore_report, run_fingerprint
 from .context import BlockRun, GroupWork, PatternBook, RunServices
 from .distributed import DistributedContext, module_stores
@@ -38,12 +38,9 @@ from .offload import execution_device, onloaded
 from .propagate import input_device, module_device, move_outside, propagate
 from .solve import solve_group
 from .statistics import BlockStatistics, collect_statistics
-from .targets import ModelPlan, StackPlan, find_targets
+from .targets import ModelPlan, PruneTarget, StackPlan, clear_partly_pruned, find_targets
 
 logger = logging.getLogger(__name__)
-
-#: attribute set on a model while a run may have pruned part of it (removed when the run completes)
-IN_PROGRESS = "_d2prune_run_in_progress"
 
 
 @dataclass
@@ -122,7 +119,7 @@ class PruningEngine:
                     self._run_stack(job, stack)
             finally:
                 services.memory = None
-        model.__dict__.pop(IN_PROGRESS, None)
+        clear_partly_pruned(model)
         report.seconds = time.perf_counter() - start
         report.peak_memory_bytes, report.peak_memory_kind = memory.peak_bytes, memory.kind
         report.memory_increase_bytes = memory.increase_bytes
@@ -158,7 +155,6 @@ class PruningEngine:
         if last >= stack.offset:
             run.first = self._resume(run, last, saved, state, refiners)
         self._allocate(run, device, services)
-        model.__dict__[IN_PROGRESS] = True
         blocks, remote = stack.blocks, self.config.runtime.weights_from_rank0
         progress = tqdm(range(run.first, len(blocks)), desc=f"{method.name} {self.config.pattern}", unit="block",
                         initial=run.first, total=len(blocks), disable=services.dist.rank > 0)
@@ -254,7 +250,10 @@ class PruningEngine:
         for refiner in refiners:
             refiner.start_block(run)
         extra = [o for refiner in refiners for o in refiner.observers(len(groups))]
-        replaced = (lambda t: any(r.replaces(t) for r in refiners))
+
+        def replaced(target: PruneTarget) -> bool:
+            return any(r.replaces(target) for r in refiners)
+
         for number, group in enumerate(groups):
             stop_after = None if number == len(groups) - 1 else group[-1].module
             work = GroupWork(run.index, run.block, group, run.targets, BlockStatistics({}), run.pattern_of,

@@ -38,8 +38,10 @@ def input_device(model: nn.Module) -> torch.device:
         first = next(iter(device_map.values()))
         if first not in ("disk", "meta"):
             return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
-    get = getattr(model, "get_input_embeddings", None)
-    embeddings = get() if get is not None else None
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # vision and audio models without token embeddings
+        embeddings = None
     device = module_device(embeddings if embeddings is not None else model)
     return execution_device(embeddings) if device.type == "meta" else device
 

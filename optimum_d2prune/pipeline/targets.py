@@ -13,6 +13,19 @@ from ..architectures import PROJECTIONS, PRUNABLE_TYPES, ArchitectureAdapter
 from ..architectures.base import Rows, read_rows, write_rows
 from ..architectures.experts import expert_key, expert_matrix, expert_parameters
 
+#: set on a module when a run writes its weights, removed when the run ends: a model that still carries it was left
+#: half-pruned by an interrupted run (a refusal before any weight changed leaves none)
+PARTLY_PRUNED = "_d2prune_partly_pruned"
+
+
+def is_partly_pruned(model: nn.Module) -> bool:
+    return any(PARTLY_PRUNED in m.__dict__ for m in model.modules())
+
+
+def clear_partly_pruned(model: nn.Module) -> None:
+    for m in model.modules():
+        m.__dict__.pop(PARTLY_PRUNED, None)
+
 
 @dataclass
 class PruneTarget:
@@ -44,6 +57,7 @@ class PruneTarget:
         return read_rows(self.module, self.rows)
 
     def write(self, new_weight: torch.Tensor) -> None:
+        self.module.__dict__[PARTLY_PRUNED] = True  # removed when the run ends (`is_partly_pruned`)
         if self.expert is not None:
             w = expert_matrix(self.module, self.param, self.expert).data
             w.copy_(new_weight.to(device=w.device, dtype=w.dtype))

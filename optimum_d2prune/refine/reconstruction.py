@@ -28,7 +28,7 @@ ones) and `r_p` the pruned block's residual stream before that projection adds t
 `h_d − r_p`, so it also takes out the error of the pruned attention and of the blocks before (the residual stream is
 read as the block output less the projection's output; blocks where shifting the projection's output does not shift
 the block output the same, post-norm ones, keep the dense-block target). Fitting every output projection to the
-dense model's own projection outputs instead was measured much worse (benchmarks/results/high_sparsity_dev_notes.md).
+dense model's own projection outputs instead was measured much worse (benchmarks/results/high_sparsity_candidates.md).
 """
 
 from __future__ import annotations

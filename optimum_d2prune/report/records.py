@@ -50,14 +50,14 @@ class ExpertRecord:
 
 @dataclass
 class ReconstructionRecord:
-    """One output projection refit against the dense block (`block_reconstruction`): relative errors
+    """One output projection refit against the dense block (`reconstruction`): relative errors
     `‖W_d X_d − W X_p‖² / ‖W_d X_d‖²` of its output before and after the refit."""
 
     block: int
     name: str
     error_before: float
     error_after: float
-    #: `reconstruction_reference="model"` asked for the dense model's output, but the block is not "residual stream
+    #: `reconstruction_options.reference="model"` asked for the dense model's output, but the block is not "residual stream
     #: plus this projection" (post-norm): refit to the dense block's output instead
     reference_fallback: bool = False
 
@@ -104,24 +104,22 @@ class PruneReport:
             counts[a.chosen] = counts.get(a.chosen, 0) + 1
         return dict(sorted(counts.items()))
 
-    def sparsity_by_module(self) -> dict[str, float]:
-        """Achieved sparsity per full module name (row blocks of a fused matrix merged)."""
-        sums: dict[str, list[float]] = {}
+    def _weighted_sparsity(self, key) -> dict:
+        """Achieved sparsity over the layers grouped by `key(record)`, each weighted by its number of weights."""
+        sums: dict = {}
         for r in self.layers:
-            module = r.name.split("[")[0]
-            entry = sums.setdefault(module, [0.0, 0.0])
+            entry = sums.setdefault(key(r), [0.0, 0.0])
             entry[0] += r.sparsity * r.shape[0] * r.shape[1]
             entry[1] += r.shape[0] * r.shape[1]
         return {k: v[0] / v[1] for k, v in sums.items()}
 
+    def sparsity_by_module(self) -> dict[str, float]:
+        """Achieved sparsity per full module name (row blocks of a fused matrix merged)."""
+        return self._weighted_sparsity(lambda r: r.name.split("[")[0])
+
     def sparsity_by_block(self) -> dict[int, float]:
         """Achieved sparsity per block (over its targeted weights)."""
-        sums: dict[int, list[float]] = {}
-        for r in self.layers:
-            entry = sums.setdefault(r.block, [0.0, 0.0])
-            entry[0] += r.sparsity * r.shape[0] * r.shape[1]
-            entry[1] += r.shape[0] * r.shape[1]
-        return {k: v[0] / v[1] for k, v in sorted(sums.items())}
+        return dict(sorted(self._weighted_sparsity(lambda r: r.block).items()))
 
     def block_table(self) -> str:
         """Per-block budget and achieved sparsity, with the block-level refit errors (empty when neither applies)."""

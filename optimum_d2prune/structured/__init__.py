@@ -18,8 +18,7 @@ Imported on first use (the options are read by the command line, which does not 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..extras import lazy_names
 
 _LAZY = {
     "COMPENSATIONS": "config", "METHODS": "config", "MODES": "config", "ShrinkOptions": "config",
@@ -30,9 +29,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -17,8 +17,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..calibration.hooks import HookManager
-from .calibration import _split, _to, block_output, inference, model_device, tokens
+from ..calibration.hooks import HookManager, calibration_context
+from ..pipeline.capture import split_hidden_states
+from .calibration import _to, block_output, model_device, tokens
 
 
 @dataclass
@@ -49,7 +50,7 @@ def measure(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, tor
 
     def pre(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            states.append(tokens(_split(args, kwargs)[0].detach(), mask[0]))
+            states.append(tokens(split_hidden_states(args, kwargs)[0].detach(), mask[0]))
         return hook
 
     def post(index: int):
@@ -62,7 +63,7 @@ def measure(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, tor
 
     device = model_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    with inference(model), HookManager() as hooks:
+    with calibration_context(model), HookManager() as hooks:
         for i, block in enumerate(blocks):
             hooks.add(block.register_forward_pre_hook(pre(i), with_kwargs=True))
             hooks.add(block.register_forward_hook(post(i), with_kwargs=True))

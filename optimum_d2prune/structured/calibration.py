@@ -8,16 +8,16 @@ through `HookManager` and removed in `finally`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
+from ..calibration.hooks import HookManager, calibration_context
 from ..errors import InputError
-from ..calibration.hooks import HookManager
+from ..pipeline.capture import split_hidden_states
 
 logger = logging.getLogger(__name__)
 
@@ -57,41 +57,12 @@ def as_batches(batches: Any) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-@contextlib.contextmanager
-def inference(model: nn.Module) -> Iterator[None]:
-    """No grad, eval mode, KV cache off; the model's mode and `use_cache` are restored on exit."""
-    config = getattr(model, "config", None)
-    had = config is not None and hasattr(config, "use_cache")
-    use_cache = getattr(config, "use_cache", None)
-    training = model.training
-    try:
-        if had:
-            config.use_cache = False
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        if had:
-            config.use_cache = use_cache
-        model.train(training)
-
-
 def model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
-
-
-def _split(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
-    if args:
-        return args[0], tuple(args[1:]), dict(kwargs)
-    kwargs = dict(kwargs)
-    for key in ("hidden_states", "hidden_state", "x"):
-        if key in kwargs:
-            return kwargs.pop(key), (), kwargs
-    raise RuntimeError("Could not find the hidden states among a block's inputs.")
 
 
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, torch.Tensor]]) -> BlockInputs:
@@ -106,7 +77,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[s
 
     def make_hook(index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            h, rest, rest_kwargs = _split(args, kwargs)
+            h, rest, rest_kwargs = split_hidden_states(args, kwargs)
             if index == 0:
                 hidden.append(h.detach())
             current.append((rest, rest_kwargs))
@@ -115,7 +86,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[s
 
         return hook
 
-    with inference(model), HookManager() as hooks:
+    with calibration_context(model), HookManager() as hooks:
         for i, block in enumerate(blocks):
             hooks.add(block.register_forward_pre_hook(make_hook(i), with_kwargs=True))
         for batch in batches:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..architectures.generic import find_qkv, head_layout
 from ..architectures.experts import expert_parameters
+from ..architectures.generic import find_qkv, head_layout
 
 #: modules whose `weight` is a matrix this package slices (Conv1D stores `[in, out]`)
 LINEAR_TYPES = (nn.Linear, Conv1D)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration.hooks import calibration_context
 from ..errors import ConfigError, ModelStateError
 from .blocks import blocks_to_remove, measure
 from .calibration import (
@@ -25,7 +26,6 @@ from .calibration import (
     capture_inputs,
     collect_consumer,
     forward_block,
-    inference,
     model_device,
 )
 from .compensation import bias_shift, damping, least_squares_refit, output_error
@@ -112,7 +112,7 @@ def _shrink_units(model: nn.Module, plan: ShrinkPlan, data: Optional[list], conf
     _, blocks = blocks_of(model)
     inputs = capture_inputs(model, blocks, data) if data is not None else None
     device = torch.device(config.device) if config.device else model_device(model)
-    with inference(model):
+    with calibration_context(model):
         for i, block in enumerate(tqdm(blocks, desc=f"shrink {config.mode}", unit="block")):
             try:
                 _shrink_block(model, plan, config, report, inputs, device, i)

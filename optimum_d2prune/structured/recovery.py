@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, ConfigError
 from ..calibration.hooks import HookManager
+from ..errors import CheckpointError, ConfigError
 from .calibration import _to, as_batches, block_output, model_device
 from .plan import blocks_of
 

@@ -517,7 +517,7 @@ def other_matrices(stacks: dict[str, nn.ModuleList], matrices: dict[str, torch.T
 def stack_matrices(stacks: dict[str, nn.ModuleList]) -> dict[str, torch.Tensor]:
     """Every Linear (Conv1D) weight and every fused-expert matrix inside the stacks, by name."""
     from ..architectures import PRUNABLE_TYPES
-    from ..moe import expert_parameters
+    from ..architectures.experts import expert_parameters
 
     found = {}
     for prefix, stack in stacks.items():
