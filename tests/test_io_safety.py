@@ -1,8 +1,8 @@
 """Saved checkpoints: nothing a user made is replaced, nothing is lost, records and loads cannot silently lie, the
 card cannot be injected into, a push is checked before any work, a resume only continues the same run.
 
-One table per group. The library's new names are looked up inside each test (`_io`), so that every case runs (and
-fails for its own reason) against a checkout without them.
+One table per group. Names of `optimum_d2prune.io` are looked up inside each test (`_io`): a checkout that lacks one
+fails those cases alone, each for its own reason, instead of the whole file at collection.
 """
 
 from __future__ import annotations

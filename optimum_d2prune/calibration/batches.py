@@ -13,9 +13,11 @@ from ..errors import InputError
 
 Batch = Union[torch.Tensor, dict[str, Any]]
 
-#: what a batch may feed the model: text, images (`pixel_values`), audio features (`input_features`), and an
-#: encoder-decoder's decoder inputs
-INPUT_KEYS = ("input_ids", "pixel_values", "input_features")
+#: float model inputs a calibration batch may hold instead of token ids: key -> its dimensions, named
+FLOAT_INPUTS = {"pixel_values": ("B", "C", "H", "W"), "input_features": ("B", "features", "frames")}
+#: what a batch may feed the model: text, images (`pixel_values`), audio features (`input_features`) (and an
+#: encoder-decoder's `decoder_input_ids` besides)
+INPUT_KEYS = ("input_ids", *FLOAT_INPUTS)
 
 
 def prepare_batches(calib_loader: Iterable[Batch], model: Optional[nn.Module] = None) -> list[dict[str, torch.Tensor]]:
@@ -57,18 +59,13 @@ def _as_model_inputs(batch: Batch, index: int) -> dict[str, torch.Tensor]:
     if "input_ids" in batch:
         out = {"input_ids": _token_ids(batch["input_ids"], "input_ids", index)}
         out.update(_mask(batch, "attention_mask", out["input_ids"], index))
-    elif "pixel_values" in batch:
-        pixels = torch.as_tensor(batch["pixel_values"])
-        if pixels.dim() != 4 or not pixels.is_floating_point() or pixels.shape[0] == 0:
-            raise InputError(f"Calibration batch {index}: `pixel_values` must be a float tensor [B, C, H, W], got "
-                             f"{tuple(pixels.shape)}.")
-        out = {"pixel_values": pixels}
-    elif "input_features" in batch:
-        features = torch.as_tensor(batch["input_features"])
-        if features.dim() != 3 or not features.is_floating_point() or features.shape[0] == 0:
-            raise InputError(f"Calibration batch {index}: `input_features` must be a float tensor [B, features, "
-                             f"frames], got {tuple(features.shape)}.")
-        out = {"input_features": features}
+    elif any(key in batch for key in FLOAT_INPUTS):
+        key = next(key for key in FLOAT_INPUTS if key in batch)
+        value, layout = torch.as_tensor(batch[key]), FLOAT_INPUTS[key]
+        if value.dim() != len(layout) or not value.is_floating_point() or value.shape[0] == 0:
+            raise InputError(f"Calibration batch {index}: `{key}` must be a float tensor [{', '.join(layout)}], got "
+                             f"{tuple(value.shape)}.")
+        out = {key: value}
     else:
         raise InputError(f"Calibration batch {index} has none of {', '.join(INPUT_KEYS)} (keys: {sorted(batch)}).")
     if batch.get("decoder_input_ids") is not None:

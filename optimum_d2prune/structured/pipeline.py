@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -107,15 +108,28 @@ def _shrink_blocks(model: nn.Module, plan: ShrinkPlan, data: list, config: Struc
     report.kept_blocks = [i for i in range(plan.num_blocks) if i not in set(removed)]
 
 
+@dataclass
+class _UnitCut:
+    """What removing units from one block needs: the model, the config, the plan's count per block, the calibration
+    inputs of the block (None without data) and the device the statistics are computed on."""
+
+    model: nn.Module
+    config: StructuredConfig
+    count: int
+    inputs: Optional[BlockInputs]
+    device: torch.device
+
+
 def _shrink_units(model: nn.Module, plan: ShrinkPlan, data: Optional[list], config: StructuredConfig,
                   report: ShrinkReport) -> None:
     _, blocks = blocks_of(model)
     inputs = capture_inputs(model, blocks, data) if data is not None else None
     device = torch.device(config.device) if config.device else model_device(model)
+    cut = _UnitCut(model, config, plan.remove, inputs, device)
     with calibration_context(model):
         for i, block in enumerate(tqdm(blocks, desc=f"shrink {config.mode}", unit="block")):
             try:
-                _shrink_block(model, plan, config, report, inputs, device, i)
+                _shrink_block(cut, plan, report, i)
             except Exception as err:
                 if not report.units:
                     raise
@@ -126,29 +140,25 @@ def _shrink_units(model: nn.Module, plan: ShrinkPlan, data: Optional[list], conf
                 inputs.hidden = forward_block(block, inputs, i)
 
 
-def _shrink_block(model: nn.Module, plan: ShrinkPlan, config: StructuredConfig, report: ShrinkReport,
-                  inputs: Optional[BlockInputs], device: torch.device, index: int) -> None:
+def _shrink_block(cut: _UnitCut, plan: ShrinkPlan, report: ShrinkReport, index: int) -> None:
     layout = next((layout for layout in plan.layouts if layout.block == index), None)
     if layout is None:
         return
     added = [n for n in plan.added_biases if n.startswith(f"{plan.blocks_path}.{index}.")]
     for name in added:
-        add_zero_bias(model, name)
+        add_zero_bias(cut.model, name)
     if added:  # the new biases are sliced with their units
-        layout = block_layout(model, config.mode, index)
-    block = blocks_of(model)[1][index]
-    if layout.kind == "experts":
-        record = _remove_experts(model, block, layout, inputs, plan.remove, config)
-    else:
-        record = _remove_groups(model, block, layout, inputs, plan.remove, config, device)
-    report.units.append(record)
+        layout = block_layout(cut.model, cut.config.mode, index)
+    block = blocks_of(cut.model)[1][index]
+    remove = _remove_experts if layout.kind == "experts" else _remove_groups
+    report.units.append(remove(cut, block, layout))
 
 
-def _remove_experts(model: nn.Module, block: nn.Module, layout: UnitLayout, inputs: BlockInputs, count: int,
-                    config: StructuredConfig) -> UnitRecord:
+def _remove_experts(cut: _UnitCut, block: nn.Module, layout: UnitLayout) -> UnitRecord:
+    model, count = cut.model, cut.count
     experts = model.get_submodule(layout.info["experts"])
-    usage = collect_usage(block, experts, layout.units, inputs, layout.block)
-    removed = lowest(usage.scores(config.saliency), count)
+    usage = collect_usage(block, experts, layout.units, cut.inputs, layout.block)
+    removed = lowest(usage.scores(cut.config.saliency), count)
     remove_units(model, layout, removed)
     update_expert_counts(model.get_submodule(layout.module), layout.units, layout.units - count)
     return UnitRecord(layout.block, "experts", layout.units, removed.tolist())
@@ -164,9 +174,9 @@ def unit_square_norms(model: nn.Module, layout: UnitLayout) -> torch.Tensor:
     return total
 
 
-def _remove_groups(model: nn.Module, block: nn.Module, layout: UnitLayout, inputs: Optional[BlockInputs],
-                   count: int, config: StructuredConfig, device: torch.device) -> UnitRecord:
-    """Choose, compensate and cut `count` channels / key-value groups of one block."""
+def _remove_groups(cut: _UnitCut, block: nn.Module, layout: UnitLayout) -> UnitRecord:
+    """Choose, compensate and cut `cut.count` channels / key-value groups of one block."""
+    model, config, inputs, count, device = cut.model, cut.config, cut.inputs, cut.count, cut.device
     consumer = model.get_submodule(layout.consumer)
     record = UnitRecord(layout.block, layout.kind, layout.units, [])
     if inputs is None:  # magnitude, no compensation: no data
@@ -184,7 +194,7 @@ def _remove_groups(model: nn.Module, block: nn.Module, layout: UnitLayout, input
     used = used.to(dtype)
     gram = (stats.gram if bias is None else stats.augmented_gram()).to(dtype)
     groups = layout.columns.to(device)
-    removed = _select(model, layout, used, gram, stats, groups, count, config)
+    removed = _select(cut, layout, _Consumer(used, gram, stats, groups))
     removed_cols = groups[removed].reshape(-1)
     keep = torch.ones(used.shape[1], dtype=torch.bool, device=device)
     keep[removed_cols] = False
@@ -208,8 +218,21 @@ def _remove_groups(model: nn.Module, block: nn.Module, layout: UnitLayout, input
     return record
 
 
-def _select(model: nn.Module, layout: UnitLayout, used: torch.Tensor, gram: torch.Tensor, stats: ConsumerStatistics,
-            groups: torch.Tensor, count: int, config: StructuredConfig) -> torch.Tensor:
+@dataclass
+class _Consumer:
+    """The consuming layer's problem: its weights (bias as the last column, if any), the Gram matrix of its inputs,
+    their statistics, and the columns of each unit."""
+
+    used: torch.Tensor
+    gram: torch.Tensor
+    stats: ConsumerStatistics
+    groups: torch.Tensor
+
+
+def _select(cut: _UnitCut, layout: UnitLayout, consumer: _Consumer) -> torch.Tensor:
+    """The `cut.count` units to remove, by the configured saliency."""
+    model, config, count = cut.model, cut.config, cut.count
+    used, gram, stats, groups = consumer.used, consumer.gram, consumer.stats, consumer.groups
     cols = stats.columns
     w = used[:, :cols]
     if config.saliency == "magnitude":
