@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         for name, batches in calibration.items():
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            D2Pruner(D2PruneConfig(method=args.method, seed=args.seed, **level_kwargs(level))).prune(model, batches)
+            D2Pruner(D2PruneConfig(method=args.method, **level_kwargs(level))).prune(model, batches)
             seconds = time.perf_counter() - start
             rows.append(row(f"{args.method} {level}", name, replies(model, tokenizer, prompts, args.max_new_tokens),
                             seconds))

@@ -8,7 +8,8 @@ whole key/value groups, whole blocks) at 10/20/30 % of the block parameters (hea
 1 and 2 of SmolLM2's 3 key/value groups = 8.3 % and 16.7 %; 30 % cannot be expressed and is skipped), with D²Prune's
 saliency with and without compensation, the baselines (Wanda-style group sums, magnitude, FLAP), and D²Prune followed
 by the recovery distillation. References: the dense model and a 50 % unstructured D²Prune model (same file size and
-speed as dense: the zeros are stored).
+speed as dense: the zeros are stored). Zero-shot accuracy (HellaSwag and ARC-e, first 500 examples, local copies of
+the tasks) of every model of the first split, read back from its saved folder.
 
 Per shrunk shape (every method of a (mode, ratio) gives the same shapes), CPU speed in plain transformers: prefill
 tokens/s of one 512-token sequence and decode tokens/s (greedy, KV cache, after a 64-token prompt) at batch 1 and 8,
@@ -24,7 +25,7 @@ Smoke test (tiny sizes, a few minutes):
 
     python benchmarks/structured.py --threads 1 --num-samples 2 --seq-len 64 --eval-windows 2 --modes channels \
         --ratios 0.1 --methods d2prune --recovery-steps 1 --speed-runs 1 --prefill-tokens 32 --decode-tokens 2 \
-        --rows /tmp/structured_rows.json --output /tmp/structured.md
+        --zero-shot-limit 4 --rows /tmp/structured_rows.json --output /tmp/structured.md
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import argparse
 import copy
 import datetime
 import gc
+import inspect
 import json
 import logging
 import statistics
@@ -51,6 +53,7 @@ from protocol import (DEV_CALIBRATION_DOCS, DEV_EVAL_DOCS, SHARED, add_results_d
 from optimum_d2prune import D2PruneConfig, D2Pruner  # noqa: E402
 from optimum_d2prune.calibration import get_calibration_dataset  # noqa: E402
 from optimum_d2prune.evaluation import perplexity  # noqa: E402
+from optimum_d2prune.evaluation.zeroshot import zero_shot  # noqa: E402
 from optimum_d2prune.models import load_causal_lm  # noqa: E402
 from optimum_d2prune.structured import StructuredConfig, save_shrunk, shrink, valid_ratios  # noqa: E402
 from optimum_d2prune.structured.recovery import RecoveryConfig, distill  # noqa: E402
@@ -88,6 +91,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--recovery-steps", type=int, default=50, help="Distillation steps (0: no recovery rows).")
     parser.add_argument("--recovery-lr", type=float, default=1e-4)
     parser.add_argument("--no-unstructured", action="store_true", help="Skip the 50 %% unstructured reference.")
+    parser.add_argument("--zero-shot", nargs="*", default=["hellaswag", "arc_easy"],
+                        help="lm-eval tasks scored on the models of the first split (none: no zero-shot columns).")
+    parser.add_argument("--zero-shot-limit", type=int, default=500, help="First N examples of each task.")
+    parser.add_argument("--zero-shot-data", default=str(SHARED / "zeroshot"),
+                        help="Local copies of the tasks (one folder per task, as docs/hub.md lays out).")
     parser.add_argument("--speed-runs", type=int, default=5, help="Rounds of the speed measurement (0: no speed).")
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -212,6 +220,25 @@ def reference_rows(bench: Bench, split: str, store: Rows) -> None:
                    "ppl": bench.score(model, split), "folder": folder, "bytes": size, "shrink_s": round(seconds, 1)})
 
 
+def zero_shot_rows(bench: Bench, store: Rows, split: str) -> None:
+    """Zero-shot accuracy (`--zero-shot` tasks, first `--zero-shot-limit` examples) of each saved model of `split`
+    that has none yet, read back from its folder with plain `from_pretrained`."""
+    from transformers import AutoModelForCausalLM
+
+    args = bench.args
+    wanted = {"tasks": list(args.zero_shot), "limit": args.zero_shot_limit}
+    for row in [r for r in store.rows.values() if r["split"] == split]:
+        if row.get("zero_shot", {}).get("settings") == wanted or not Path(row["folder"]).is_dir():
+            continue
+        model = AutoModelForCausalLM.from_pretrained(row["folder"], dtype=torch.float32).eval()
+        results = zero_shot(model, bench.tokenizer, list(args.zero_shot), data_dir=args.zero_shot_data,
+                            limit=args.zero_shot_limit)
+        row["zero_shot"] = {"settings": wanted, "scores": results.scores(), "samples": results.samples}
+        store.add(row)
+        del model
+        gc.collect()
+
+
 # --------------------------------------------------------------------------------------------------- speed
 def _time(fn) -> float:
     started = time.perf_counter()
@@ -224,6 +251,8 @@ def measure_speed(model: torch.nn.Module, args: argparse.Namespace, vocab: int) 
     """Prefill tokens/s of one `--prefill-tokens` sequence; decode tokens/s at each batch size."""
     g = torch.Generator().manual_seed(0)
     out = {}
+    # transformers >= 5.2x names the KV cache `cache` (input and output); earlier versions `past_key_values`
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prompt = torch.randint(3, vocab, (1, args.prefill_tokens), generator=g)
     out["prefill"] = args.prefill_tokens / _time(lambda: model(input_ids=prompt, use_cache=False))
     for batch in args.decode_batches:
@@ -231,10 +260,10 @@ def measure_speed(model: torch.nn.Module, args: argparse.Namespace, vocab: int) 
         state = model(input_ids=ids, use_cache=True)
 
         def decode(state=state) -> None:
-            past, token = state.past_key_values, state.logits[:, -1:].argmax(-1)
+            past, token = getattr(state, cache), state.logits[:, -1:].argmax(-1)
             for _ in range(args.decode_tokens):
-                step = model(input_ids=token, past_key_values=past, use_cache=True)
-                past, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+                step = model(input_ids=token, use_cache=True, **{cache: past})
+                past, token = getattr(step, cache), step.logits[:, -1:].argmax(-1)
 
         out[f"decode_b{batch}"] = batch * args.decode_tokens / _time(decode)
     return out
@@ -269,14 +298,22 @@ def format_report(rows: list[dict], speed: dict[str, dict[str, float]], args: ar
     for split in args.splits:
         dense = next((r for r in rows if r["split"] == split and r["name"] == "dense"), None)
         title = "WikiText-2 (bench calibration)" if split == "bench" else "dev split (C4 docs 700-799)"
-        lines += [f"## Quality: {title}", "",
-                  "| mode | ratio | method | compensation | params M | file MB | PPL | PPL/dense | shrink s |",
-                  "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+        tasks = [t for t in (args.zero_shot or []) if any("zero_shot" in r for r in rows if r["split"] == split)]
+        lines += [f"## Quality: {title}", ""]
+        if tasks:
+            lines += [f"Zero-shot: accuracy on the first {args.zero_shot_limit} examples of each task (acc_norm for "
+                      "HellaSwag), lm-eval on the local copies of the tasks, each model read back from its folder.",
+                      ""]
+        lines += ["| mode | ratio | method | compensation | params M | file MB | PPL | PPL/dense | "
+                  + "".join(f"{t} | " for t in tasks) + "shrink s |",
+                  "|---|---:|---|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|"]
         for r in (r for r in rows if r["split"] == split):
             rel = r["ppl"] / dense["ppl"] if dense else float("nan")
+            scores = r.get("zero_shot", {}).get("scores", {})
+            cells = "".join(f"{scores[t]:.3f} | " if t in scores else "- | " for t in tasks)
             lines.append(f"| {r['mode']} | {r.get('achieved_ratio', r['ratio']):.3f} | {r['name']} | "
                          f"{r.get('compensation', '-')} | {r['params'] / 1e6:.1f} | {r['bytes'] / 2**20:.1f} | "
-                         f"{r['ppl']:.2f} | {rel:.3f} | {r.get('shrink_s', 0) + r.get('recovery_s', 0):.0f} |")
+                         f"{r['ppl']:.2f} | {rel:.3f} | {cells}{r.get('shrink_s', 0) + r.get('recovery_s', 0):.0f} |")
         lines.append("")
     if speed:
         kinds = ["prefill"] + [f"decode_b{b}" for b in args.decode_batches]
@@ -323,6 +360,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                             row = {"key": key, **run_row(bench, split, mode, ratio, variant)}
                             store.add(row)
                         shapes.setdefault(f"{mode} {ratio:.3f}", row["folder"])
+        if args.zero_shot:
+            zero_shot_rows(bench, store, args.splits[0])
         rows = list(store.rows.values())
         speed = {}
         if args.speed_runs:

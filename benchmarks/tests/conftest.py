@@ -11,7 +11,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1]
 SCRIPTS = ("protocol", "ablation", "high_sparsity", "tune", "zeroshot", "quality", "vision", "memory", "speed",
-           "preset_time", "kl_rows", "vision_gpu")
+           "preset_time", "kl_rows", "vision_gpu", "chat", "structured", "sparsity_buys")
 
 
 @pytest.fixture
