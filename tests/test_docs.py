@@ -206,6 +206,21 @@ PYTHON_SUBSTITUTIONS = {
 }
 
 
+@contextlib.contextmanager
+def registries_restored():
+    """Methods and adapters a documented example registers stay out of the other tests' registries."""
+    from optimum_d2prune.architectures.base import MODEL_TYPE_TO_ADAPTER
+    from optimum_d2prune.methods.registry import registered_methods
+
+    saved = [(registry, dict(registry)) for registry in (registered_methods(), MODEL_TYPE_TO_ADAPTER)]
+    try:
+        yield
+    finally:
+        for registry, contents in saved:
+            registry.clear()
+            registry.update(contents)
+
+
 def files_with_python() -> list[Path]:
     return sorted({b.path for b in BLOCKS if b.language == "python"})
 
@@ -230,7 +245,7 @@ def test_documented_python_runs(path, files, tmp_path, request):
     if name == "docs/hub.md":  # its zero-shot example reads the local copies of the tasks
         files = {**files, "zeroshot": str(request.getfixturevalue("shared_data") / "zeroshot")}
     namespace = {"__name__": "__docs__"}
-    with contextlib.chdir(tmp_path), hub_api():
+    with contextlib.chdir(tmp_path), hub_api(), registries_restored():
         exec(compile(_format(PRELUDES.get(name, ""), files), f"{name} (prelude)", "exec"), namespace)
         for block in (b for b in BLOCKS if b.path == path and b.language == "python"):
             code = block.code

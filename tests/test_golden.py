@@ -40,8 +40,18 @@ def test_every_golden_case_is_run():
     assert sorted(CASES) == sorted(GOLDEN["cases"])
 
 
+@pytest.fixture
+def one_thread():
+    """The golden values come from one thread (make_golden.py): with two, reductions sum in another order and the
+    70 % max_quality run's layer errors move by up to a few per cent, far beyond the tolerance."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_run_reproduces_the_golden_values(name):
+def test_run_reproduces_the_golden_values(name, one_thread):
     script = _golden_script()
     expected = GOLDEN["cases"][name]
     model, calib, batch = script.tiny_model_and_data()
