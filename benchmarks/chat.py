@@ -103,7 +103,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"# Chat replies of dense and pruned {args.model}", "",
              f"{rows[0]['prompts']} prompts of benchmarks/chat_prompts.txt, greedy, at most {args.max_new_tokens} new "
              f"tokens; pruned with {args.method} on {args.num_samples} x {args.seq_len} calibration tokens (seed "
-             f"{args.seed}); {torch.get_num_threads()} torch threads. Empty: whitespace only before the end of turn. "
+             f"{args.seed}); torch threads: {torch.get_num_threads()}. Empty: whitespace only before the end of turn. "
              f"Degenerate: it ends in one token or a cycle of at most {MAX_CYCLE} tokens repeated at least three "
              "times, covering at least half of it.",
              "", "| model | calibration | empty | degenerate | ok | mean reply tokens | prune s |",

@@ -1,4 +1,4 @@
-"""GPU benchmark for a lent H200/A100: LLaMA-2-7B-shaped pruning time, and 2:4 linear latency dense vs sparse.
+r"""GPU benchmark for a lent H200/A100: LLaMA-2-7B-shaped pruning time, and 2:4 linear latency dense vs sparse.
 
 Random weights in bf16 (LLaMA-2-7B shapes: hidden 4096, MLP 11008, 32 heads, 32 layers), 128 x 2048 calibration
 tokens of random ids. Prints seconds per block and total for SparseGPT and D²Prune (dynamic, layer strategy),

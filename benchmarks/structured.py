@@ -1,4 +1,4 @@
-"""Structured pruning benchmark: SmolLM2 shrunk to smaller dense models, quality, size and CPU speed.
+r"""Structured pruning benchmark: SmolLM2 shrunk to smaller dense models, quality, size and CPU speed.
 
 Protocol: SmolLM2-135M-Instruct (`load_causal_lm("smollm2")`), 32 x 512 calibration tokens of
 `c4_train_sample.jsonl` (SparseGPT sampling, seed 0; `get_calibration_dataset`). Two splits (BENCH.md): "bench"
