@@ -115,7 +115,7 @@ def main() -> int:
         lines.append(f"| {dtype} | {name} | {raw / 1e6:.1f} | {packed / 1e6:.1f} | "
                      + " | ".join(f"{medians[w]:.1f}" for w in workloads) + " |")
     text = "\n".join([
-        f"SmolLM2-135M-Instruct, CPU, {args.threads} torch threads, plain transformers; median of {args.repeats} "
+        f"SmolLM2-135M-Instruct, CPU, torch threads: {args.threads}, plain transformers; median of {args.repeats} "
         "runs, models alternating. Pruned with D²Prune on the benchmark calibration (32 x 512 C4 tokens).", "",
         *lines, ""])
     print(text)
