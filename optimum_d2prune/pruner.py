@@ -60,8 +60,8 @@ class D2Pruner:
                 encoders; see docs/architectures.md), or a timm VisionTransformer.
             calib_loader: an iterable of batches: a LongTensor `[B, T]` (or `[T]`) of input ids, a dict with
                 `input_ids` and optional `attention_mask` (and `decoder_input_ids` for an encoder-decoder), a float
-                tensor `[B, 3, H, W]` or a dict with `pixel_values`, or audio `input_features`. A
-                `torch.utils.data.DataLoader` works as is.
+                tensor `[B, 3, H, W]` or a dict with `pixel_values`, audio `input_features` or raw audio
+                `input_values`. A `torch.utils.data.DataLoader` works as is.
             adapter: the architecture adapter to use (default: `get_adapter(model)`).
         """
         if is_partly_pruned(model):

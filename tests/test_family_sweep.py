@@ -45,6 +45,7 @@ SAMPLE = {
     "olmo_hybrid": "hybrid: linear attention with separate q_proj/k_proj/v_proj",
     "minimax": "hybrid: lightning attention with a fused qkv_proj",
     "vit": "image classifier, bidirectional attention",
+    "wav2vec2": "raw audio `input_values`, convolutional feature encoder before the blocks",
 }
 
 
@@ -107,3 +108,14 @@ def test_block_stacks_are_every_outermost_list_of_blocks(build, stacks, matrices
     assert {name: sum(1 for w in weights if w.startswith(name + ".")) for name in found} == stacks
     assert len(weights) == matrices
     assert len(other_matrices(found, weights)) == dense
+
+
+def test_outcome_counts_count_families_per_status_combination():
+    from optimum_d2prune.testing.families import SweepOutcome, outcome_counts
+
+    cases = [SweepCase(name, "causal-lm", name.title()) for name in ("a", "b", "c")]
+    statuses = {"a": ("passes", "passes"), "b": ("refuses", "passes"), "c": ("passes", "passes")}
+    outcomes = [SweepOutcome(case, method, status) for case in cases
+                for method, status in zip(("d2prune", "sparsegpt"), statuses[case.model_type])]
+    assert outcome_counts(outcomes).splitlines() == [
+        "| d2prune | sparsegpt | families |", "|---|---|---|", "| passes | passes | 2 |", "| refuses | passes | 1 |"]

@@ -14,9 +14,10 @@ from ..errors import InputError
 Batch = Union[torch.Tensor, dict[str, Any]]
 
 #: float model inputs a calibration batch may hold instead of token ids: key -> its dimensions, named
-FLOAT_INPUTS = {"pixel_values": ("B", "C", "H", "W"), "input_features": ("B", "features", "frames")}
-#: what a batch may feed the model: text, images (`pixel_values`), audio features (`input_features`) (and an
-#: encoder-decoder's `decoder_input_ids` besides)
+FLOAT_INPUTS = {"pixel_values": ("B", "C", "H", "W"), "input_features": ("B", "features", "frames"),
+                "input_values": ("B", "samples")}
+#: what a batch may feed the model: text, images (`pixel_values`), audio features (`input_features`), raw audio
+#: (`input_values`) (and an encoder-decoder's `decoder_input_ids` besides)
 INPUT_KEYS = ("input_ids", *FLOAT_INPUTS)
 
 
@@ -54,7 +55,8 @@ def _as_model_inputs(batch: Batch, index: int) -> dict[str, torch.Tensor]:
     if not isinstance(batch, dict):
         raise InputError(
             f"Calibration batch {index} is a {type(batch).__name__}; expected a LongTensor [B, T], a dict with "
-            "`input_ids` (and optional `attention_mask`), image `pixel_values` or audio `input_features`."
+            "`input_ids` (and optional `attention_mask`), image `pixel_values`, audio `input_features` or raw audio "
+            "`input_values`."
         )
     if "input_ids" in batch:
         out = {"input_ids": _token_ids(batch["input_ids"], "input_ids", index)}

@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -644,6 +645,18 @@ def check_family(case: SweepCase, method: str = "d2prune", sparsity: float = 0.5
     return outcome
 
 
+def outcome_counts(outcomes: list[SweepOutcome]) -> str:
+    """A markdown table: how many families got each combination of statuses (one column per method)."""
+    methods = list(dict.fromkeys(o.method for o in outcomes))
+    statuses: dict[tuple[str, str], dict[str, str]] = {}
+    for o in outcomes:
+        statuses.setdefault((o.case.model_type, o.case.class_name), {})[o.method] = o.status
+    counts = Counter(tuple(by_method.get(m, "") for m in methods) for by_method in statuses.values())
+    lines = ["| " + " | ".join(methods) + " | families |", "|" + "---|" * (len(methods) + 1)]
+    lines += [f"| {' | '.join(combination)} | {n} |" for combination, n in counts.most_common()]
+    return "\n".join(lines)
+
+
 def outcome_table(outcomes: list[SweepOutcome]) -> str:
     """A markdown table: family -> class -> one column per method."""
     methods = list(dict.fromkeys(o.method for o in outcomes))
@@ -680,7 +693,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             outcomes.append(outcome)
             logger.info("%s\t%s\t%s\t%s\t%.1fs\t%s", case.model_type, case.class_name, method, outcome.status,
                         outcome.seconds, outcome.detail)
-    print(outcome_table(outcomes))
+    print(f"{outcome_counts(outcomes)}\n\n{outcome_table(outcomes)}")
 
 
 if __name__ == "__main__":
